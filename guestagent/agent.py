@@ -1,0 +1,149 @@
+"""The balloon driver's decisions, as pure functions over snapshots (no I/O, time passed in).
+
+    givable_bytes(reading, host_swap_free)   how much more the guest can give without an OOM kill
+    detect_pressure(previous, current, ...)  does the guest's own workload need memory back?
+    next_rate(rate, succeeded)              vmw_balloon's adaptive rate: halve on failure, grow on success
+    plan(...)                               the next step: inflate / deflate / hold / refuse, with a reason
+
+vmw_balloon allocates with __GFP_NORETRY so the balloon never triggers the guest's OOM killer;
+mlock in a cgroup has no such flag (it reclaims, then OOM-kills), so the agent must stop short
+itself: `givable_bytes` is that check, made before every batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from guestagent.cgroup import GuestReading
+from protocol import PAGE_SIZE_BYTES
+
+Action = Literal["inflate", "deflate", "hold", "refuse"]
+
+
+@dataclass(frozen=True, slots=True)
+class PacingConfig:
+    batch_pages: int = 512  # one lock message, like vmw_balloon's batch page
+    max_rate_batches: int = 8  # batches in flight at most: hides the round trip per batch
+    min_margin_bytes: int = 24 << 20  # always leave this much for the workload...
+    margin_ratio: float = 0.06  # ...or this fraction of the guest's memory, whichever is larger
+    file_reclaimable_ratio: float = 0.8  # keep some page cache: the workload's own code lives there
+    psi_full_threshold: float = 10.0  # % of time all tasks stalled on memory (v2 PSI avg10)
+    pressure_deflate_ratio: float = 0.25  # release a quarter of the balloon at once on pressure
+    pressure_pause_ms: int = 5_000  # then no inflation for 5 s (vmw_balloon VMBALLOON_SHRINK_DELAY)
+    refusal_pause_ms: int = 1_000  # after "the guest has nothing left", retry next cycle
+    swap_step_bytes: int = 4 << 20  # per check: memory that must come from swapping the workload out
+    refault_ratio_per_s: float = 0.01  # anon refaults/s above 1 % of memsz = thrashing
+    limit_hits_per_s: float = 20.0  # failcnt / memory.events max rising this fast while we hold = squeezed
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    action: Action
+    pages: int
+    reason: str
+
+
+def margin_bytes(reading: GuestReading, cfg: PacingConfig) -> int:
+    limit = reading.limit_bytes or 0
+    return max(cfg.min_margin_bytes, int(limit * cfg.margin_ratio))
+
+
+def givable_bytes(reading: GuestReading, host_swap_free_bytes: int, host_available_bytes: int,
+                  cfg: PacingConfig, paced: bool = True) -> int:
+    """Bytes the guest can give to the balloon now without an OOM kill: free room below its
+    limit, most of its page cache, and — at most `swap_step_bytes` per check — inactive
+    anonymous memory its swap can take, minus a safety margin. Negative: already short.
+
+    The active anonymous list is the workload's working set: pinning memory that can only be
+    had by swapping hot pages makes the guest thrash, and memcg reclaim that cannot keep up
+    ends in an OOM kill (seen in the by-hand lab). Swap-backed pinning is paced per check
+    because the kernel must write those pages out before it can hand them over; with
+    `paced=False` the figure is the guest's whole headroom (for pressure detection)."""
+    if reading.limit_bytes is None:
+        room = host_available_bytes  # an unlimited cgroup competes with the whole host
+    else:
+        room = reading.limit_bytes - reading.usage_bytes
+    file_bytes = (reading.active_file_bytes or 0) + (reading.inactive_file_bytes or 0)
+    cache = int(file_bytes * cfg.file_reclaimable_ratio)
+    swap_room = host_swap_free_bytes
+    if reading.swap_limit_bytes is not None:
+        swap_room = min(swap_room, reading.swap_limit_bytes - (reading.swap_used_bytes or 0))
+    swappable = max(0, min(reading.inactive_anon_bytes or 0, swap_room))
+    if not paced:
+        return room + cache + swappable - margin_bytes(reading, cfg)
+    # The kernel swaps only when a charge hits the limit: a swap step is allowed even when free
+    # room is inside the margin, or nothing would ever move to swap (the unpaced headroom,
+    # checked for pressure, still guards against a real shortage).
+    return max(0, room + cache - margin_bytes(reading, cfg)) + min(swappable, cfg.swap_step_bytes)
+
+
+def _rose(previous: int | None, current: int | None) -> bool:
+    return previous is not None and current is not None and current > previous
+
+
+def detect_pressure(previous: GuestReading | None, current: GuestReading, givable: int,
+                    cfg: PacingConfig, interval_s: float = 0.1, pinned_since_last: bool = False) -> str | None:
+    """A reason to deflate at once, or None. Signals: OOM events, memory.high events, PSI
+    full above threshold (v2), anonymous refaults above `refault_ratio_per_s` of memsz per
+    second (thrashing; both versions, Linux ≥ 5.9), the limit being hit often while the agent
+    pinned nothing (v1 failcnt, v2 memory.events max), or no headroom left (givable < 0)."""
+    if previous is not None:
+        # Hitting the limit is how a balloon makes the kernel swap: it only means the workload
+        # is squeezed when it happens while the agent pinned nothing.
+        if not pinned_since_last and _rose(previous.max_events, current.max_events) and interval_s > 0:
+            assert previous.max_events is not None and current.max_events is not None
+            hits = (current.max_events - previous.max_events) / interval_s
+            if hits > cfg.limit_hits_per_s:
+                return f"guest at its limit {hits:.0f} times/s while the balloon held still"
+        if (_rose(previous.refault_anon_pages, current.refault_anon_pages) and current.limit_bytes
+                and interval_s > 0):
+            assert previous.refault_anon_pages is not None and current.refault_anon_pages is not None
+            rate = (current.refault_anon_pages - previous.refault_anon_pages) / interval_s
+            limit = cfg.refault_ratio_per_s * current.limit_bytes / PAGE_SIZE_BYTES
+            if rate > limit:
+                return f"thrashing: {rate:.0f} anon refaults/s > {limit:.0f}"
+        if _rose(previous.oom_kill_events, current.oom_kill_events):
+            return "oom_kill in guest"
+        if _rose(previous.oom_events, current.oom_events):
+            return "oom event in guest"
+        if _rose(previous.high_events, current.high_events):
+            return "memory.high event in guest"
+    if current.psi_full_avg10 is not None and current.psi_full_avg10 >= cfg.psi_full_threshold:
+        return f"PSI full avg10 {current.psi_full_avg10:.1f}% ≥ {cfg.psi_full_threshold:.1f}%"
+    if givable < 0:
+        return f"headroom gone ({givable >> 20} MiB short of the safety margin)"
+    return None
+
+
+def pressure_release_pages(balloon_pages: int, givable: int, cfg: PacingConfig) -> int:
+    """A large step: a fixed share of the balloon, or the shortfall if that is larger."""
+    shortfall_pages = -(-max(0, -givable) // PAGE_SIZE_BYTES)
+    step = max(int(balloon_pages * cfg.pressure_deflate_ratio), shortfall_pages, cfg.batch_pages)
+    return min(balloon_pages, step)
+
+
+def next_rate(rate_batches: int, succeeded: bool, cfg: PacingConfig) -> int:
+    """Halve on failure (never below one batch), double on success (up to the maximum)."""
+    if succeeded:
+        return min(cfg.max_rate_batches, rate_batches * 2)
+    return max(1, rate_batches // 2)
+
+
+def plan(*, balloon_pages: int, target_pages: int, givable: int, rate_batches: int, now_ms: int,
+         inflate_paused_until_ms: int, cfg: PacingConfig) -> Plan:
+    """The next step toward the target. Deflation is never rate-limited (the guest wants its
+    memory back); inflation is limited by the rate and by what the guest can give."""
+    if target_pages < balloon_pages:
+        return Plan("deflate", balloon_pages - target_pages, "above target")
+    if target_pages == balloon_pages:
+        return Plan("hold", 0, "at target")
+    if now_ms < inflate_paused_until_ms:
+        return Plan("hold", 0, f"inflation paused for {inflate_paused_until_ms - now_ms} ms after pressure")
+    givable_pages = givable // PAGE_SIZE_BYTES
+    if givable_pages < 1:
+        return Plan("refuse", 0, f"guest has nothing left to give ({givable >> 20} MiB headroom)")
+    wanted = min(target_pages - balloon_pages, rate_batches * cfg.batch_pages)
+    if givable_pages < wanted:
+        return Plan("inflate", givable_pages, f"limited by guest headroom ({givable_pages} pages)")
+    return Plan("inflate", wanted, "below target")

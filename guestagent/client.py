@@ -1,0 +1,515 @@
+"""The agent loop: one DEALER socket (routing id = vm id), a blocking zmq.Poller, and the
+pinner. Every decision is made by `guestagent.agent`; this module only moves bytes, pages
+and time.
+
+Lifecycle: hello → welcome (adopt any balloon still held: lock(adopt=True)) → follow
+set_target in batches, answering nothing without the host's per-range verdict → status
+every report interval (the host answers each with a heartbeat). Host silent for
+host_timeout_ms → re-hello with backoff on a fresh socket; silent for host_grace_ms more →
+deflate gradually. SIGTERM/SIGINT → deflate, bye, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import psutil
+import zmq
+
+from guestagent import agent
+from guestagent.balloon import Batch, Pinner
+from guestagent.cgroup import CgroupReader, GuestReading
+from guestagent.config import AgentConfig
+from guestagent.errors import AgentError, CgroupError, PinError
+from guestagent.wss import Sample, WorkingSetSampler
+from protocol import (
+    PAGE_SIZE_BYTES,
+    Bye,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    Hello,
+    Lock,
+    LockResult,
+    Message,
+    PageRanges,
+    ProtocolError,
+    RangeResult,
+    RangeStatus,
+    SetTarget,
+    Status,
+    Unlock,
+    UnlockResult,
+    Welcome,
+    decode,
+    encode,
+)
+from protocol.limits import MAX_FRAME_BYTES, MAX_RANGES_PER_MESSAGE
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+
+
+def _now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+@dataclass
+class _Pending:
+    """A lock/unlock sent and not yet answered. `batch` is the pinned batch it concerns
+    (None when the pages were already freed: pressure deflate frees first, reports after)."""
+
+    kind: str  # "lock" | "unlock"
+    batch: Batch | None
+    adopt: bool = False
+
+
+@dataclass
+class Counters:
+    inflated_pages: int = 0
+    deflated_pages: int = 0
+    refused_pages: int = 0
+    pressure_deflates: int = 0
+    protocol_errors: int = 0
+
+
+class AgentLoop:
+    def __init__(self, cfg: AgentConfig, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+        self.cfg = cfg
+        self.reader = CgroupReader.for_path(cfg.cgroup_path) if cfg.cgroup_path else CgroupReader.detect()
+        first = self.reader.read()
+        memsz = cfg.memsz_bytes or first.limit_bytes
+        if memsz is None:
+            raise AgentError(f"cgroup {self.reader.path} has no memory limit: give the guest size with --memsz")
+        self.memsz_bytes = memsz - memsz % PAGE_SIZE_BYTES
+        self.pinner = Pinner(self.memsz_bytes // PAGE_SIZE_BYTES, want_pfn=cfg.want_pfn, huge_pages=cfg.huge_pages)
+        self.pacing = agent.PacingConfig(batch_pages=cfg.batch_pages)
+        self.sampler = WorkingSetSampler(self.reader, self.memsz_bytes, exclude_pids={os.getpid()})
+        self.context = context or zmq.Context.instance()
+        self.socket: zmq.Socket[bytes] | None = None
+        self.counters = Counters()
+        self.stop_requested = False
+        self._seq = 0
+        self._pending: dict[int, _Pending] = {}
+        self._registered = False
+        self._host_session: str | None = None
+        self._report_interval_ms = cfg.report_interval_ms
+        self._host_timeout_ms = 5 * cfg.report_interval_ms
+        self._batch_limit = cfg.batch_pages
+        self._target_pages = 0
+        self._target_seq = 0
+        self._rate_batches = 1
+        self._inflate_paused_until_ms = 0
+        self._refused_since_target = 0
+        self._last_reading: GuestReading | None = first
+        self._givable = 0
+        self._state = "idle"
+        self._last_host_ms = 0
+        self._host_lost_since_ms: int | None = None
+        self._next_hello_ms = 0
+        self._hello_backoff_ms = 100
+        self._next_report_ms = 0
+        self._next_check_ms = 0
+        self._next_ws_ms = 0
+        self._lost_deflate_due_ms = 0
+        self._last_check_ms = 0
+        self._pinned_since_check = False
+        self._headroom = 0  # unpaced: everything the guest could give (pressure and refusal decisions)
+        self._last_ws: Sample | None = None
+        self._ws_samples = 0  # completed sampling periods: the host averages each one once
+        self._ws_period_ms = cfg.ws_period_ms
+        self._movement: tuple[int, int] | None = None  # (started_ms, balloon pages then) toward a target
+
+    # ---- socket ----------------------------------------------------------------------
+    def _open_socket(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.cfg.vm_id.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue hellos for a host that is not there
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        if self.cfg.curve_client_key and self.cfg.curve_server_public_key:
+            from protocol.keys import load_keypair
+
+            client = load_keypair(self.cfg.curve_client_key)
+            server = load_keypair(self.cfg.curve_server_public_key)
+            sock.curve_publickey = client.public_key
+            sock.curve_secretkey = client.secret_key or b""
+            sock.curve_serverkey = server.public_key
+        sock.connect(self.cfg.host_endpoint)
+        self.socket = sock
+
+    def _send(self, message: Message) -> int:
+        self._seq += 1
+        assert self.socket is not None
+        try:
+            self.socket.send(encode(message, self._seq), zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("host not reachable: %s not sent", message.kind)
+        return self._seq
+
+    # ---- main loop -------------------------------------------------------------------
+    def run(self) -> int:
+        self._open_socket()
+        poller = zmq.Poller()
+        assert self.socket is not None
+        poller.register(self.socket, zmq.POLLIN)
+        now = _now_ms()
+        self.sampler.start_period(now)
+        self._next_ws_ms = now + self._ws_period_ms
+        log.info("agent %s: memsz %d MiB, cgroup v%d at %s, page numbers %s, host %s",
+                 self.cfg.vm_id, self.memsz_bytes >> 20, self.reader.version, self.reader.path,
+                 self.pinner.page_kind, self.cfg.host_endpoint)
+        while not self.stop_requested:
+            timeout = self._poll_timeout_ms()
+            if poller.poll(timeout):
+                self._drain()
+            socket_before = self.socket
+            self._tick(_now_ms())
+            if self.socket is not socket_before:  # replaced after the host was lost
+                poller = zmq.Poller()
+                poller.register(self.socket, zmq.POLLIN)
+        self._shutdown()
+        return 0
+
+    def _effective_balloon_pages(self) -> int:
+        """Pinned pages minus those already on their way out (unlock sent)."""
+        leaving = sum(p.batch.page_count for p in self._pending.values() if p.kind == "unlock" and p.batch)
+        return self.pinner.held_pages - leaving
+
+    def _window(self) -> int:
+        """Batches allowed in flight. Inflating: the adaptive rate (vmw_balloon: halve on
+        failure, grow on success, at most max_rate_batches). Deflating is never slowed."""
+        if self._target_pages < self._effective_balloon_pages():
+            return self.pacing.max_rate_batches
+        return self._rate_batches
+
+    def _busy(self) -> bool:
+        return (self._registered and len(self._pending) < self._window()
+                and self._target_pages != self._effective_balloon_pages())
+
+    def _poll_timeout_ms(self) -> int:
+        if self._busy() and _now_ms() >= self._inflate_paused_until_ms:
+            return 0
+        deadlines = [self._next_report_ms, self._next_check_ms, self._next_ws_ms]
+        if not self._registered:
+            deadlines.append(self._next_hello_ms)
+        return max(0, min(min(deadlines) - _now_ms(), 1000))
+
+    def _drain(self) -> None:
+        assert self.socket is not None
+        while True:
+            try:
+                frame = self.socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_host_ms = _now_ms()
+            try:
+                envelope = decode(frame)
+            except ProtocolError as exc:
+                self.counters.protocol_errors += 1
+                log.warning("bad frame from host: %s", exc)
+                continue
+            self._handle(envelope.seq, envelope.message)
+
+    def _tick(self, now: int) -> None:
+        if now >= self._next_check_ms:
+            self._next_check_ms = now + self.cfg.check_interval_ms
+            self._check_guest(now)
+        if self._registered and now - self._last_host_ms > self._host_timeout_ms:
+            self._lose_host(now)
+        if not self._registered:
+            if now >= self._next_hello_ms:
+                self._say_hello(now)
+            if self._host_lost_since_ms is not None and now - self._host_lost_since_ms > self.cfg.host_grace_ms:
+                self._deflate_without_host(now)
+        else:
+            while len(self._pending) < self._window() and self._step(now):
+                pass
+        if now >= self._next_ws_ms:
+            self._next_ws_ms = now + self._ws_period_ms
+            self._last_ws = self.sampler.current(now, self._last_reading) if self._last_reading else None
+            self._ws_samples += self._last_ws is not None
+            self.sampler.start_period(now)
+        if now >= self._next_report_ms and self._registered:
+            self._next_report_ms = now + self._report_interval_ms
+            self._report(now)
+
+    # ---- registration ----------------------------------------------------------------
+    def _say_hello(self, now: int) -> None:
+        self._send(Hello(
+            vm_id=self.cfg.vm_id, memsz_bytes=self.memsz_bytes, agent_version=AGENT_VERSION,
+            page_kind=self.pinner.page_kind,  # type: ignore[arg-type]
+            supports_2m=self.pinner.huge_pages, cgroup_version=self.reader.version,
+            max_batch_pages=self.cfg.batch_pages, held_pages=self.pinner.held_pages,
+            last_host_session_id=self._host_session,
+        ))
+        self._next_hello_ms = now + self._hello_backoff_ms
+        self._hello_backoff_ms = min(self._hello_backoff_ms * 2, 5_000)
+
+    def _lose_host(self, now: int) -> None:
+        log.warning("host silent for %d ms: re-registering (balloon %d pages held)",
+                    now - self._last_host_ms, self.pinner.held_pages)
+        self._registered = False
+        self._host_lost_since_ms = now
+        self._state = "host_lost"
+        # Batches pinned but unconfirmed stay pinned: after welcome they are re-reported
+        # with adopt=True like the rest of the balloon.
+        self._pending.clear()
+        self._hello_backoff_ms = 100
+        self._next_hello_ms = now
+        self._open_socket()
+
+    def _on_welcome(self, welcome: Welcome) -> None:
+        new_session = welcome.host_session_id != self._host_session
+        self._registered = True
+        self._host_lost_since_ms = None
+        self._host_session = welcome.host_session_id
+        self._report_interval_ms = welcome.report_interval_ms
+        self._host_timeout_ms = welcome.host_timeout_ms
+        self._batch_limit = min(self.cfg.batch_pages, welcome.batch_limit_pages)
+        sample_period = welcome.settings.get("sample_period_ms")
+        if isinstance(sample_period, int) and not isinstance(sample_period, bool) and sample_period >= 100:
+            self._ws_period_ms = sample_period  # the host's Mem.SamplePeriod governs
+            self._next_ws_ms = min(self._next_ws_ms, _now_ms() + sample_period)
+        self._hello_backoff_ms = 100
+        self._next_report_ms = 0
+        if new_session:
+            self._target_pages, self._target_seq = self.pinner.held_pages, 0
+        log.info("registered with host session %s (%s); report every %d ms; adopting %d held pages",
+                 welcome.host_session_id, "new" if new_session else "same", welcome.report_interval_ms,
+                 self.pinner.held_pages)
+        for batch in self.pinner.batches:
+            for chunk in batch.pages.split(self._batch_limit, MAX_RANGES_PER_MESSAGE):
+                seq = self._send(Lock(pages=chunk, adopt=True))
+                self._pending[seq] = _Pending("lock", batch, adopt=True)
+
+    # ---- messages --------------------------------------------------------------------
+    def _handle(self, seq: int, message: Message) -> None:
+        if isinstance(message, Welcome):
+            self._on_welcome(message)
+        elif not self._registered:
+            return  # stale traffic from before a reconnect
+        elif isinstance(message, SetTarget):
+            self._on_target(message.target_pages, message.target_seq)
+        elif isinstance(message, LockResult):
+            self._on_lock_result(seq, message)
+        elif isinstance(message, UnlockResult):
+            self._on_unlock_result(seq, message)
+        elif isinstance(message, Error):
+            self.counters.protocol_errors += 1
+            log.warning("host error %s: %s (in reply to %s)", ErrorCode(message.code).name
+                        if message.code in ErrorCode._value2member_map_ else message.code,
+                        message.detail, message.in_reply_to)
+            if message.code == ErrorCode.NOT_REGISTERED:  # a new host that does not know us yet
+                self._registered = False
+                self._pending.clear()
+                self._next_hello_ms = 0
+                self._hello_backoff_ms = 100
+            elif message.code in (ErrorCode.CONFLICT, ErrorCode.ADMISSION_REFUSED):
+                self._registered = False  # retry hello with backoff: the host may change its mind
+            self._pending.pop(message.in_reply_to or -1, None)
+        elif isinstance(message, Heartbeat):
+            pass
+        else:
+            log.debug("ignoring %s from host", message.kind)
+
+    def _on_target(self, target_pages: int, target_seq: int) -> None:
+        # seq 0 = the host has not set a target for this session yet; older seqs are stale.
+        if target_seq == 0 or target_seq < self._target_seq:
+            return
+        target = min(target_pages, self.pinner.capacity_pages)
+        if target != self._target_pages:
+            log.info("target %d → %d pages (seq %d)", self._target_pages, target, target_seq)
+            self._movement = (_now_ms(), self.pinner.held_pages)
+            self._refused_since_target = 0
+        self._target_pages, self._target_seq = target, target_seq
+
+    def _results_ok(self, results: tuple[RangeResult, ...], kinds: tuple[RangeStatus, ...]) -> bool:
+        return all(result.status in kinds for result in results)
+
+    def _on_lock_result(self, seq: int, result: LockResult) -> None:
+        self._on_target(result.target_pages, result.target_seq)
+        pending = self._pending.pop(seq, None)  # the host replies with the request's seq
+        if pending is None or pending.kind != "lock" or pending.batch is None:
+            return
+        if not self.pinner.holds(pending.batch):
+            return  # freed under pressure meanwhile; the unlock sent then settles the ledger
+        accepted = (RangeStatus.OK, RangeStatus.DUPLICATE) if pending.adopt else (RangeStatus.OK,)
+        if self._results_ok(result.results, accepted):
+            if not pending.adopt:
+                self.counters.inflated_pages += pending.batch.page_count
+                self._rate_batches = agent.next_rate(self._rate_batches, True, self.pacing)
+            return
+        # The host refused some of it: free the whole batch; tell the host about parts it took.
+        refused = sum(r.count for r in result.results if r.status not in accepted)
+        self.counters.refused_pages += refused
+        self._refused_since_target += refused
+        self._rate_batches = agent.next_rate(self._rate_batches, False, self.pacing)
+        self._inflate_paused_until_ms = _now_ms() + self.pacing.refusal_pause_ms
+        taken = PageRanges.from_ranges((r.start, r.count) for r in result.results if r.status in accepted)
+        self.pinner.release(pending.batch)
+        log.info("host refused %d pages of a lock (%s): released the batch",
+                 refused, sorted({r.status.name for r in result.results}))
+        if taken:
+            seq = self._send(Unlock(pages=taken))
+            self._pending[seq] = _Pending("unlock", None)
+
+    def _on_unlock_result(self, seq: int, result: UnlockResult) -> None:
+        self._on_target(result.target_pages, result.target_seq)
+        pending = self._pending.pop(seq, None)
+        if pending is None or pending.kind != "unlock" or pending.batch is None:
+            return
+        if self._results_ok(result.results, (RangeStatus.OK, RangeStatus.UNKNOWN)):
+            if self.pinner.holds(pending.batch):
+                self.pinner.release(pending.batch)
+                self.counters.deflated_pages += pending.batch.page_count
+        else:
+            log.warning("host kept pages of an unlock %s: balloon keeps them", [r.status.name for r in result.results])
+
+    # ---- inflate / deflate -----------------------------------------------------------
+    def _host_swap_free_and_available(self) -> tuple[int, int]:
+        """Host swap free and host memory available (containers see the host's meminfo)."""
+        vm = psutil.virtual_memory()
+        return psutil.swap_memory().free, vm.available
+
+    def _check_guest(self, now: int) -> None:
+        try:
+            reading = self.reader.read()
+        except CgroupError as exc:
+            log.warning("cannot read guest statistics: %s", exc)
+            return
+        swap_free, available = self._host_swap_free_and_available()
+        # The balloon's own pages are part of usage; givable counts what is left beyond them.
+        self._givable = agent.givable_bytes(reading, swap_free, available, self.pacing)
+        headroom = agent.givable_bytes(reading, swap_free, available, self.pacing, paced=False)
+        self._headroom = headroom
+        interval_s = (now - self._last_check_ms) / 1000 if self._last_check_ms else 0.0
+        self._last_check_ms = now
+        reason = agent.detect_pressure(self._last_reading, reading, headroom, self.pacing, interval_s,
+                                       pinned_since_last=self._pinned_since_check)
+        self._pinned_since_check = False
+        self._last_reading = reading
+        if reason and self.pinner.held_pages:
+            self._pressure_deflate(now, reason, headroom)
+
+    def _pressure_deflate(self, now: int, reason: str, headroom: int) -> None:
+        """Free first (the workload needs the memory now), report after."""
+        want = agent.pressure_release_pages(self.pinner.held_pages, headroom, self.pacing)
+        freed_ranges: list[tuple[int, int]] = []
+        freed = 0
+        while freed < want and self.pinner.batches:
+            batch = self.pinner.release_last()
+            freed += batch.page_count
+            freed_ranges.extend(batch.pages.ranges)
+        self.counters.deflated_pages += freed
+        self.counters.pressure_deflates += 1
+        self._inflate_paused_until_ms = now + self.pacing.pressure_pause_ms
+        self._state = "pressure_deflate"
+        log.warning("deflate %d pages at once: %s; inflation paused %d ms", freed, reason,
+                    self.pacing.pressure_pause_ms)
+        # In-flight locks of freed batches are answered later and then ignored: the host
+        # handles our messages in order, so the unlock below removes what they added.
+        if self._registered and freed_ranges:
+            for chunk in PageRanges.from_ranges(freed_ranges).split(self._batch_limit, MAX_RANGES_PER_MESSAGE):
+                seq = self._send(Unlock(pages=chunk))
+                self._pending[seq] = _Pending("unlock", None)
+
+    def _step(self, now: int) -> bool:
+        """One batch toward the target. Returns whether a request was sent."""
+        plan = agent.plan(
+            balloon_pages=self._effective_balloon_pages(), target_pages=self._target_pages,
+            givable=self._givable, rate_batches=self._rate_batches, now_ms=now,
+            inflate_paused_until_ms=self._inflate_paused_until_ms, cfg=self.pacing,
+        )
+        if plan.action == "hold":
+            if self._movement is not None and not self._pending and plan.reason == "at target":
+                started_ms, from_pages = self._movement
+                log.info("balloon %d → %d pages in %d ms: at target (seq %d)", from_pages,
+                         self.pinner.held_pages, now - started_ms, self._target_seq)
+                self._movement = None
+            if self._state != "pressure_deflate" or now >= self._inflate_paused_until_ms:
+                self._state = "idle" if not self._pending else self._state
+            return False
+        if plan.action == "refuse" and self._headroom >= self._batch_limit * PAGE_SIZE_BYTES:
+            return False  # this check's swap step is spent; the guest has more: go on at the next check
+        if plan.action == "refuse":
+            if self._state != "refusing":
+                log.info("refusing to inflate: %s", plan.reason)
+            self._state = "refusing"
+            self._refused_since_target = self._target_pages - self.pinner.held_pages
+            self._inflate_paused_until_ms = now + self.pacing.refusal_pause_ms
+            return False
+        if plan.action == "inflate":
+            self._state = "inflating"
+            count = min(plan.pages, self._batch_limit)
+            try:
+                batch = self.pinner.pin(count)
+            except PinError as exc:
+                log.error("pinning failed: %s", exc)
+                self._rate_batches = agent.next_rate(self._rate_batches, False, self.pacing)
+                self._inflate_paused_until_ms = now + self.pacing.refusal_pause_ms
+                return False
+            # The headroom was measured at the last check; spend it as pages are pinned so that
+            # no burst between two checks can pin more than the guest had to give.
+            self._givable -= count * PAGE_SIZE_BYTES
+            self._pinned_since_check = True
+            seq = self._send(Lock(pages=batch.pages, adopt=False))
+            self._pending[seq] = _Pending("lock", batch)
+            return True
+        self._state = "deflating"
+        leaving = {p.batch.offset_pages for p in self._pending.values() if p.kind == "unlock" and p.batch}
+        for batch in reversed(self.pinner.batches):
+            if batch.offset_pages not in leaving:
+                seq = self._send(Unlock(pages=batch.pages))
+                self._pending[seq] = _Pending("unlock", batch)
+                return True
+        return False
+
+    def _deflate_without_host(self, now: int) -> None:
+        """Host gone past the grace period: give the guest its memory back, gradually."""
+        if not self.pinner.held_pages or now < self._lost_deflate_due_ms:
+            return
+        batch = self.pinner.release_last()
+        self.counters.deflated_pages += batch.page_count
+        self._lost_deflate_due_ms = now + max(1, 1000 * batch.page_count // self.cfg.lost_deflate_pages_per_s)
+        if not self.pinner.held_pages:
+            log.warning("host gone for over %d ms: balloon fully deflated", self.cfg.host_grace_ms)
+
+    # ---- reports ---------------------------------------------------------------------
+    def _report(self, now: int) -> None:
+        reading = self._last_reading
+        stats = reading.as_stats() if reading else {}
+        stats["givable_bytes"] = self._givable
+        stats["pressure_deflates"] = self.counters.pressure_deflates
+        stats["ws_samples"] = self._ws_samples
+        current = self.sampler.current(now, reading) if reading else None
+        if current is not None:
+            stats["ws_current_ratio"] = current.ratio
+        last = self._last_ws
+        method_source = last or current
+        self._send(Status(
+            balloon_pages=self.pinner.held_pages, acked_target_seq=self._target_seq,
+            refused_pages=min(self._refused_since_target, self.memsz_bytes // PAGE_SIZE_BYTES),
+            agent_state=self._state, stats={k: v for k, v in stats.items() if not isinstance(v, bool)},
+            ws_touched_ratio=last.ratio if last else None,
+            ws_method=method_source.method if method_source else "none",
+            ws_period_ms=last.period_ms if last else 0,
+        ))
+
+    def _shutdown(self) -> None:
+        held = self.pinner.held_pages
+        freed = self.pinner.release_all()
+        self.counters.deflated_pages += freed
+        if self._registered:
+            self._send(Bye(reason=f"agent stopping; released {held} pages"))
+        log.info("stopped: released %d pages, said bye", freed)
+        self.pinner.close()
+        if self.socket is not None:
+            self.socket.close(linger=100)
+

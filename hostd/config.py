@@ -1,0 +1,209 @@
+"""hostd configuration: defaults in code < TOML file < BALLOONLAB_* environment < flags.
+
+The sample with every key explained is `hostd/balloonlab.sample.toml`. Invalid values raise
+ConfigError naming the key and what is allowed; nothing is half-applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+
+from protocol.messages import SHARE_LEVELS, check_vm_id
+from protocol.units import parse_bool, parse_duration_ms, parse_size_bytes
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class VmDefaults:
+    """Per-vm settings known before the vm registers (the `[vms.NAME]` tables)."""
+
+    shares: int | str = "normal"
+    reservation_bytes: int = 0
+    limit_bytes: int | None = None  # None = memsz
+    maxmemctl_bytes: int | None = None  # None = only the host's ctl_max_percent cap
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    agent_endpoint: str = "tcp://127.0.0.1:5555"
+    control_endpoint: str = "tcp://127.0.0.1:5556"
+    host_memory_bytes: int = 0  # 0 = this machine's RAM
+    idle_tax_ratio: float = 0.75
+    ctl_max_percent: int = 65
+    sample_period_ms: int = 60_000
+    balance_period_ms: int = 15_000
+    report_interval_ms: int = 1_000
+    lost_after_reports: int = 3
+    batch_limit_pages: int = 512
+    sliding_min_free: bool = False
+    event_log: Path | None = None
+    curve_secret_key: Path | None = None
+    curve_allowlist: Path | None = None
+    allow_plain_remote: bool = False
+    log_level: str = "INFO"
+    vms: Mapping[str, VmDefaults] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.idle_tax_ratio < 1.0:
+            raise ConfigError(f"idle_tax_ratio={self.idle_tax_ratio}: must satisfy 0 ≤ τ < 1")
+        if not 0 <= self.ctl_max_percent <= 99:
+            raise ConfigError(f"ctl_max_percent={self.ctl_max_percent}: must be 0..99")
+        for name in ("sample_period_ms", "balance_period_ms", "report_interval_ms"):
+            if not 10 <= getattr(self, name) <= 86_400_000:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be 10 ms .. 1 day")
+        if self.host_memory_bytes < 0:
+            raise ConfigError("host_memory_bytes must be ≥ 0 (0 = this machine's RAM)")
+        if not 1 <= self.lost_after_reports <= 100:
+            raise ConfigError("lost_after_reports must be 1..100")
+        if not 1 <= self.batch_limit_pages <= 1 << 20:
+            raise ConfigError("batch_limit_pages must be 1..1048576")
+        if (self.curve_secret_key is None) != (self.curve_allowlist is None):
+            raise ConfigError("CurveZMQ needs both curve_secret_key and curve_allowlist")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level {self.log_level!r}: DEBUG, INFO, WARNING or ERROR")
+        if self.curve_secret_key is None and not self.allow_plain_remote:
+            for name in ("agent_endpoint", "control_endpoint"):
+                if not is_loopback_endpoint(getattr(self, name)):
+                    raise ConfigError(
+                        f"{name}={getattr(self, name)}: plain TCP is only allowed on loopback; configure CurveZMQ "
+                        "(curve_secret_key + curve_allowlist) or set allow_plain_remote = true")
+
+    @property
+    def effective_host_memory_bytes(self) -> int:
+        return self.host_memory_bytes or psutil.virtual_memory().total
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """tcp://127.x / [::1] / localhost, or ipc:// / inproc:// (local by construction)."""
+    scheme = endpoint.split("://", 1)[0]
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_SIZE_KEYS = {"host_memory_bytes"}
+_DURATION_KEYS = {"sample_period_ms", "balance_period_ms", "report_interval_ms"}
+_PATH_KEYS = {"event_log", "curve_secret_key", "curve_allowlist"}
+
+
+def _convert(name: str, value: Any) -> Any:
+    kind = next(f.type for f in fields(HostConfig) if f.name == name)
+    try:
+        if name in _SIZE_KEYS:
+            return value if isinstance(value, int) else parse_size_bytes(str(value))
+        if name in _DURATION_KEYS:
+            return value if isinstance(value, int) else parse_duration_ms(str(value))
+        if name in _PATH_KEYS:
+            return Path(str(value))
+        if kind == "bool":
+            return value if isinstance(value, bool) else parse_bool(str(value))
+        if kind == "float":
+            return float(value)
+        if kind == "int":
+            return int(value)
+        return str(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _vm_defaults(name: str, table: Mapping[str, Any]) -> VmDefaults:
+    try:
+        check_vm_id(name)
+    except Exception:
+        raise ConfigError(f"[vms.{name}]: not a valid vm id") from None
+    allowed = {"shares", "reservation", "limit", "maxmemctl"}
+    unknown = set(table) - allowed
+    if unknown:
+        raise ConfigError(f"[vms.{name}]: unknown keys {sorted(unknown)}; known: {sorted(allowed)}")
+    shares = table.get("shares", "normal")
+    if isinstance(shares, str) and shares not in SHARE_LEVELS:
+        raise ConfigError(f"[vms.{name}] shares={shares!r}: low, normal, high or an integer ≥ 0")
+    if isinstance(shares, int) and shares < 0:
+        raise ConfigError(f"[vms.{name}] shares must be ≥ 0")
+
+    def size(key: str) -> int | None:
+        if key not in table:
+            return None
+        try:
+            return parse_size_bytes(str(table[key]))
+        except ValueError as exc:
+            raise ConfigError(f"[vms.{name}] {key}: {exc}") from None
+
+    return VmDefaults(shares=shares, reservation_bytes=size("reservation") or 0, limit_bytes=size("limit"),
+                      maxmemctl_bytes=size("maxmemctl"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balloon-hostd",
+        description="The host daemon: the VMkernel's memory scheduler for balloonlab guests. "
+        "Settings: defaults < --config TOML < BALLOONLAB_<KEY> environment < flags.",
+    )
+    parser.add_argument("--config", help="TOML file (see hostd/balloonlab.sample.toml)")
+    parser.add_argument("--agent-endpoint", help="ROUTER for agents (default tcp://127.0.0.1:5555)")
+    parser.add_argument("--control-endpoint", help="ROUTER for balloonctl (default tcp://127.0.0.1:5556)")
+    parser.add_argument("--host-memory", dest="host_memory_bytes", help="memory budget, e.g. 1GiB (default: RAM)")
+    parser.add_argument("--idle-tax", dest="idle_tax_ratio", help="τ, 0 ≤ τ < 1 (default 0.75)")
+    parser.add_argument("--ctl-max-percent", help="balloon cap in %% of memsz (default 65)")
+    parser.add_argument("--sample-period", dest="sample_period_ms", help="working-set period (default 60s)")
+    parser.add_argument("--balance-period", dest="balance_period_ms", help="recompute period (default 15s)")
+    parser.add_argument("--report-interval", dest="report_interval_ms", help="agent status period (default 1s)")
+    parser.add_argument("--sliding-min-free", help="vSphere 5 sliding-scale minFree (true/false)")
+    parser.add_argument("--event-log", help="JSON Lines file of decisions and events")
+    parser.add_argument("--curve-secret-key", help="hostd's .key_secret file (enables CurveZMQ)")
+    parser.add_argument("--curve-allowlist", help="directory of allowed agent public keys")
+    parser.add_argument("--allow-plain-remote", help="allow plain TCP on non-loopback addresses (true/false)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    return parser
+
+
+def load_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> HostConfig:
+    environ = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    config_path = args.pop("config", None) or environ.get("BALLOONLAB_CONFIG")
+    if config_path:
+        try:
+            document = tomllib.loads(Path(config_path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"config file {config_path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_path}: {exc}") from None
+        vm_tables = document.pop("vms", {})
+        known = {f.name for f in fields(HostConfig)} - {"vms"}
+        unknown = set(document) - known
+        if unknown:
+            raise ConfigError(f"config file {config_path}: unknown keys {sorted(unknown)}")
+        values.update({name: _convert(name, value) for name, value in document.items()})
+        values["vms"] = {name: _vm_defaults(name, table) for name, table in vm_tables.items()}
+    for f in fields(HostConfig):
+        if f.name == "vms":
+            continue
+        env_name = "BALLOONLAB_" + f.name.upper().removesuffix("_MS").removesuffix("_BYTES").removesuffix("_RATIO")
+        if env_name in environ:
+            values[f.name] = _convert(f.name, environ[env_name])
+        if args.get(f.name) is not None:
+            values[f.name] = _convert(f.name, args[f.name])
+    return HostConfig(**values)
+
+
+__all__ = ["ConfigError", "HostConfig", "VmDefaults", "is_loopback_endpoint", "load_config"]

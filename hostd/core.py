@@ -1,0 +1,626 @@
+"""hostd's state machine without I/O: frames and the clock go in, frames and events come out.
+
+    core.handle_agent(identity, frame, now_ms)  -> [(identity, frame), ...] to send
+    core.handle_control(frame, now_ms)          -> reply frame
+    core.tick(now_ms)                           -> [(identity, frame), ...] (liveness, balance period)
+    core.drain_events()                         -> [event dict, ...] for the JSON Lines log
+    core.snapshot(now_ms)                       -> the `balloonctl status --json` document
+
+`hostd.server` owns the sockets and the clock and calls these; tests call them directly. No
+peer input can raise out of here: every failure becomes an `error` reply and a counter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from hostd import policy
+from hostd.config import HostConfig, VmDefaults
+from hostd.ledger import Ledger
+from protocol import (
+    PAGE_SIZE_BYTES,
+    Bye,
+    ControlOk,
+    Error,
+    ErrorCode,
+    GetStatus,
+    Heartbeat,
+    Hello,
+    Lock,
+    LockResult,
+    Message,
+    ProtocolError,
+    SetHostParams,
+    SetManualTarget,
+    SetTarget,
+    SetVmParams,
+    Status,
+    StatusReply,
+    Unlock,
+    UnlockResult,
+    Welcome,
+    decode,
+    encode,
+)
+from protocol.limits import MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES
+
+log = logging.getLogger(__name__)
+
+Outgoing = list[tuple[bytes, bytes]]
+MISMATCH_REPORTS_BEFORE_RESET = 3
+
+
+@dataclass
+class HostSettings:
+    """The live, changeable host parameters (balloonctl host ...)."""
+
+    host_memory_pages: int
+    idle_tax_ratio: float
+    ctl_max_percent: int
+    sample_period_ms: int
+    balance_period_ms: int
+    sliding_min_free: bool
+
+    @classmethod
+    def from_config(cls, config: HostConfig) -> HostSettings:
+        return cls(
+            host_memory_pages=config.effective_host_memory_bytes // PAGE_SIZE_BYTES,
+            idle_tax_ratio=config.idle_tax_ratio, ctl_max_percent=config.ctl_max_percent,
+            sample_period_ms=config.sample_period_ms, balance_period_ms=config.balance_period_ms,
+            sliding_min_free=config.sliding_min_free,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "host_memory_bytes": self.host_memory_pages * PAGE_SIZE_BYTES,
+            "idle_tax_ratio": self.idle_tax_ratio,
+            "ctl_max_percent": self.ctl_max_percent,
+            "sample_period_ms": self.sample_period_ms,
+            "balance_period_ms": self.balance_period_ms,
+            "sliding_min_free": self.sliding_min_free,
+        }
+
+
+@dataclass
+class VmRecord:
+    vm_id: str
+    hello: Hello
+    params: VmDefaults
+    registered_ms: int
+    last_seen_ms: int
+    alive: bool = True
+    status: Status | None = None
+    consumed_pages: int = 0
+    balloon_pages: int = 0
+    working_set: policy.WorkingSet = field(default_factory=policy.WorkingSet)
+    ws_samples_seen: int = 0
+    balloon_target_pages: int = 0
+    target_seq: int = 0
+    alloc_target_pages: int = 0
+    balloon_max_pages: int = 0
+    swap_target_pages: int = 0
+    rho: float = 0.0
+    active_pages: int = 0
+    reason: str = "joined"
+    manual_balloon_pages: int | None = None
+    mismatch_reports: int = 0
+    adopted_awaiting_report: bool = False  # keep an adopted balloon until the first status
+    last_sent_ms: int = 0  # when hostd last sent this agent anything (heartbeats are owed after a silence)
+    lock_batches: int = 0
+    unlock_batches: int = 0
+    locked_pages: int = 0
+    unlocked_pages: int = 0
+    refused_pages: int = 0
+    resets: int = 0
+
+    @property
+    def memsz_pages(self) -> int:
+        return self.hello.memsz_bytes // PAGE_SIZE_BYTES
+
+    @property
+    def granted_pages(self) -> int:
+        return max(0, self.consumed_pages - self.balloon_pages) if self.alive else 0
+
+    def shares(self) -> int:
+        return policy.resolve_shares(self.params.shares, self.memsz_pages)
+
+    @property
+    def limit_pages(self) -> int:
+        return self.memsz_pages if self.params.limit_bytes is None else self.params.limit_bytes // PAGE_SIZE_BYTES
+
+    @property
+    def maxmemctl_pages(self) -> int | None:
+        return None if self.params.maxmemctl_bytes is None else self.params.maxmemctl_bytes // PAGE_SIZE_BYTES
+
+
+class HostCore:
+    def __init__(self, config: HostConfig, session_id: str, now_ms: int) -> None:
+        self.config = config
+        self.session_id = session_id
+        self.settings = HostSettings.from_config(config)
+        self.gains = policy.EwmaGains()
+        self.vms: dict[str, VmRecord] = {}
+        self.ledger = Ledger()
+        self.state: policy.State = "high"
+        self.started_ms = now_ms
+        self.next_balance_ms = now_ms + self.settings.balance_period_ms
+        self.last_recompute_ms: float = 0.0
+        self.protocol_errors: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
+        self._events: list[dict[str, Any]] = []
+        self._seq = 0
+        self._target_seq = 0
+        self._granted_total = 0
+        # After a (re)start, agents come back one by one; the first alone would look like an
+        # undercommitted host and lose its adopted balloon. Adopted balloons are held until
+        # every agent has had time to notice the new session (its host timeout + a retry).
+        self.settle_until_ms = now_ms + (config.lost_after_reports + 4) * config.report_interval_ms
+        self._settled = False
+        self._pending_triggers: dict[str, None] = {}  # ordered set of reasons for the next recompute
+        self._last_result: policy.PolicyResult | None = None
+        self._last_result_index: dict[str, int] = {}
+
+    # ---- helpers ----------------------------------------------------------------------
+    def _frame(self, message: Message, seq: int | None = None, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
+        if seq is None:
+            self._seq += 1
+            seq = self._seq
+        return encode(message, seq, max_frame_bytes)
+
+    def _event(self, now_ms: int, kind: str, **fields: Any) -> None:
+        self._events.append({"t_ms": now_ms - self.started_ms, "event": kind, "state": self.state, **fields})
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        events, self._events = self._events, []
+        return events
+
+    def thresholds(self) -> policy.Thresholds:
+        return policy.thresholds(self.settings.host_memory_pages, self.settings.sliding_min_free)
+
+    def free_pages(self) -> int:
+        return self.settings.host_memory_pages - self._granted_total
+
+    def _error(self, code: ErrorCode, detail: str, in_reply_to: int | None) -> bytes:
+        return self._frame(Error(code=int(code), detail=detail[:1000], in_reply_to=in_reply_to), in_reply_to)
+
+    # ---- agent plane ------------------------------------------------------------------
+    def handle_agent(self, identity: bytes, frame: bytes, now_ms: int) -> Outgoing:
+        try:
+            envelope = decode(frame)
+        except ProtocolError as exc:
+            self.protocol_errors[exc.code.name] += 1
+            return [(identity, self._error(exc.code, exc.detail, None))]
+        message, seq = envelope.message, envelope.seq
+        try:
+            return self._dispatch_agent(identity, seq, message, now_ms)
+        except ProtocolError as exc:
+            self.protocol_errors[exc.code.name] += 1
+            return [(identity, self._error(exc.code, exc.detail, seq))]
+
+    def _dispatch_agent(self, identity: bytes, seq: int, message: Message, now_ms: int) -> Outgoing:
+        if message.plane != "agent" or isinstance(message, Welcome | SetTarget | LockResult | UnlockResult):
+            raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not sent by agents")
+        if isinstance(message, Hello):
+            return self._on_hello(identity, seq, message, now_ms)
+        vm_id = identity.decode("utf-8", "replace")
+        vm = self.vms.get(vm_id)
+        if vm is None or not vm.alive:
+            raise ProtocolError(ErrorCode.NOT_REGISTERED, "not registered with this host session: say hello")
+        vm.last_seen_ms = now_ms
+        if isinstance(message, Lock):
+            return self._on_lock(identity, seq, vm, message)
+        if isinstance(message, Unlock):
+            return self._on_unlock(identity, seq, vm, message)
+        if isinstance(message, Status):
+            return self._on_status(identity, vm, message, now_ms)
+        if isinstance(message, Bye):
+            self._drop(vm, now_ms, "bye", message.reason)
+            self._request_recompute(f"{vm_id} left")
+            return []
+        if isinstance(message, Heartbeat):
+            return []
+        raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not handled on the agent plane")
+
+    def _on_hello(self, identity: bytes, seq: int, hello: Hello, now_ms: int) -> Outgoing:
+        if identity != hello.vm_id.encode():
+            raise ProtocolError(ErrorCode.INVALID_FIELD,
+                                f"routing id {identity[:40]!r} must equal vm_id {hello.vm_id!r} (set ZMQ_IDENTITY)")
+        existing = self.vms.get(hello.vm_id)
+        same_session = existing is not None and hello.last_host_session_id == self.session_id
+        if existing is not None and existing.alive and not same_session:
+            raise ProtocolError(ErrorCode.CONFLICT, f"vm {hello.vm_id} is already registered by a live agent")
+        params = existing.params if existing is not None else self.config.vms.get(hello.vm_id, VmDefaults())
+        reservation = params.reservation_bytes // PAGE_SIZE_BYTES
+        others = [v.params.reservation_bytes // PAGE_SIZE_BYTES for v in self.vms.values()
+                  if v.alive and v.vm_id != hello.vm_id]
+        refusal = policy.admission_check(others, reservation, self.settings.host_memory_pages,
+                                         self.settings.sliding_min_free)
+        if refusal:
+            self._event(now_ms, "admission_refused", vm=hello.vm_id, reason=refusal)
+            raise ProtocolError(ErrorCode.ADMISSION_REFUSED, f"vm {hello.vm_id}: {refusal}")
+        if existing is not None and existing.alive:
+            self._granted_total -= existing.granted_pages
+        if not same_session:
+            self.ledger.pop(hello.vm_id)
+        self.ledger.register(hello.vm_id, hello.page_kind)
+        vm = VmRecord(vm_id=hello.vm_id, hello=hello, params=params, registered_ms=now_ms, last_seen_ms=now_ms)
+        if existing is not None:
+            vm.manual_balloon_pages = existing.manual_balloon_pages
+            vm.working_set = existing.working_set
+            vm.resets = existing.resets
+        # Adopt what the agent still holds: it stays until the policy says otherwise.
+        vm.balloon_target_pages = hello.held_pages
+        vm.balloon_pages = hello.held_pages
+        # A restarted host knows nothing of the vm's working set: deflating the adopted
+        # balloon now would undo the previous host's decision. The first status brings the
+        # agent's latest sample; the policy decides after that.
+        vm.adopted_awaiting_report = hello.held_pages > 0 and not same_session
+        vm.balloon_max_pages = policy.balloon_max_pages(vm.memsz_pages, self.settings.ctl_max_percent,
+                                                        vm.maxmemctl_pages)
+        self.vms[hello.vm_id] = vm
+        self._event(now_ms, "join", vm=hello.vm_id, memsz_bytes=hello.memsz_bytes, page_kind=hello.page_kind,
+                    held_pages=hello.held_pages, reregistration=existing is not None)
+        log.info("vm %s joined: memsz %d MiB, %s page numbers, holding %d pages", hello.vm_id,
+                 hello.memsz_bytes >> 20, hello.page_kind, hello.held_pages)
+        welcome = Welcome(
+            host_session_id=self.session_id, report_interval_ms=self.config.report_interval_ms,
+            host_timeout_ms=(self.config.lost_after_reports + 2) * self.config.report_interval_ms,
+            batch_limit_pages=self.config.batch_limit_pages,
+            settings={"idle_tax_ratio": self.settings.idle_tax_ratio,
+                      "sample_period_ms": self.settings.sample_period_ms,
+                      "balance_period_ms": self.settings.balance_period_ms,
+                      "ctl_max_percent": self.settings.ctl_max_percent, "state": self.state},
+        )
+        self._request_recompute(f"{hello.vm_id} joined")
+        return [(identity, self._frame(welcome, seq))]
+
+    def _lock_cap(self, vm: VmRecord) -> int:
+        return max(vm.balloon_max_pages, vm.balloon_target_pages, vm.manual_balloon_pages or 0)
+
+    def _on_lock(self, identity: bytes, seq: int, vm: VmRecord, lock: Lock) -> Outgoing:
+        cap = vm.memsz_pages if lock.adopt else self._lock_cap(vm)
+        results = self.ledger.lock(vm.vm_id, lock.pages, cap, lock.adopt)
+        vm.lock_batches += 1
+        for result in results:
+            if result.status == 0:
+                vm.locked_pages += result.count
+            else:
+                vm.refused_pages += result.count
+        reply = LockResult(results=results, target_pages=vm.balloon_target_pages, target_seq=vm.target_seq)
+        return [(identity, self._frame(reply, seq))]
+
+    def _on_unlock(self, identity: bytes, seq: int, vm: VmRecord, unlock: Unlock) -> Outgoing:
+        results = self.ledger.unlock(vm.vm_id, unlock.pages)
+        vm.unlock_batches += 1
+        vm.unlocked_pages += sum(r.count for r in results if r.status == 0)
+        reply = UnlockResult(results=results, target_pages=vm.balloon_target_pages, target_seq=vm.target_seq)
+        return [(identity, self._frame(reply, seq))]
+
+    def _on_status(self, identity: bytes, vm: VmRecord, status: Status, now_ms: int) -> Outgoing:
+        # The agent counts any message as "host alive"; a heartbeat is owed only when nothing
+        # else went to it for two report intervals (its timeout is lost_after_reports + 2).
+        out: Outgoing = []
+        if now_ms - vm.last_sent_ms >= 2 * self.config.report_interval_ms:
+            out.append((identity, self._frame(Heartbeat())))
+            vm.last_sent_ms = now_ms
+        old_granted = vm.granted_pages
+        vm.status = status
+        vm.balloon_pages = status.balloon_pages
+        usage = status.stats.get("usage_bytes")
+        if isinstance(usage, int):
+            vm.consumed_pages = usage // PAGE_SIZE_BYTES
+        self._granted_total += vm.granted_pages - old_granted
+        samples = status.stats.get("ws_samples")
+        if status.ws_touched_ratio is not None and isinstance(samples, int) and samples > vm.ws_samples_seen:
+            vm.working_set = vm.working_set.with_period(status.ws_touched_ratio, self.gains)
+            vm.ws_samples_seen = samples
+        current = status.stats.get("ws_current_ratio")
+        if isinstance(current, float | int) and 0.0 <= current <= 1.0:
+            vm.working_set = vm.working_set.with_current(float(current), self.gains)
+        held = self.ledger.held_pages(vm.vm_id)
+        if held != status.balloon_pages:
+            vm.mismatch_reports += 1
+            if vm.mismatch_reports >= MISMATCH_REPORTS_BEFORE_RESET:
+                return out + self._reset(identity, vm, now_ms, held, status.balloon_pages)
+        else:
+            vm.mismatch_reports = 0
+        if vm.adopted_awaiting_report and now_ms >= self.settle_until_ms:
+            vm.adopted_awaiting_report = False
+            self._request_recompute(f"{vm.vm_id} reported after adoption")
+        new_state = policy.next_state(self.state, self.free_pages(), self.thresholds())
+        if new_state != self.state:
+            self._change_state(new_state, now_ms)
+        return out
+
+    def _reset(self, identity: bytes, vm: VmRecord, now_ms: int, ledger_pages: int, agent_pages: int) -> Outgoing:
+        """ESX "pops" a balloon whose state it cannot trust: drop the ledger and make the agent
+        register again and re-report what it holds."""
+        self.ledger.pop(vm.vm_id)
+        self._granted_total -= vm.granted_pages
+        vm.alive = False
+        vm.resets += 1
+        self.counters["resets"] += 1
+        detail = f"ledger reset: host holds {ledger_pages} pages, agent reports {agent_pages}; say hello"
+        self._event(now_ms, "reset", vm=vm.vm_id, ledger_pages=ledger_pages, agent_pages=agent_pages)
+        log.warning("vm %s: %s", vm.vm_id, detail)
+        return [(identity, self._error(ErrorCode.NOT_REGISTERED, detail, None))]
+
+    def _drop(self, vm: VmRecord, now_ms: int, kind: str, reason: str) -> None:
+        self._granted_total -= vm.granted_pages
+        vm.alive = False
+        popped = self.ledger.pop(vm.vm_id)
+        self.counters["agents_lost" if kind == "lost" else "agents_left"] += 1
+        self._event(now_ms, kind, vm=vm.vm_id, reason=reason, ledger_pages=popped)
+        log.info("vm %s %s (%s); its ledger of %d pages dropped", vm.vm_id, kind, reason, popped)
+
+    def _change_state(self, new_state: policy.State, now_ms: int) -> None:
+        old = self.state
+        self.state = new_state
+        self._event(now_ms, "state", old=old, new=new_state, free_bytes=self.free_pages() * PAGE_SIZE_BYTES)
+        log.info("free memory state %s → %s (free %d MiB)", old, new_state, self.free_pages() * PAGE_SIZE_BYTES >> 20)
+        self._request_recompute(f"state {old} → {new_state}")
+
+    def _request_recompute(self, trigger: str) -> None:
+        """Joins, leaves and state changes recompute at the next tick (≤ 100 ms), once for all
+        of them: 2,000 agents re-registering after a restart cost one recompute, not 2,000."""
+        self._pending_triggers[trigger] = None
+
+    # ---- policy -----------------------------------------------------------------------
+    def recompute(self, now_ms: int, trigger: str) -> Outgoing:
+        vms = [vm for vm in self.vms.values() if vm.alive]
+        if not vms:
+            return []
+        inputs = [
+            policy.VmInput(
+                vm_id=vm.vm_id, memsz_pages=vm.memsz_pages, shares=vm.shares(),
+                reservation_pages=vm.params.reservation_bytes // PAGE_SIZE_BYTES,
+                limit_pages=vm.limit_pages, maxmemctl_pages=vm.maxmemctl_pages,
+                active_ratio=vm.working_set.ratio, balloon_pages=vm.balloon_pages, agent_alive=True,
+                agent_refusing=vm.status is not None and vm.status.agent_state == "refusing",
+                manual_balloon_pages=vm.manual_balloon_pages, balloon_target_pages=vm.balloon_target_pages,
+            )
+            for vm in vms
+        ]
+        host = policy.HostInput(self.settings.host_memory_pages, self.settings.idle_tax_ratio,
+                                self.settings.ctl_max_percent, self.settings.sliding_min_free)
+        result = policy.compute_targets(host, inputs, self.state)
+        self._last_result = result
+        self._last_result_index = {vm.vm_id: index for index, vm in enumerate(vms)}
+        self.last_recompute_ms = now_ms
+        self.next_balance_ms = now_ms + self.settings.balance_period_ms
+        out: Outgoing = []
+        for index, vm in enumerate(vms):
+            new_target = int(result.balloon_target_pages[index])
+            vm.alloc_target_pages = int(result.alloc_target_pages[index])
+            vm.balloon_max_pages = int(result.balloon_max_pages[index])
+            vm.swap_target_pages = int(result.swap_target_pages[index])
+            vm.rho = float(result.rho[index])
+            vm.active_pages = int(result.active_pages[index])
+            if vm.adopted_awaiting_report or (new_target == vm.balloon_target_pages and vm.target_seq):
+                continue
+            decision = result.decision(index)
+            old_target = vm.balloon_target_pages
+            self._target_seq += 1
+            vm.balloon_target_pages, vm.target_seq, vm.reason = new_target, self._target_seq, decision.reason
+            out.append((vm.vm_id.encode(), self._frame(SetTarget(target_pages=new_target, target_seq=vm.target_seq))))
+            if new_target != old_target:
+                self._event(now_ms, "target", vm=vm.vm_id, old_balloon_target_pages=old_target,
+                            new_balloon_target_pages=new_target, alloc_target_pages=vm.alloc_target_pages,
+                            swap_target_pages=vm.swap_target_pages, rho=round(vm.rho, 6),
+                            active_pages=vm.active_pages, reason=decision.reason, trigger=trigger)
+                log.info("vm %s balloon target %d → %d pages (%s; %s)", vm.vm_id, old_target, new_target,
+                         decision.reason, trigger)
+        return out
+
+    def tick(self, now_ms: int) -> Outgoing:
+        out: Outgoing = []
+        if not self._settled and now_ms >= self.settle_until_ms:
+            self._settled = True
+            waiting = [vm for vm in self.vms.values() if vm.adopted_awaiting_report and vm.status is not None]
+            for vm in waiting:
+                vm.adopted_awaiting_report = False
+            if waiting:
+                self._request_recompute("startup settled: adopted balloons handed to the policy")
+        silent_limit = self.config.lost_after_reports * self.config.report_interval_ms
+        lost = [vm for vm in self.vms.values() if vm.alive and now_ms - vm.last_seen_ms > silent_limit]
+        for vm in lost:
+            self._drop(vm, now_ms, "lost", f"silent for {now_ms - vm.last_seen_ms} ms")
+        if lost:
+            self._request_recompute(f"lost {', '.join(vm.vm_id for vm in lost)}")
+        new_state = policy.next_state(self.state, self.free_pages(), self.thresholds())
+        if new_state != self.state:
+            self._change_state(new_state, now_ms)
+        if now_ms >= self.next_balance_ms:
+            self._request_recompute("balance period")
+        if self._pending_triggers:
+            triggers = list(self._pending_triggers)
+            self._pending_triggers = {}
+            shown = triggers[:3] + ([f"+{len(triggers) - 3} more"] if len(triggers) > 3 else [])
+            out += self.recompute(now_ms, "; ".join(shown))
+        return out
+
+    # ---- control plane ----------------------------------------------------------------
+    def handle_control(self, frame: bytes, now_ms: int) -> tuple[bytes, Outgoing]:
+        """The reply to balloonctl, and any frames to agents that the change caused."""
+        try:
+            envelope = decode(frame, MAX_CONTROL_FRAME_BYTES)
+        except ProtocolError as exc:
+            self.protocol_errors[exc.code.name] += 1
+            return self._error(exc.code, exc.detail, None), []
+        message, seq = envelope.message, envelope.seq
+        try:
+            if message.plane != "control" or isinstance(message, StatusReply | ControlOk):
+                raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not a control request")
+            if isinstance(message, GetStatus):
+                return self._frame(StatusReply(snapshot=self.snapshot(now_ms)), seq, MAX_CONTROL_FRAME_BYTES), []
+            if isinstance(message, SetVmParams):
+                detail, data = self._set_vm_params(message, now_ms)
+                out = self.recompute(now_ms, f"{message.vm_id} settings changed")
+            elif isinstance(message, SetHostParams):
+                detail, data = self._set_host_params(message, now_ms)
+                out = self.recompute(now_ms, "host settings changed")
+            elif isinstance(message, SetManualTarget):
+                detail, data = self._set_manual_target(message, now_ms)
+                out = self.recompute(now_ms, f"{message.vm_id} manual target")
+            else:
+                raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not handled")
+            return self._frame(ControlOk(detail=detail, data=data), seq), out
+        except ProtocolError as exc:
+            self.protocol_errors[exc.code.name] += 1
+            return self._error(exc.code, exc.detail, seq), []
+
+    def _vm(self, vm_id: str) -> VmRecord:
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_VM, f"no vm {vm_id!r}; known: {sorted(self.vms)}")
+        return vm
+
+    def _set_vm_params(self, request: SetVmParams, now_ms: int) -> tuple[str, dict[str, Any]]:
+        vm = self._vm(request.vm_id)
+        memsz = vm.hello.memsz_bytes
+        values: dict[str, Any] = {
+            "shares": vm.params.shares, "reservation_bytes": vm.params.reservation_bytes,
+            "limit_bytes": vm.params.limit_bytes, "maxmemctl_bytes": vm.params.maxmemctl_bytes,
+        }
+        defaults = VmDefaults()
+        for key, value in request.params.items():
+            values[key] = getattr(defaults, key) if value is None else value
+        reservation = values["reservation_bytes"]
+        limit = values["limit_bytes"]
+        assert isinstance(reservation, int)
+        if reservation > memsz:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"reservation {reservation >> 20} MiB exceeds memsz "
+                                f"{memsz >> 20} MiB")
+        if isinstance(limit, int) and limit > memsz:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"limit {limit >> 20} MiB exceeds memsz {memsz >> 20} MiB "
+                                "(a vm never gets more than its memory size)")
+        if isinstance(limit, int) and limit < reservation:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "limit is below the reservation")
+        others = [v.params.reservation_bytes // PAGE_SIZE_BYTES for v in self.vms.values()
+                  if v.alive and v.vm_id != vm.vm_id]
+        refusal = policy.admission_check(others, reservation // PAGE_SIZE_BYTES, self.settings.host_memory_pages,
+                                         self.settings.sliding_min_free)
+        if refusal:
+            raise ProtocolError(ErrorCode.ADMISSION_REFUSED, refusal)
+        old = vm.params
+        vm.params = VmDefaults(**values)
+        changes = {k: (getattr(old, k), getattr(vm.params, k)) for k in request.params}
+        detail = "; ".join(f"{k} {a} → {b}" for k, (a, b) in changes.items())
+        self._event(now_ms, "vm_params", vm=vm.vm_id, changes={k: [a, b] for k, (a, b) in changes.items()})
+        return f"{vm.vm_id}: {detail}", {k: b for k, (_a, b) in changes.items()}
+
+    def _set_host_params(self, request: SetHostParams, now_ms: int) -> tuple[str, dict[str, Any]]:
+        defaults = HostSettings.from_config(self.config)
+        staged = dataclasses.replace(self.settings)  # all-or-nothing: apply only if every value passes
+        changes: dict[str, tuple[Any, Any]] = {}
+        for key, value in request.params.items():
+            if key == "host_memory_bytes":
+                pages = defaults.host_memory_pages if value is None else int(value) // PAGE_SIZE_BYTES
+                reserved = [v.params.reservation_bytes // PAGE_SIZE_BYTES for v in self.vms.values() if v.alive]
+                refusal = policy.admission_check(reserved, 0, pages, staged.sliding_min_free)
+                if refusal:
+                    raise ProtocolError(ErrorCode.ADMISSION_REFUSED, f"host_memory_bytes: {refusal}")
+                changes[key] = (staged.host_memory_pages * PAGE_SIZE_BYTES, pages * PAGE_SIZE_BYTES)
+                staged.host_memory_pages = pages
+            else:
+                new_value = getattr(defaults, key) if value is None else value
+                if key == "idle_tax_ratio":
+                    new_value = float(new_value)
+                changes[key] = (getattr(staged, key), new_value)
+                setattr(staged, key, new_value)
+        self.settings = staged
+        self._event(now_ms, "host_params", changes={k: [a, b] for k, (a, b) in changes.items()})
+        log.info("host settings changed: %s", changes)
+        detail = "; ".join(f"{k} {a} → {b}" for k, (a, b) in changes.items())
+        return detail, {k: b for k, (_a, b) in changes.items()}
+
+    def _set_manual_target(self, request: SetManualTarget, now_ms: int) -> tuple[str, dict[str, Any]]:
+        vm = self._vm(request.vm_id)
+        pages = request.balloon_target_pages
+        if pages is not None and pages > vm.memsz_pages:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"balloon target {pages} pages exceeds memsz "
+                                f"{vm.memsz_pages} pages")
+        old = vm.manual_balloon_pages
+        vm.manual_balloon_pages = pages
+        self._event(now_ms, "manual_target", vm=vm.vm_id, old=old, new=pages)
+        shown = "auto" if pages is None else f"{pages} pages"
+        return f"{vm.vm_id}: balloon target {shown}", {"balloon_target_pages": pages}
+
+    # ---- status -----------------------------------------------------------------------
+    def _current_reason(self, vm: VmRecord) -> str:
+        """Why the vm's targets are what they are, from the latest recompute."""
+        index = self._last_result_index.get(vm.vm_id)
+        if not vm.alive or index is None or self._last_result is None:
+            return vm.reason
+        return self._last_result.decision(index).reason
+
+    def snapshot(self, now_ms: int) -> dict[str, Any]:
+        limits = self.thresholds()
+        page = PAGE_SIZE_BYTES
+        vms = []
+        for vm in sorted(self.vms.values(), key=lambda v: v.vm_id):
+            stats = vm.status.stats if vm.status else {}
+            ws = vm.working_set
+            vms.append({
+                "vm_id": vm.vm_id,
+                "alive": vm.alive,
+                "agent_state": vm.status.agent_state if vm.status else "joined",
+                "page_kind": vm.hello.page_kind,
+                "cgroup_version": vm.hello.cgroup_version,
+                "last_seen_ms_ago": now_ms - vm.last_seen_ms,
+                "memsz_bytes": vm.hello.memsz_bytes,
+                "consumed_bytes": vm.consumed_pages * page,
+                "granted_bytes": vm.granted_pages * page,
+                "alloc_target_bytes": vm.alloc_target_pages * page,
+                "active_bytes": vm.active_pages * page,
+                "touched_ratio": vm.status.ws_touched_ratio if vm.status else None,
+                "active_ratio": ws.ratio,
+                "active_slow_ratio": ws.slow,
+                "active_fast_ratio": ws.fast,
+                "active_fast_current_ratio": ws.fast_current,
+                "ws_method": vm.status.ws_method if vm.status else None,
+                "balloon_bytes": vm.balloon_pages * page,
+                "ledger_bytes": self.ledger.held_pages(vm.vm_id) * page,
+                "balloon_target_bytes": vm.balloon_target_pages * page,
+                "balloon_max_bytes": vm.balloon_max_pages * page,
+                "manual_balloon_target_bytes": None if vm.manual_balloon_pages is None
+                else vm.manual_balloon_pages * page,
+                "swap_current_bytes": stats.get("swap_used_bytes"),
+                "swap_target_bytes": vm.swap_target_pages * page,
+                "swap_in_pages": stats.get("swap_in_pages"),
+                "swap_out_pages": stats.get("swap_out_pages"),
+                "major_faults": stats.get("major_faults"),
+                "shares": vm.shares(),
+                "shares_setting": vm.params.shares,
+                "reservation_bytes": vm.params.reservation_bytes,
+                "limit_bytes": vm.params.limit_bytes,
+                "maxmemctl_bytes": vm.params.maxmemctl_bytes,
+                "rho": vm.rho,
+                "reason": self._current_reason(vm),
+                "refused_pages": vm.refused_pages,
+                "lock_batches": vm.lock_batches,
+                "unlock_batches": vm.unlock_batches,
+                "resets": vm.resets,
+                "workload": {k.removeprefix("workload_"): v for k, v in stats.items() if k.startswith("workload_")},
+            })
+        return {
+            "host": {
+                "session_id": self.session_id,
+                "uptime_ms": now_ms - self.started_ms,
+                "state": self.state,
+                "free_bytes": self.free_pages() * page,
+                "granted_bytes": self._granted_total * page,
+                "thresholds_bytes": {"high": limits.high * page, "soft": limits.soft * page,
+                                     "hard": limits.hard * page, "low": limits.low * page},
+                **self.settings.as_dict(),
+                "report_interval_ms": self.config.report_interval_ms,
+                "vms_alive": sum(vm.alive for vm in self.vms.values()),
+                "protocol_errors": dict(self.protocol_errors),
+                "counters": dict(self.counters),
+            },
+            "vms": vms,
+        }

@@ -1,0 +1,272 @@
+"""balloonctl: read and change a running balloon-hostd.
+
+    balloonctl status [--json]
+    balloonctl set VM shares=high reservation=128MiB limit=768MiB maxmemctl=256MiB  (value "default" resets)
+    balloonctl host idle_tax=0.5 sample_period=10s balance_period=5s host_memory=1GiB ctl_max_percent=50
+    balloonctl target VM 200MiB | auto        pin the balloon target (MCTLTGT), or back to the policy
+    balloonctl keys generate NAME [--dir DIR] | allow PUBLIC_KEY_FILE --name NAME --allowlist DIR
+              | list --allowlist DIR | remove NAME --allowlist DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from protocol import (
+    ControlOk,
+    Error,
+    ErrorCode,
+    GetStatus,
+    Message,
+    ProtocolError,
+    SetHostParams,
+    SetManualTarget,
+    SetVmParams,
+    StatusReply,
+    decode,
+    encode,
+)
+from protocol.limits import MAX_CONTROL_FRAME_BYTES, PAGE_SIZE_BYTES
+from protocol.units import format_bytes, parse_duration_ms, parse_size_bytes
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
+
+
+class CtlError(Exception):
+    """Printed as `balloonctl: ...` with exit code 1 (2 for usage errors)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def request(endpoint: str, message: Message, timeout_ms: int = 3000) -> Message:
+    """One request/reply over a DEALER. Raises CtlError if hostd does not answer in time."""
+    import zmq
+
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME_BYTES)
+        sock.connect(endpoint)
+        sock.send(encode(message, 1))
+        if not sock.poll(timeout_ms):
+            raise CtlError(f"no answer from hostd at {endpoint} within {timeout_ms} ms (is balloon-hostd running? "
+                           "--endpoint or BALLOONLAB_CONTROL_ENDPOINT)")
+        try:
+            return decode(sock.recv(), MAX_CONTROL_FRAME_BYTES).message
+        except ProtocolError as exc:
+            raise CtlError(f"hostd sent an invalid reply: {exc}") from None
+    finally:
+        sock.close(linger=0)
+
+
+def _checked(reply: Message) -> Message:
+    if isinstance(reply, Error):
+        name = ErrorCode(reply.code).name if reply.code in ErrorCode._value2member_map_ else str(reply.code)
+        raise CtlError(f"refused ({name}): {reply.detail}")
+    return reply
+
+
+# ---- argument parsing ---------------------------------------------------------------------
+_VM_KEYS = {"shares": "shares", "reservation": "reservation_bytes", "limit": "limit_bytes",
+            "maxmemctl": "maxmemctl_bytes"}
+_HOST_KEYS = {"idle_tax": "idle_tax_ratio", "sample_period": "sample_period_ms",
+              "balance_period": "balance_period_ms", "host_memory": "host_memory_bytes",
+              "ctl_max_percent": "ctl_max_percent"}
+
+
+def _pairs(items: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise CtlError(f"{item!r}: expected KEY=VALUE", 2)
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def parse_vm_params(items: Sequence[str]) -> dict[str, int | float | str | bool | None]:
+    params: dict[str, int | float | str | bool | None] = {}
+    for key, value in _pairs(items):
+        if key not in _VM_KEYS:
+            raise CtlError(f"unknown vm setting {key!r}; known: {', '.join(_VM_KEYS)}", 2)
+        name = _VM_KEYS[key]
+        if value == "default":
+            params[name] = None
+        elif key == "shares":
+            params[name] = value if value in ("low", "normal", "high") else _int(key, value)
+        else:
+            params[name] = _size(key, value)
+    return params
+
+
+def parse_host_params(items: Sequence[str]) -> dict[str, int | float | str | bool | None]:
+    params: dict[str, int | float | str | bool | None] = {}
+    for key, value in _pairs(items):
+        if key not in _HOST_KEYS:
+            raise CtlError(f"unknown host setting {key!r}; known: {', '.join(_HOST_KEYS)}", 2)
+        name = _HOST_KEYS[key]
+        if value == "default":
+            params[name] = None
+        elif key == "idle_tax":
+            try:
+                params[name] = float(value.removesuffix("%")) / (100 if value.endswith("%") else 1)
+            except ValueError:
+                raise CtlError(f"idle_tax={value!r}: a number 0 ≤ τ < 1 (or a percentage like 75%)", 2) from None
+        elif key.endswith("period"):
+            try:
+                params[name] = parse_duration_ms(value)
+            except ValueError as exc:
+                raise CtlError(f"{key}: {exc}", 2) from None
+        elif key == "host_memory":
+            params[name] = _size(key, value)
+        else:
+            params[name] = _int(key, value)
+    return params
+
+
+def _int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise CtlError(f"{key}={value!r}: expected an integer", 2) from None
+
+
+def _size(key: str, value: str) -> int:
+    try:
+        return parse_size_bytes(value)
+    except ValueError as exc:
+        raise CtlError(f"{key}: {exc}", 2) from None
+
+
+# ---- output -------------------------------------------------------------------------------
+def render_status(snapshot: dict[str, Any], unit: str = "MiB") -> str:
+    host = snapshot["host"]
+    memory = format_bytes(host["host_memory_bytes"], unit)
+    free = format_bytes(host["free_bytes"], unit)
+    min_free = format_bytes(host["thresholds_bytes"]["high"], unit)
+    lines = [
+        f"host {host['session_id']}  state {host['state'].upper()}  memory {memory}  free {free}  (minFree {min_free})"
+        f"  τ={host['idle_tax_ratio']:g}  sample {host['sample_period_ms'] / 1000:g}s"
+        f"  balance {host['balance_period_ms'] / 1000:g}s  vms {host['vms_alive']}",
+    ]
+    header = ("VM", "ALIVE", "MEMSZ", "GRANT", "SZTGT", "%ACTV", "MCTLSZ", "MCTLTGT", "MCTLMAX", "SWCUR", "SWTGT",
+              "SHARES", "STATE")
+    rows = [header]
+    for vm in snapshot["vms"]:
+        rows.append((
+            vm["vm_id"], "Y" if vm["alive"] else "N", format_bytes(vm["memsz_bytes"], unit),
+            format_bytes(vm["granted_bytes"], unit), format_bytes(vm["alloc_target_bytes"], unit),
+            f"{100 * vm['active_ratio']:.0f}", format_bytes(vm["balloon_bytes"], unit),
+            format_bytes(vm["balloon_target_bytes"], unit), format_bytes(vm["balloon_max_bytes"], unit),
+            format_bytes(vm["swap_current_bytes"], unit), format_bytes(vm["swap_target_bytes"], unit),
+            str(vm["shares"]), vm["agent_state"],
+        ))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append("  ".join(str(cell).rjust(width) if i else str(cell).ljust(width)
+                               for i, (cell, width) in enumerate(zip(row, widths, strict=True))))
+    return "\n".join(lines)
+
+
+# ---- commands -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="balloonctl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--endpoint", default=os.environ.get("BALLOONLAB_CONTROL_ENDPOINT", DEFAULT_ENDPOINT),
+                        help=f"hostd control endpoint (default {DEFAULT_ENDPOINT})")
+    parser.add_argument("--timeout", default="3s", help="how long to wait for hostd (default 3s)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    status = commands.add_parser("status", help="host and per-vm memory figures")
+    status.add_argument("--json", action="store_true", help="the full document (stable field names)")
+    status.add_argument("--unit", choices=("MiB", "GiB"), default="MiB")
+    vm_set = commands.add_parser("set", help="change a vm's shares/reservation/limit/maxmemctl")
+    vm_set.add_argument("vm")
+    vm_set.add_argument("settings", nargs="+", metavar="KEY=VALUE")
+    host = commands.add_parser("host", help="change host settings (idle_tax, periods, host_memory, ctl_max_percent)")
+    host.add_argument("settings", nargs="+", metavar="KEY=VALUE")
+    target = commands.add_parser("target", help="pin a vm's balloon target, or 'auto'")
+    target.add_argument("vm")
+    target.add_argument("size", help="e.g. 200MiB, or auto")
+    keys = commands.add_parser("keys", help="CurveZMQ key files and the agent allowlist")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    generate = key_commands.add_parser("generate", help="write NAME.key and NAME.key_secret")
+    generate.add_argument("name")
+    generate.add_argument("--dir", default=".", help="directory (default .)")
+    allow = key_commands.add_parser("allow", help="add an agent's public key to the allowlist")
+    allow.add_argument("public_key_file")
+    allow.add_argument("--name", required=True)
+    allow.add_argument("--allowlist", required=True)
+    listing = key_commands.add_parser("list", help="list allowed agent keys")
+    listing.add_argument("--allowlist", required=True)
+    remove = key_commands.add_parser("remove", help="remove an agent from the allowlist")
+    remove.add_argument("name")
+    remove.add_argument("--allowlist", required=True)
+    return parser
+
+
+def run(args: argparse.Namespace) -> str:
+    if args.command == "keys":
+        return run_keys(args)
+    timeout_ms = parse_duration_ms(args.timeout)
+    if args.command == "status":
+        reply = _checked(request(args.endpoint, GetStatus(), timeout_ms))
+        assert isinstance(reply, StatusReply)
+        return json.dumps(reply.snapshot, indent=2) if args.json else render_status(reply.snapshot, args.unit)
+    message: Message
+    if args.command == "set":
+        message = SetVmParams(vm_id=args.vm, params=parse_vm_params(args.settings))
+    elif args.command == "host":
+        message = SetHostParams(params=parse_host_params(args.settings))
+    else:
+        pages = None if args.size == "auto" else _size("size", args.size) // PAGE_SIZE_BYTES
+        message = SetManualTarget(vm_id=args.vm, balloon_target_pages=pages)
+    reply = _checked(request(args.endpoint, message, timeout_ms))
+    assert isinstance(reply, ControlOk)
+    return reply.detail
+
+
+def run_keys(args: argparse.Namespace) -> str:
+    from protocol import keys
+
+    try:
+        if args.keys_command == "generate":
+            public, secret = keys.generate_keypair(Path(args.dir), args.name)
+            return f"wrote {public} (public: give it to the peer) and {secret} (secret: keep it, mode 0600)"
+        if args.keys_command == "allow":
+            target = keys.allowlist_add(Path(args.allowlist), Path(args.public_key_file), args.name)
+            return f"allowed {args.name}: {target}"
+        if args.keys_command == "remove":
+            keys.allowlist_remove(Path(args.allowlist), args.name)
+            return f"removed {args.name}"
+        allowed = keys.allowlist_public_keys(Path(args.allowlist))
+        return "\n".join(f"{name}  {key.decode()}" for name, key in allowed.items()) or "(allowlist is empty)"
+    except keys.KeyFileError as exc:
+        raise CtlError(str(exc)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        print(run(args))
+    except ProtocolError as exc:  # a request that cannot even be built (e.g. a bad vm id)
+        print(f"balloonctl: {exc.detail}", file=sys.stderr)
+        return 2
+    except CtlError as exc:
+        print(f"balloonctl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ValueError as exc:
+        print(f"balloonctl: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""hostd's I/O: two ROUTER sockets, the clock and the event log, around `HostCore`.
+
+One thread: a zmq.Poller loop over the agent and control ROUTERs that also runs the core's
+tick (liveness, balance period) every 100 ms. Each wakeup handles every queued frame and
+answers it without blocking. The core is synchronous and never touches a socket; an
+exception out of it stops the daemon (the supervisor restarts it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import secrets
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import zmq
+
+from hostd.config import HostConfig
+from hostd.core import HostCore, Outgoing
+from protocol.limits import MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES
+
+log = logging.getLogger(__name__)
+
+TICK_MS = 100
+
+
+def now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def raise_fd_limit() -> None:
+    """Every agent is a TCP connection (a file descriptor): allow as many as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class EventLog:
+    """Appends one JSON line per event; also logs it at DEBUG."""
+
+    def __init__(self, path: Path | None, session_id: str) -> None:
+        self._file: IO[str] | None = None
+        self._session_id = session_id
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", buffering=1)
+
+    def write(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            line = json.dumps({"ts": round(time.time(), 3), "session": self._session_id, **event},
+                              separators=(",", ":"))
+            log.debug("event %s", line)
+            if self._file is not None:
+                self._file.write(line + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class HostServer:
+    def __init__(self, config: HostConfig, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+        self.config = config
+        self.session_id = f"h-{secrets.token_hex(4)}"
+        self.core = HostCore(config, self.session_id, now_ms())
+        self.context = context or zmq.Context()
+        self.events = EventLog(config.event_log, self.session_id)
+        self.stop_requested = False
+        self._authenticator: Any = None
+        self.agent_socket = self._router(config.agent_endpoint, curve=True, max_frame_bytes=MAX_FRAME_BYTES)
+        self.control_socket = self._router(config.control_endpoint, curve=False,
+                                           max_frame_bytes=MAX_CONTROL_FRAME_BYTES)
+
+    def _router(self, endpoint: str, curve: bool, max_frame_bytes: int) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises, never silently drops
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting agent takes its routing id back
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        if curve and self.config.curve_secret_key is not None:
+            from protocol.keys import load_keypair
+
+            pair = load_keypair(self.config.curve_secret_key)
+            if pair.secret_key is None:
+                raise ValueError(f"{self.config.curve_secret_key} holds no secret key")
+            sock.curve_secretkey = pair.secret_key
+            sock.curve_publickey = pair.public_key
+            sock.curve_server = True
+        sock.bind(endpoint)
+        return sock
+
+    def _start_authenticator(self) -> None:
+        if self.config.curve_allowlist is None:
+            return
+        from zmq.auth.thread import ThreadAuthenticator
+
+        # ZAP answers in its own thread, so handshakes never wait for the main loop.
+        self._authenticator = ThreadAuthenticator(self.context)
+        self._authenticator.start()
+        self._authenticator.configure_curve(domain="*", location=str(self.config.curve_allowlist))
+        log.info("CurveZMQ on; agents allowed from %s", self.config.curve_allowlist)
+
+    def _send(self, out: Outgoing) -> None:
+        for identity, frame in out:
+            try:
+                self.agent_socket.send_multipart([identity, frame], flags=zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
+                self.core.counters[f"send_failed_{exc.errno}"] += 1
+        events = self.core.drain_events()
+        if events:
+            self.events.write(events)
+
+    def _on_agent_readable(self) -> None:
+        while True:
+            try:
+                parts = self.agent_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(parts) != 2:
+                self.core.protocol_errors["MALFORMED"] += 1
+                parts = [parts[0], b""]
+            self._send(self.core.handle_agent(parts[0], parts[1], now_ms()))
+
+    def _on_control_readable(self) -> None:
+        while True:
+            try:
+                parts = self.control_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply, out = self.core.handle_control(parts[-1] if len(parts) == 2 else b"", now_ms())
+            try:
+                self.control_socket.send_multipart([parts[0], reply], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.core.counters["control_reply_failed"] += 1
+            self._send(out)
+
+    def run(self) -> None:
+        """Until `stop()` (from a signal handler)."""
+        raise_fd_limit()
+        self._start_authenticator()
+        log.info("hostd session %s: agents on %s, control on %s, host memory %d MiB, τ=%g, balance every %d ms",
+                 self.session_id, self.config.agent_endpoint, self.config.control_endpoint,
+                 self.core.settings.host_memory_pages >> 8, self.core.settings.idle_tax_ratio,
+                 self.core.settings.balance_period_ms)
+        poller = zmq.Poller()
+        poller.register(self.agent_socket, zmq.POLLIN)
+        poller.register(self.control_socket, zmq.POLLIN)
+        next_tick = now_ms() + TICK_MS
+        try:
+            while not self.stop_requested:
+                ready = dict(poller.poll(max(0, next_tick - now_ms())))
+                if self.agent_socket in ready:
+                    self._on_agent_readable()
+                if self.control_socket in ready:
+                    self._on_control_readable()
+                if now_ms() >= next_tick:
+                    next_tick = now_ms() + TICK_MS
+                    self._send(self.core.tick(now_ms()))
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.stop_requested = True
+
+    def close(self) -> None:
+        self.events.write(self.core.drain_events())
+        self.events.close()
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self.agent_socket.close(linger=0)
+        self.control_socket.close(linger=0)

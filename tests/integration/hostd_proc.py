@@ -1,0 +1,74 @@
+"""Run balloon-hostd as a real process on free loopback ports and talk to it like balloonctl."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hostd.ctl import request
+from protocol import GetStatus, StatusReply
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class HostdProcess:
+    def __init__(self, workdir: Path, *flags: str, agent_port: int | None = None,
+                 control_port: int | None = None) -> None:
+        self.agent_port = agent_port or free_port()
+        self.control_port = control_port or free_port()
+        self.agent_endpoint = f"tcp://127.0.0.1:{self.agent_port}"
+        self.control_endpoint = f"tcp://127.0.0.1:{self.control_port}"
+        self.log_path = workdir / f"hostd-{self.agent_port}-{time.monotonic_ns()}.log"
+        self.event_log = workdir / "events.jsonl"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hostd", "--agent-endpoint", self.agent_endpoint,
+             "--control-endpoint", self.control_endpoint, "--event-log", str(self.event_log), *flags],
+            stderr=self._log, text=True,
+        )
+        self.wait_until(lambda s: True, 10, "hostd to answer")
+
+    def status(self, timeout_ms: int = 2000) -> dict[str, Any]:
+        reply = request(self.control_endpoint, GetStatus(), timeout_ms)
+        assert isinstance(reply, StatusReply), reply
+        return reply.snapshot
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint", self.control_endpoint, *args],
+                              capture_output=True, text=True, timeout=30)
+
+    def wait_until(self, predicate, timeout_s: float, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        last: dict[str, Any] | None = None
+        while True:
+            assert self.process.poll() is None, f"hostd exited: {self.log_path.read_text()[-3000:]}"
+            try:
+                last = self.status(500)
+                if predicate(last):
+                    return last
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last status: {last}")
+            time.sleep(0.2)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process.poll() is None:
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            self.process.wait(timeout=10)
+        self._log.close()
+
+
+def vm(snapshot: dict[str, Any], vm_id: str) -> dict[str, Any]:
+    return next(v for v in snapshot["vms"] if v["vm_id"] == vm_id)

@@ -1,0 +1,57 @@
+import pytest
+
+from hostd.config import ConfigError, is_loopback_endpoint, load_config
+
+
+def test_precedence_file_env_flags(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('idle_tax_ratio = 0.5\nbalance_period_ms = "5s"\nhost_memory_bytes = "1GiB"\n'
+                      '[vms.db]\nshares = "high"\nreservation = "128MiB"\n')
+    loaded = load_config(["--config", str(config)], {})
+    assert (loaded.idle_tax_ratio, loaded.balance_period_ms, loaded.host_memory_bytes) == (0.5, 5000, 1 << 30)
+    assert loaded.vms["db"].reservation_bytes == 128 << 20
+    loaded = load_config(["--config", str(config)], {"BALLOONLAB_IDLE_TAX": "0.25"})
+    assert loaded.idle_tax_ratio == 0.25
+    loaded = load_config(["--config", str(config), "--idle-tax", "0.1"], {"BALLOONLAB_IDLE_TAX": "0.25"})
+    assert loaded.idle_tax_ratio == 0.1
+
+
+def test_sample_config_in_repo_loads():
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[2] / "hostd" / "balloonlab.sample.toml"
+    loaded = load_config(["--config", str(sample)], {})
+    assert loaded.idle_tax_ratio == 0.75 and loaded.vms["db"].shares == "high"
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("idle_tax_ratio = 1.0", "0 ≤ τ < 1"),
+        ("colour = 3", "unknown keys"),
+        ('balance_period_ms = "soon"', "balance_period_ms"),
+        ("[vms.db]\nshares = \"huge\"", "shares"),
+        ("[vms.db]\nweight = 3", "unknown keys"),
+        ("idle_tax_ratio = ", "config file"),
+        ('curve_secret_key = "/x"', "CurveZMQ needs both"),
+    ],
+)
+def test_bad_config_is_named(tmp_path, toml, message):
+    config = tmp_path / "c.toml"
+    config.write_text(toml + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--config", str(config)], {})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="No such file"):
+        load_config(["--config", str(tmp_path / "nope.toml")], {})
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "loopback"),
+    [("tcp://127.0.0.1:5555", True), ("tcp://localhost:1", True), ("tcp://[::1]:5", True),
+     ("ipc:///tmp/x", True), ("tcp://0.0.0.0:5555", False), ("tcp://10.0.0.5:1", False), ("tcp://*:5555", False)],
+)
+def test_loopback(endpoint, loopback):
+    assert is_loopback_endpoint(endpoint) is loopback

@@ -1,0 +1,153 @@
+from pathlib import Path
+
+import pytest
+
+from protocol import (
+    KINDS,
+    ErrorCode,
+    Hello,
+    ProtocolError,
+    SetHostParams,
+    SetVmParams,
+    Status,
+    decode,
+    encode,
+)
+from protocol.limits import MAX_FRAME_BYTES
+from tests.samples import SAMPLES
+
+GOLDEN_DIR = Path(__file__).parent.parent / "data" / "golden"
+
+
+def test_every_kind_has_a_sample():
+    assert set(SAMPLES) == set(KINDS)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_round_trip(kind):
+    message = SAMPLES[kind]
+    envelope = decode(encode(message, 42))
+    assert envelope.seq == 42
+    assert envelope.message == message
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_golden_bytes(kind):
+    """The wire format is frozen: a change here needs a protocol version bump."""
+    seq = sorted(KINDS).index(kind) + 1
+    golden = (GOLDEN_DIR / f"{kind}.bin").read_bytes()
+    assert encode(SAMPLES[kind], seq) == golden
+    assert decode(golden).message == SAMPLES[kind]
+
+
+def _hello(**overrides):
+    fields = dict(
+        vm_id="web", memsz_bytes=1 << 29, agent_version="x", page_kind="vpn", supports_2m=False,
+        cgroup_version=1, max_batch_pages=512, held_pages=0, last_host_session_id=None,
+    )
+    fields.update(overrides)
+    return Hello(**fields)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"vm_id": ""},
+        {"vm_id": "a b"},
+        {"vm_id": "x" * 65},
+        {"memsz_bytes": -4096},
+        {"memsz_bytes": 4097},
+        {"memsz_bytes": 1 << 60},
+        {"cgroup_version": 3},
+        {"max_batch_pages": 0},
+        {"held_pages": (1 << 29) // 4096 + 1},
+    ],
+)
+def test_hello_validation(overrides):
+    with pytest.raises(ProtocolError) as info:
+        _hello(**overrides)
+    assert info.value.code == ErrorCode.INVALID_FIELD
+
+
+def _frame(kind, body, v=1, seq=1):
+    import msgpack
+
+    return msgpack.packb({"v": v, "kind": kind, "seq": seq, "body": body}, use_bin_type=True)
+
+
+def _hello_body(**overrides):
+    body = {
+        "vm_id": "web", "memsz_bytes": 1 << 29, "agent_version": "x", "page_kind": "vpn",
+        "supports_2m": False, "cgroup_version": 1, "max_batch_pages": 512, "held_pages": 0,
+        "last_host_session_id": None,
+    }
+    body.update(overrides)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"", ErrorCode.MALFORMED),
+        (b"\xc1", ErrorCode.MALFORMED),
+        (_frame("hello", _hello_body(), v=2), ErrorCode.UNSUPPORTED_VERSION),
+        (_frame("hello", _hello_body(), v="1"), ErrorCode.UNSUPPORTED_VERSION),
+        (_frame("nope", {}), ErrorCode.UNKNOWN_KIND),
+        (_frame("hello", _hello_body(), seq=-1), ErrorCode.MALFORMED),
+        (_frame("hello", []), ErrorCode.MALFORMED),
+        (_frame("hello", _hello_body(extra=1)), ErrorCode.INVALID_FIELD),
+        (_frame("hello", {"vm_id": "web"}), ErrorCode.INVALID_FIELD),
+        (_frame("hello", _hello_body(memsz_bytes="1")), ErrorCode.INVALID_FIELD),
+        (_frame("hello", _hello_body(memsz_bytes=True)), ErrorCode.INVALID_FIELD),
+        (_frame("hello", _hello_body(page_kind="ppn")), ErrorCode.INVALID_FIELD),
+        (_frame("hello", _hello_body(agent_version="x" * 5000)), ErrorCode.LIMIT_EXCEEDED),
+        (_frame("set_target", {"target_pages": -1, "target_seq": 1}), ErrorCode.INVALID_FIELD),
+        (_frame("set_target", {"target_pages": 2**64 - 1, "target_seq": 1}), ErrorCode.INVALID_FIELD),
+        (_frame("lock", {"pages": [1, 2], "adopt": False}), ErrorCode.INVALID_FIELD),
+        (_frame("lock", {"pages": b"", "adopt": False}), ErrorCode.INVALID_FIELD),
+        (_frame("lock_result", {"results": [[1, 1, 9]], "target_pages": 0, "target_seq": 0}),
+         ErrorCode.INVALID_FIELD),
+        (_frame("status_reply", {"snapshot": {"x": float("nan")}}), ErrorCode.INVALID_FIELD),
+        (b"\x00" * (MAX_FRAME_BYTES + 1), ErrorCode.TOO_LARGE),
+    ],
+)
+def test_decode_rejects_with_code(frame, code):
+    with pytest.raises(ProtocolError) as info:
+        decode(frame)
+    assert info.value.code == code
+
+
+def test_status_unknown_stat_is_none_not_zero():
+    status = Status(
+        balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle",
+        stats={"pgmajfault": None}, ws_touched_ratio=None, ws_method="none", ws_period_ms=0,
+    )
+    assert decode(encode(status, 1)).message.stats == {"pgmajfault": None}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"shares": "huge"}, {"shares": -1}, {"reservation_bytes": "1G"}, {"colour": 1}, {}],
+)
+def test_vm_params_validation(params):
+    with pytest.raises(ProtocolError):
+        SetVmParams(vm_id="db", params=params)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"idle_tax_ratio": 1.0}, {"idle_tax_ratio": -0.1}, {"sample_period_ms": 1.5},
+     {"ctl_max_percent": 100}, {"balance_period_ms": 0}, {"host_memory_bytes": True}],
+)
+def test_host_params_validation(params):
+    with pytest.raises(ProtocolError):
+        SetHostParams(params=params)
+
+
+def test_encode_refuses_oversized_frame():
+    from protocol import StatusReply
+
+    big = StatusReply(snapshot={"vms": ["x" * 1000] * 2000})
+    with pytest.raises(ProtocolError) as info:
+        encode(big, 1)
+    assert info.value.code == ErrorCode.TOO_LARGE
