@@ -3,6 +3,9 @@
     givable_bytes(reading, host_swap_free)   how much more the guest can give without an OOM kill
     detect_pressure(previous, current, ...)  does the guest's own workload need memory back?
     next_rate(rate, succeeded)              vmw_balloon's adaptive rate: halve on failure, grow on success
+    after_pressure(backoff, ...)            remember where pressure struck: a ceiling and a pause (AIMD)
+    inflate_ceiling_pages(backoff, now)     how far inflation may go while that memory lasts
+    workload_stats(report_text, now_s)      the workload's own report, as status stats (or none)
     plan(...)                               the next step: inflate / deflate / hold / refuse, with a reason
 
 vmw_balloon allocates with __GFP_NORETRY so the balloon never triggers the guest's OOM killer;
@@ -12,6 +15,8 @@ itself: `givable_bytes` is that check, made before every batch.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +40,10 @@ class PacingConfig:
     swap_step_bytes: int = 4 << 20  # per check: memory that must come from swapping the workload out
     refault_ratio_per_s: float = 0.01  # anon refaults/s above 1 % of memsz = thrashing
     limit_hits_per_s: float = 20.0  # failcnt / memory.events max rising this fast while we hold = squeezed
+    max_pressure_pause_ms: int = 60_000  # the pause doubles with each pressure episode in a row, up to this
+    ceiling_relax_bytes_per_s: int = 8 << 20  # after the first pause the ceiling creeps up this fast
+    pressure_cooldown_ms: int = 1_000  # refaults / limit hits right after a pressure deflate are its echo
+    pressure_forget_ms: int = 120_000  # no pressure for this long: forget the ceiling and the streak
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +51,7 @@ class Plan:
     action: Action
     pages: int
     reason: str
+    transient: bool = False  # a refusal that the next check (a new swap step) may lift
 
 
 def margin_bytes(reading: GuestReading, cfg: PacingConfig) -> int:
@@ -83,12 +93,19 @@ def _rose(previous: int | None, current: int | None) -> bool:
 
 
 def detect_pressure(previous: GuestReading | None, current: GuestReading, givable: int,
-                    cfg: PacingConfig, interval_s: float = 0.1, pinned_since_last: bool = False) -> str | None:
+                    cfg: PacingConfig, interval_s: float = 0.1, pinned_since_last: bool = False,
+                    soft_signals: bool = True) -> str | None:
     """A reason to deflate at once, or None. Signals: OOM events, memory.high events, PSI
     full above threshold (v2), anonymous refaults above `refault_ratio_per_s` of memsz per
     second (thrashing; both versions, Linux ≥ 5.9), the limit being hit often while the agent
-    pinned nothing (v1 failcnt, v2 memory.events max), or no headroom left (givable < 0)."""
-    if previous is not None:
+    pinned nothing (v1 failcnt, v2 memory.events max), or no headroom left (givable < 0).
+    `soft_signals=False` (see `soft_pressure_counts`) checks only OOM events and the headroom."""
+    if previous is not None and not soft_signals:
+        if _rose(previous.oom_kill_events, current.oom_kill_events):
+            return "oom_kill in guest"
+        if _rose(previous.oom_events, current.oom_events):
+            return "oom event in guest"
+    elif previous is not None:
         # Hitting the limit is how a balloon makes the kernel swap: it only means the workload
         # is squeezed when it happens while the agent pinned nothing.
         if not pinned_since_last and _rose(previous.max_events, current.max_events) and interval_s > 0:
@@ -109,7 +126,7 @@ def detect_pressure(previous: GuestReading | None, current: GuestReading, givabl
             return "oom event in guest"
         if _rose(previous.high_events, current.high_events):
             return "memory.high event in guest"
-    if current.psi_full_avg10 is not None and current.psi_full_avg10 >= cfg.psi_full_threshold:
+    if soft_signals and current.psi_full_avg10 is not None and current.psi_full_avg10 >= cfg.psi_full_threshold:
         return f"PSI full avg10 {current.psi_full_avg10:.1f}% ≥ {cfg.psi_full_threshold:.1f}%"
     if givable < 0:
         return f"headroom gone ({givable >> 20} MiB short of the safety margin)"
@@ -130,20 +147,97 @@ def next_rate(rate_batches: int, succeeded: bool, cfg: PacingConfig) -> int:
     return max(1, rate_batches // 2)
 
 
+@dataclass(frozen=True, slots=True)
+class PressureBackoff:
+    """What the agent remembers of recent pressure, AIMD-style. Re-inflating straight back to
+    where the workload thrashed repeats the thrashing, and the second time memcg reclaim may
+    not keep up (an OOM kill seen in CI). So a pressure episode leaves a ceiling (the balloon
+    right after the deflate) and a pause; after the pause the ceiling creeps up. Pressure again
+    after the pause starts the next episode in a row: the pause doubles and the creep halves.
+    Pressure during the pause belongs to the same episode (the workload is still paging back in)."""
+
+    episodes_in_row: int = 0
+    ceiling_pages: int | None = None
+    last_event_ms: int = 0
+    paused_until_ms: int = 0
+
+
+def after_pressure(backoff: PressureBackoff, balloon_after_pages: int, now_ms: int,
+                   cfg: PacingConfig) -> PressureBackoff:
+    """The memory after a pressure deflate that left `balloon_after_pages` held."""
+    if backoff.episodes_in_row and now_ms < backoff.paused_until_ms:  # the same episode
+        ceiling = min(balloon_after_pages, backoff.ceiling_pages or balloon_after_pages)
+        return PressureBackoff(backoff.episodes_in_row, ceiling, now_ms, backoff.paused_until_ms)
+    forgotten = now_ms - backoff.last_event_ms >= cfg.pressure_forget_ms or backoff.ceiling_pages is None
+    episodes = 1 if forgotten else backoff.episodes_in_row + 1
+    pause_ms = min(cfg.max_pressure_pause_ms, cfg.pressure_pause_ms << min(episodes - 1, 16))
+    return PressureBackoff(episodes, balloon_after_pages, now_ms, now_ms + pause_ms)
+
+
+def soft_pressure_counts(backoff: PressureBackoff, now_ms: int, cfg: PacingConfig) -> bool:
+    """Right after a pressure deflate the workload is still paging its memory back in: its
+    refaults and limit hits say nothing new for `pressure_cooldown_ms` (OOM events and a
+    real shortfall always count)."""
+    return now_ms - backoff.last_event_ms >= cfg.pressure_cooldown_ms or not backoff.episodes_in_row
+
+
+def inflate_ceiling_pages(backoff: PressureBackoff, now_ms: int, cfg: PacingConfig) -> int | None:
+    """The most the balloon may hold now because of past pressure, or None (no limit)."""
+    if backoff.ceiling_pages is None or now_ms - backoff.last_event_ms >= cfg.pressure_forget_ms:
+        return None
+    relaxed_s = max(0, now_ms - backoff.paused_until_ms) / 1000
+    creep_bytes_per_s = cfg.ceiling_relax_bytes_per_s >> min(backoff.episodes_in_row - 1, 16)
+    return backoff.ceiling_pages + int(relaxed_s * creep_bytes_per_s) // PAGE_SIZE_BYTES
+
+
 def plan(*, balloon_pages: int, target_pages: int, givable: int, rate_batches: int, now_ms: int,
-         inflate_paused_until_ms: int, cfg: PacingConfig) -> Plan:
+         inflate_paused_until_ms: int, cfg: PacingConfig, ceiling_pages: int | None = None) -> Plan:
     """The next step toward the target. Deflation is never rate-limited (the guest wants its
-    memory back); inflation is limited by the rate and by what the guest can give."""
+    memory back); inflation is limited by the rate, by what the guest can give and by the
+    ceiling that past pressure left (`inflate_ceiling_pages`)."""
     if target_pages < balloon_pages:
         return Plan("deflate", balloon_pages - target_pages, "above target")
     if target_pages == balloon_pages:
         return Plan("hold", 0, "at target")
     if now_ms < inflate_paused_until_ms:
         return Plan("hold", 0, f"inflation paused for {inflate_paused_until_ms - now_ms} ms after pressure")
+    if ceiling_pages is not None and balloon_pages >= ceiling_pages:
+        return Plan("refuse", 0, f"held at {ceiling_pages} pages since the guest's workload pressed back")
     givable_pages = givable // PAGE_SIZE_BYTES
     if givable_pages < 1:
-        return Plan("refuse", 0, f"guest has nothing left to give ({givable >> 20} MiB headroom)")
+        return Plan("refuse", 0, f"guest has nothing left to give ({givable >> 20} MiB headroom)", transient=True)
     wanted = min(target_pages - balloon_pages, rate_batches * cfg.batch_pages)
+    if ceiling_pages is not None:
+        wanted = min(wanted, ceiling_pages - balloon_pages)
     if givable_pages < wanted:
         return Plan("inflate", givable_pages, f"limited by guest headroom ({givable_pages} pages)")
     return Plan("inflate", wanted, "below target")
+
+
+WORKLOAD_REPORT_FIELDS = {  # balloon-workload report field → status stats name
+    "touches_per_s": "workload_touches_per_s",
+    "latency_p50_us": "workload_latency_p50_us",
+    "latency_p99_us": "workload_latency_p99_us",
+    "size_bytes": "workload_size_bytes",
+}
+
+
+def workload_stats(report_text: str, now_s: float, max_age_s: float = 10.0) -> dict[str, int | float]:
+    """The numbers of a fresh balloon-workload report, renamed for `status.stats`; nothing
+    when the report is stale, malformed or not numbers (the workload is not ours to trust)."""
+    try:
+        report = json.loads(report_text)
+    except ValueError:
+        return {}
+    if not isinstance(report, dict):
+        return {}
+    ts = report.get("ts")
+    if not isinstance(ts, int | float) or isinstance(ts, bool) or not 0 <= now_s - ts <= max_age_s:
+        return {}
+    stats: dict[str, int | float] = {}
+    for field, name in WORKLOAD_REPORT_FIELDS.items():
+        value = report.get(field)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+                and 0 <= value < 1 << 53:
+            stats[name] = value
+    return stats

@@ -11,6 +11,7 @@ deflate gradually. SIGTERM/SIGINT → deflate, bye, exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -104,6 +105,7 @@ class AgentLoop:
         self._target_seq = 0
         self._rate_batches = 1
         self._inflate_paused_until_ms = 0
+        self._backoff = agent.PressureBackoff()
         self._refused_since_target = 0
         self._last_reading: GuestReading | None = first
         self._givable = 0
@@ -392,7 +394,8 @@ class AgentLoop:
         interval_s = (now - self._last_check_ms) / 1000 if self._last_check_ms else 0.0
         self._last_check_ms = now
         reason = agent.detect_pressure(self._last_reading, reading, headroom, self.pacing, interval_s,
-                                       pinned_since_last=self._pinned_since_check)
+                                       pinned_since_last=self._pinned_since_check,
+                                       soft_signals=agent.soft_pressure_counts(self._backoff, now, self.pacing))
         self._pinned_since_check = False
         self._last_reading = reading
         if reason and self.pinner.held_pages:
@@ -409,10 +412,12 @@ class AgentLoop:
             freed_ranges.extend(batch.pages.ranges)
         self.counters.deflated_pages += freed
         self.counters.pressure_deflates += 1
-        self._inflate_paused_until_ms = now + self.pacing.pressure_pause_ms
+        self._backoff = agent.after_pressure(self._backoff, self.pinner.held_pages, now, self.pacing)
+        self._inflate_paused_until_ms = max(self._inflate_paused_until_ms, self._backoff.paused_until_ms)
         self._state = "pressure_deflate"
-        log.warning("deflate %d pages at once: %s; inflation paused %d ms", freed, reason,
-                    self.pacing.pressure_pause_ms)
+        log.warning("deflate %d pages at once: %s; inflation paused %d ms, then held below %d pages "
+                    "(pressure episode %d in a row)", freed, reason, self._backoff.paused_until_ms - now,
+                    self._backoff.ceiling_pages, self._backoff.episodes_in_row)
         # In-flight locks of freed batches are answered later and then ignored: the host
         # handles our messages in order, so the unlock below removes what they added.
         if self._registered and freed_ranges:
@@ -426,6 +431,7 @@ class AgentLoop:
             balloon_pages=self._effective_balloon_pages(), target_pages=self._target_pages,
             givable=self._givable, rate_batches=self._rate_batches, now_ms=now,
             inflate_paused_until_ms=self._inflate_paused_until_ms, cfg=self.pacing,
+            ceiling_pages=agent.inflate_ceiling_pages(self._backoff, now, self.pacing),
         )
         if plan.action == "hold":
             if self._movement is not None and not self._pending and plan.reason == "at target":
@@ -436,7 +442,7 @@ class AgentLoop:
             if self._state != "pressure_deflate" or now >= self._inflate_paused_until_ms:
                 self._state = "idle" if not self._pending else self._state
             return False
-        if plan.action == "refuse" and self._headroom >= self._batch_limit * PAGE_SIZE_BYTES:
+        if plan.action == "refuse" and plan.transient and self._headroom >= self._batch_limit * PAGE_SIZE_BYTES:
             return False  # this check's swap step is spent; the guest has more: go on at the next check
         if plan.action == "refuse":
             if self._state != "refusing":
@@ -491,6 +497,10 @@ class AgentLoop:
         current = self.sampler.current(now, reading) if reading else None
         if current is not None:
             stats["ws_current_ratio"] = current.ratio
+        if self.cfg.workload_report is not None:
+            # Not written yet, or the workload is gone: its figures are then simply unknown.
+            with contextlib.suppress(OSError):
+                stats.update(agent.workload_stats(self.cfg.workload_report.read_text(), time.time()))
         last = self._last_ws
         method_source = last or current
         self._send(Status(

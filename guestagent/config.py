@@ -34,6 +34,7 @@ class AgentConfig:
     huge_pages: bool = False
     curve_server_public_key: Path | None = None
     curve_client_key: Path | None = None  # a .key_secret file
+    workload_report: Path | None = None  # balloon-workload's --report-file: forwarded in status
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -56,6 +57,7 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "cgroup_path": Path,
     "curve_server_public_key": Path,
     "curve_client_key": Path,
+    "workload_report": Path,
     "memsz_bytes": parse_size_bytes,
     "batch_pages": int,
     "lost_deflate_pages_per_s": int,
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--huge-pages", help="pin 2 MiB THP batches when available (true/false)")
     parser.add_argument("--curve-server-public-key", help="hostd's public key file (enables CurveZMQ)")
     parser.add_argument("--curve-client-key", help="this agent's .key_secret file")
+    parser.add_argument("--workload-report", help="a balloon-workload --report-file to forward to hostd")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     return parser
 

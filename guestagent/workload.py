@@ -1,12 +1,17 @@
-"""balloon-workload: a working set of a given size, touched page by page, reporting what
-ballooning costs it (touch throughput and latency) as JSON lines on stdout.
+"""balloon-workload: a working set touched page by page in phases, reporting what ballooning
+costs it (touch throughput and latency percentiles) as JSON lines on stdout and, with
+--report-file, to a file the guest's agent forwards to hostd.
 
     balloon-workload --size 400MiB                      touch 400 MiB over and over
     balloon-workload --size 400MiB --idle               touch it once, then hold it idle
     balloon-workload --size 100MiB --grow-to 600MiB --grow-rate 50MiB   grow each second
+    balloon-workload --phases "active 300MiB for 60s, idle 120s, grow to 400MiB, repeat"
 
-SIGUSR1 makes an idle workload touch its whole set once more (and report it): a test can
-then see the major faults of pages that were pushed to swap.
+Phase spec: see guestagent/phases.py (active [SIZE] [for DURATION] [at N/s] | idle [DURATION]
+| grow to SIZE [at SIZE/s], comma-separated, optionally ending in "repeat").
+
+SIGUSR1 makes the workload touch its whole set once more (and report it): a test can then
+see the major faults of pages that were pushed to swap. SIGTERM/SIGINT end it with exit 0.
 """
 
 from __future__ import annotations
@@ -14,102 +19,178 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
+import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+from guestagent.phases import (
+    DEFAULT_GROW_BYTES_PER_S,
+    Phase,
+    PhaseClock,
+    PhasePlan,
+    PhaseSpecError,
+    advance,
+    parse_phases,
+)
 from protocol.units import parse_duration_ms, parse_size_bytes
 
 PAGE = 4096
+TOUCH_CHUNK_PAGES = 64  # latency is timed per chunk: perf_counter per page would dominate
 
 
-def _percentile(sorted_values: list[float], fraction: float) -> float:
+def percentile(sorted_values: list[float], fraction: float) -> float:
     if not sorted_values:
         return 0.0
     return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
 
 
 class WorkingSet:
+    """One anonymous mapping of the largest size any phase needs; `size_bytes` of it in use."""
+
     def __init__(self, capacity_bytes: int) -> None:
         self.memory = mmap.mmap(-1, capacity_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.size_bytes = 0
         self.cursor = 0
 
-    def grow_to(self, size_bytes: int) -> None:
-        size_bytes = min(size_bytes, len(self.memory))
+    def resize(self, size_bytes: int) -> None:
+        size_bytes = min(size_bytes, len(self.memory)) & ~(PAGE - 1)
+        if size_bytes < self.size_bytes:
+            # Give the tail back to the guest (MADV_DONTNEED zeroes it; a later grow re-touches).
+            self.memory.madvise(mmap.MADV_DONTNEED, size_bytes, self.size_bytes - size_bytes)
+            self.size_bytes = size_bytes
+            self.cursor = 0
+            return
         for offset in range(self.size_bytes, size_bytes, PAGE):
             self.memory[offset] = 1
-        self.size_bytes = max(self.size_bytes, size_bytes)
+        self.size_bytes = size_bytes
 
     def touch(self, pages: int, latencies_ms: list[float]) -> None:
-        """Touch `pages` pages round-robin, timing chunks of 64 pages."""
+        """Touch `pages` pages round-robin, timing chunks of TOUCH_CHUNK_PAGES."""
+        if self.size_bytes == 0:
+            return
         memory = self.memory
-        for _ in range(0, pages, 64):
+        for _ in range(0, pages, TOUCH_CHUNK_PAGES):
             started = time.perf_counter()
-            for _ in range(64):
+            for _ in range(TOUCH_CHUNK_PAGES):
                 memory[self.cursor] = (memory[self.cursor] + 1) & 0xFF
-                self.cursor = (self.cursor + PAGE) % max(self.size_bytes, PAGE)
-            latencies_ms.append((time.perf_counter() - started) * 1000 / 64)
+                self.cursor = (self.cursor + PAGE) % self.size_bytes
+            latencies_ms.append((time.perf_counter() - started) * 1000 / TOUCH_CHUNK_PAGES)
+
+
+def plan_from_flags(args: argparse.Namespace, size: int) -> PhasePlan:
+    """The old single-phase flags, as a phase plan."""
+    phases: list[Phase] = []
+    if args.grow_to:
+        phases.append(Phase("grow", parse_size_bytes(args.grow_to), grow_bytes_per_s=parse_size_bytes(args.grow_rate)))
+    phases.append(Phase("idle") if args.idle else Phase("active", size))
+    return PhasePlan(tuple(phases))
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Atomically (rename), so the agent never reads half a report."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(json.dumps(report))
+    temporary.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="balloon-workload", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="256MiB", help="working set (default 256MiB)")
-    parser.add_argument("--grow-to", help="grow the working set up to this size")
-    parser.add_argument("--grow-rate", default="32MiB", help="growth per second (default 32MiB)")
+    parser.add_argument("--size", default="256MiB", help="initial working set, touched once at start (default 256MiB)")
+    parser.add_argument("--phases", help="phase spec (overrides --grow-to/--idle)")
+    parser.add_argument("--grow-to", help="grow the working set up to this size, then stay active (or idle)")
+    parser.add_argument("--grow-rate", default=f"{DEFAULT_GROW_BYTES_PER_S >> 20}MiB",
+                        help="growth per second (default 32MiB)")
     parser.add_argument("--idle", action="store_true", help="touch the set once, then hold it")
     parser.add_argument("--report-interval", default="2s", help="report period (default 2s)")
+    parser.add_argument("--report-file", default=os.environ.get("BALLOONLAB_WORKLOAD_REPORT"),
+                        help="also write each report to this file, for the agent (env BALLOONLAB_WORKLOAD_REPORT)")
     parser.add_argument("--duration", help="stop after this long (default: run until SIGTERM)")
     args = parser.parse_args(argv)
     try:
         size = parse_size_bytes(args.size)
-        grow_to = parse_size_bytes(args.grow_to) if args.grow_to else size
-        grow_rate = parse_size_bytes(args.grow_rate)
+        plan = parse_phases(args.phases) if args.phases else plan_from_flags(args, size)
         report_ms = parse_duration_ms(args.report_interval)
         duration_ms = parse_duration_ms(args.duration) if args.duration else None
-    except ValueError as exc:
+    except (ValueError, PhaseSpecError) as exc:
         parser.error(str(exc))
-    working_set = WorkingSet(max(size, grow_to))
-    working_set.grow_to(size)
-    retouch = {"requested": False}
-    stop = {"requested": False}
-    signal.signal(signal.SIGUSR1, lambda *_: retouch.update(requested=True))
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-    started = last_report = last_grow = time.monotonic()
+    report_file = Path(args.report_file) if args.report_file else None
+    return run(plan, size, report_ms, duration_ms, report_file)
+
+
+def run(plan: PhasePlan, size: int, report_ms: int, duration_ms: int | None, report_file: Path | None) -> int:
+    working_set = WorkingSet(plan.max_size_bytes(size))
+    working_set.resize(size)
+    flags = {"retouch": False, "stop": False}
+    signal.signal(signal.SIGUSR1, lambda *_: flags.update(retouch=True))
+    signal.signal(signal.SIGTERM, lambda *_: flags.update(stop=True))
+    signal.signal(signal.SIGINT, lambda *_: flags.update(stop=True))
+
+    def clock_ms() -> int:
+        return time.monotonic_ns() // 1_000_000
+
+    started = last_report = last_grow = clock_ms()
+    clock = PhaseClock(0, started)
+    entered: PhaseClock | None = None
     latencies: list[float] = []
     touched = 0
     print(json.dumps({"event": "ready", "size_bytes": working_set.size_bytes}), flush=True)
-    while not stop["requested"]:
-        now = time.monotonic()
-        if duration_ms is not None and (now - started) * 1000 >= duration_ms:
+    while not flags["stop"]:
+        now = clock_ms()
+        if duration_ms is not None and now - started >= duration_ms:
             break
-        if working_set.size_bytes < grow_to and now - last_grow >= 0.1:
-            # Grow smoothly, a tenth of the per-second rate every 100 ms, as real programs do.
-            step = max(PAGE, (grow_rate // 10) & ~(PAGE - 1))
-            working_set.grow_to(min(grow_to, working_set.size_bytes + step))
+        clock = advance(plan, clock, now, working_set.size_bytes)
+        phase = Phase("idle") if clock.finished else plan.phases[clock.index]
+        if entered != clock:  # a new phase (or the same one again, after "repeat")
+            entered = clock
+            if phase.kind == "active" and phase.size_bytes is not None:
+                working_set.resize(phase.size_bytes)
+            print(json.dumps({"event": "phase", "phase": clock.index, "spec": phase.describe(),
+                              "size_bytes": working_set.size_bytes}), flush=True)
             last_grow = now
-        if retouch["requested"]:
-            retouch["requested"] = False
+        if flags["retouch"]:
+            flags["retouch"] = False
             t0 = time.perf_counter()
             working_set.touch(working_set.size_bytes // PAGE, latencies)
             touched += working_set.size_bytes // PAGE
             print(json.dumps({"event": "retouched", "pages": working_set.size_bytes // PAGE,
                               "seconds": round(time.perf_counter() - t0, 3)}), flush=True)
-        if args.idle:
+        if phase.kind == "grow" and phase.size_bytes is not None:
+            if now - last_grow >= 100:
+                # Grow smoothly, a tenth of the per-second rate every 100 ms, as real programs do.
+                step = max(PAGE, (phase.grow_bytes_per_s // 10) & ~(PAGE - 1))
+                working_set.resize(min(phase.size_bytes, working_set.size_bytes + step))
+                last_grow = now
+            time.sleep(0.01)
+        elif phase.kind == "idle":
             time.sleep(0.05)
         else:
-            working_set.touch(4096, latencies)
-            touched += 4096
-        if (now - last_report) * 1000 >= report_ms:
+            pages = 4096
+            working_set.touch(pages, latencies)
+            touched += pages
+            if phase.touch_pages_per_s:
+                time.sleep(pages / phase.touch_pages_per_s)  # a rate cap: this chunk's share of a second
+        if now - last_report >= report_ms:
             ordered = sorted(latencies)
-            print(json.dumps({
-                "event": "report", "size_bytes": working_set.size_bytes,
-                "touches_per_s": round(touched / (now - last_report)),
-                "latency_p50_us": round(_percentile(ordered, 0.5) * 1000, 2),
-                "latency_p99_us": round(_percentile(ordered, 0.99) * 1000, 2),
-            }), flush=True)
+            report = {
+                "event": "report", "phase": clock.index, "phase_kind": phase.kind,
+                "size_bytes": working_set.size_bytes,
+                "touches_per_s": round(touched * 1000 / max(1, now - last_report)),
+                "latency_p50_us": round(percentile(ordered, 0.5) * 1000, 2),
+                "latency_p99_us": round(percentile(ordered, 0.99) * 1000, 2),
+                "ts": round(time.time(), 3),
+            }
+            print(json.dumps(report), flush=True)
+            if report_file is not None:
+                try:
+                    write_report(report_file, report)
+                except OSError as exc:
+                    print(json.dumps({"event": "warning", "detail": f"cannot write {report_file}: {exc}"}),
+                          file=sys.stderr, flush=True)
             latencies, touched, last_report = [], 0, now
     return 0
 

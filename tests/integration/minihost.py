@@ -95,7 +95,7 @@ class MiniHost:
             return
         if isinstance(message, Hello):
             self.hellos.append(message)
-            self.ledger.setdefault(identity, set())
+            self.ledger[identity] = set()  # like hostd: a hello starts the ledger anew; adopt locks refill it
             # Adopt what the agent still holds: its balloon stays until a target says otherwise.
             self.target_pages.setdefault(identity, message.held_pages)
             self._send(identity, Welcome(host_session_id=self.session_id, report_interval_ms=self.report_interval_ms,

@@ -6,11 +6,16 @@ from hypothesis import strategies as st
 
 from guestagent.agent import (
     PacingConfig,
+    PressureBackoff,
+    after_pressure,
     detect_pressure,
     givable_bytes,
+    inflate_ceiling_pages,
     next_rate,
     plan,
     pressure_release_pages,
+    soft_pressure_counts,
+    workload_stats,
 )
 from guestagent.cgroup import GuestReading
 
@@ -148,3 +153,84 @@ def test_givable_never_exceeds_free_plus_reclaimable(usage, swap_free, anon):
 def test_reading_replace_helper_is_frozen():
     r = reading()
     assert replace(r, usage_bytes=1).usage_bytes == 1
+
+
+def test_pressure_pause_doubles_per_episode_in_a_row_and_resets_after_quiet():
+    backoff = PressureBackoff()
+    pauses = []
+    now = 1_000
+    for _ in range(6):
+        backoff = after_pressure(backoff, 20_000, now, CFG)
+        pauses.append(backoff.paused_until_ms - now)
+        now = backoff.paused_until_ms + 1_000  # pressure again after the pause: the next episode
+    assert pauses == [5_000, 10_000, 20_000, 40_000, 60_000, 60_000]
+    quiet = after_pressure(backoff, 30_000, now + CFG.pressure_forget_ms, CFG)
+    assert (quiet.episodes_in_row, quiet.ceiling_pages) == (1, 30_000)  # a fresh start
+    assert quiet.paused_until_ms - (now + CFG.pressure_forget_ms) == CFG.pressure_pause_ms
+
+
+def test_pressure_during_the_pause_is_the_same_episode():
+    first = after_pressure(PressureBackoff(), 20_000, 0, CFG)
+    again = after_pressure(first, 15_000, 400, CFG)
+    assert (again.episodes_in_row, again.ceiling_pages, again.paused_until_ms) == (1, 15_000, first.paused_until_ms)
+    larger = after_pressure(again, 18_000, 800, CFG)
+    assert larger.ceiling_pages == 15_000  # the ceiling only falls within an episode
+
+
+def test_soft_pressure_signals_are_an_echo_right_after_a_deflate():
+    assert soft_pressure_counts(PressureBackoff(), 0, CFG)
+    backoff = after_pressure(PressureBackoff(), 20_000, 10_000, CFG)
+    assert not soft_pressure_counts(backoff, 10_000 + CFG.pressure_cooldown_ms - 1, CFG)
+    assert soft_pressure_counts(backoff, 10_000 + CFG.pressure_cooldown_ms, CFG)
+    refaulting = reading(refault_anon_pages=10_000)
+    assert detect_pressure(reading(), refaulting, MiB, CFG, soft_signals=False) is None
+    assert detect_pressure(reading(), refaulting, MiB, CFG, soft_signals=True).startswith("thrashing")
+    assert detect_pressure(reading(), reading(oom_kill_events=1), MiB, CFG, soft_signals=False) == "oom_kill in guest"
+    assert detect_pressure(reading(), reading(), -MiB, CFG, soft_signals=False).startswith("headroom gone")
+
+
+def test_pressure_ceiling_creeps_up_after_the_pause_slower_per_episode():
+    first = after_pressure(PressureBackoff(), 20_000, 0, CFG)
+    end = first.paused_until_ms
+    per_s = CFG.ceiling_relax_bytes_per_s // 4096
+    assert inflate_ceiling_pages(first, end - 1, CFG) == 20_000
+    assert inflate_ceiling_pages(first, end + 10_000, CFG) == 20_000 + 10 * per_s
+    second = after_pressure(first, 20_000, end + 1_000, CFG)
+    assert second.episodes_in_row == 2
+    assert inflate_ceiling_pages(second, second.paused_until_ms + 10_000, CFG) == 20_000 + 5 * per_s
+    assert inflate_ceiling_pages(second, end + 1_000 + CFG.pressure_forget_ms, CFG) is None
+    assert inflate_ceiling_pages(PressureBackoff(), 0, CFG) is None
+
+
+def test_plan_refuses_at_the_pressure_ceiling_and_limits_below_it():
+    args = dict(target_pages=50_000, givable=1 << 40, rate_batches=8, now_ms=0, inflate_paused_until_ms=0, cfg=CFG)
+    held = plan(balloon_pages=20_000, ceiling_pages=20_000, **args)
+    assert (held.action, held.transient) == ("refuse", False)
+    assert plan(balloon_pages=19_900, ceiling_pages=20_000, **args).pages == 100
+    headroom = plan(balloon_pages=0, **{**args, "givable": 0})
+    assert (headroom.action, headroom.transient) == ("refuse", True)
+
+
+@given(balloon=st.integers(0, 1 << 20), target=st.integers(0, 1 << 20), ceiling=st.integers(0, 1 << 20))
+def test_plan_never_inflates_past_the_ceiling(balloon, target, ceiling):
+    result = plan(balloon_pages=balloon, target_pages=target, givable=1 << 40, rate_batches=8, now_ms=0,
+                  inflate_paused_until_ms=0, cfg=CFG, ceiling_pages=ceiling)
+    if result.action == "inflate":
+        assert balloon + result.pages <= ceiling
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"ts": 100.0, "touches_per_s": 5000, "latency_p99_us": 2.5, "size_bytes": 4096}',
+         {"workload_touches_per_s": 5000, "workload_latency_p99_us": 2.5, "workload_size_bytes": 4096}),
+        ('{"ts": 80.0, "touches_per_s": 5000}', {}),  # stale: the workload stopped reporting
+        ('{"ts": 100.0, "touches_per_s": -1, "latency_p50_us": true, "size_bytes": "big"}', {}),
+        ('{"ts": 100.0, "touches_per_s": 1e300}', {}),
+        ("not json", {}),
+        ("[1, 2]", {}),
+        ('{"touches_per_s": 5}', {}),
+    ],
+)
+def test_workload_report_becomes_status_stats_only_when_fresh_and_numeric(text, expected):
+    assert workload_stats(text, now_s=101.0) == expected
