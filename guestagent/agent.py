@@ -42,6 +42,7 @@ class PacingConfig:
     limit_hits_per_s: float = 20.0  # failcnt / memory.events max rising this fast while we hold = squeezed
     max_pressure_pause_ms: int = 60_000  # the pause doubles with each pressure episode in a row, up to this
     ceiling_relax_bytes_per_s: int = 8 << 20  # after the first pause the ceiling creeps up this fast
+    ceiling_doubling_ms: int = 5_000  # ...and that creep doubles this often while no pressure comes
     pressure_cooldown_ms: int = 1_000  # refaults / limit hits right after a pressure deflate are its echo
     pressure_forget_ms: int = 120_000  # no pressure for this long: forget the ceiling and the streak
 
@@ -69,7 +70,8 @@ def givable_bytes(reading: GuestReading, host_swap_free_bytes: int, host_availab
     had by swapping hot pages makes the guest thrash, and memcg reclaim that cannot keep up
     ends in an OOM kill (seen in the by-hand lab). Swap-backed pinning is paced per check
     because the kernel must write those pages out before it can hand them over; with
-    `paced=False` the figure is the guest's whole headroom (for pressure detection)."""
+    `paced=False` the figure is the guest's whole headroom, every anonymous page its swap can
+    take included (for pressure detection: below zero, the guest is really short)."""
     if reading.limit_bytes is None:
         room = host_available_bytes  # an unlimited cgroup competes with the whole host
     else:
@@ -81,7 +83,12 @@ def givable_bytes(reading: GuestReading, host_swap_free_bytes: int, host_availab
         swap_room = min(swap_room, reading.swap_limit_bytes - (reading.swap_used_bytes or 0))
     swappable = max(0, min(reading.inactive_anon_bytes or 0, swap_room))
     if not paced:
-        return room + cache + swappable - margin_bytes(reading, cfg)
+        # For the pressure check all anonymous memory counts: an idle workload's pages sit on
+        # the active list until reclaim ages them, and at the limit that is the normal state
+        # of a balloon that is swapping the guest. A hot working set shows up as refaults
+        # (thrashing), which `detect_pressure` watches separately.
+        anon = (reading.active_anon_bytes or 0) + (reading.inactive_anon_bytes or 0)
+        return room + cache + max(0, min(anon, swap_room)) - margin_bytes(reading, cfg)
     # The kernel swaps only when a charge hits the limit: a swap step is allowed even when free
     # room is inside the margin, or nothing would ever move to swap (the unpaced headroom,
     # checked for pressure, still guards against a real shortage).
@@ -182,12 +189,21 @@ def soft_pressure_counts(backoff: PressureBackoff, now_ms: int, cfg: PacingConfi
 
 
 def inflate_ceiling_pages(backoff: PressureBackoff, now_ms: int, cfg: PacingConfig) -> int | None:
-    """The most the balloon may hold now because of past pressure, or None (no limit)."""
+    """The most the balloon may hold now because of past pressure, or None (no limit).
+
+    After the pause the ceiling creeps up at `ceiling_relax_bytes_per_s` (halved per episode in
+    a row), and the creep doubles every `ceiling_doubling_ms` without pressure: gentle where
+    the thrash was, but a workload that went idle is not held back for long (TCP's slow start)."""
     if backoff.ceiling_pages is None or now_ms - backoff.last_event_ms >= cfg.pressure_forget_ms:
         return None
-    relaxed_s = max(0, now_ms - backoff.paused_until_ms) / 1000
-    creep_bytes_per_s = cfg.ceiling_relax_bytes_per_s >> min(backoff.episodes_in_row - 1, 16)
-    return backoff.ceiling_pages + int(relaxed_s * creep_bytes_per_s) // PAGE_SIZE_BYTES
+    quiet_ms = max(0, now_ms - backoff.paused_until_ms)
+    first_rate_bytes_per_ms = (cfg.ceiling_relax_bytes_per_s >> min(backoff.episodes_in_row - 1, 16)) / 1000
+    doublings = quiet_ms / cfg.ceiling_doubling_ms
+    if doublings > 40:
+        return None  # far beyond any guest's size
+    # ∫ r0·2^(t/T) dt from 0 to quiet = r0·T/ln 2 · (2^(quiet/T) − 1)
+    grown_bytes = first_rate_bytes_per_ms * cfg.ceiling_doubling_ms / math.log(2) * (2 ** doublings - 1)
+    return backoff.ceiling_pages + int(grown_bytes) // PAGE_SIZE_BYTES
 
 
 def plan(*, balloon_pages: int, target_pages: int, givable: int, rate_batches: int, now_ms: int,

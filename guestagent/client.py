@@ -106,6 +106,7 @@ class AgentLoop:
         self._rate_batches = 1
         self._inflate_paused_until_ms = 0
         self._backoff = agent.PressureBackoff()
+        self._last_refusal_transient: bool | None = None  # logs a refusal once per kind, not per second
         self._refused_since_target = 0
         self._last_reading: GuestReading | None = first
         self._givable = 0
@@ -413,6 +414,7 @@ class AgentLoop:
         self.counters.deflated_pages += freed
         self.counters.pressure_deflates += 1
         self._backoff = agent.after_pressure(self._backoff, self.pinner.held_pages, now, self.pacing)
+        self._last_refusal_transient = None
         self._inflate_paused_until_ms = max(self._inflate_paused_until_ms, self._backoff.paused_until_ms)
         self._state = "pressure_deflate"
         log.warning("deflate %d pages at once: %s; inflation paused %d ms, then held below %d pages "
@@ -445,8 +447,9 @@ class AgentLoop:
         if plan.action == "refuse" and plan.transient and self._headroom >= self._batch_limit * PAGE_SIZE_BYTES:
             return False  # this check's swap step is spent; the guest has more: go on at the next check
         if plan.action == "refuse":
-            if self._state != "refusing":
+            if self._state != "refusing" and plan.transient != self._last_refusal_transient:
                 log.info("refusing to inflate: %s", plan.reason)
+            self._last_refusal_transient = plan.transient
             self._state = "refusing"
             self._refused_since_target = self._target_pages - self.pinner.held_pages
             self._inflate_paused_until_ms = now + self.pacing.refusal_pause_ms

@@ -54,8 +54,11 @@ def test_givable_table(overrides, swap_free, expected_mib):
     assert givable_bytes(reading(**overrides), swap_free, 1 << 40, CFG) == pytest.approx(expected_mib * MiB, abs=1)
 
 
-def test_unpaced_headroom_counts_all_swappable_inactive_anon():
-    assert givable_bytes(reading(), 1 << 40, 0, CFG, paced=False) == pytest.approx((312 + 32 + 50 - 30.72) * MiB, abs=1)
+def test_unpaced_headroom_counts_all_swappable_anon_active_or_not():
+    # 312 MiB free + 80 % of 40 MiB cache + 150 MiB anon (100 active + 50 inactive) − 6 % margin
+    assert givable_bytes(reading(), 1 << 40, 0, CFG, paced=False) == pytest.approx((312 + 32 + 150 - 30.72) * MiB, abs=1)
+    # ...but never more than the swap can take
+    assert givable_bytes(reading(), 20 * MiB, 0, CFG, paced=False) == pytest.approx((312 + 32 + 20 - 30.72) * MiB, abs=1)
 
 
 def test_unlimited_cgroup_uses_host_available():
@@ -189,17 +192,31 @@ def test_soft_pressure_signals_are_an_echo_right_after_a_deflate():
     assert detect_pressure(reading(), reading(), -MiB, CFG, soft_signals=False).startswith("headroom gone")
 
 
-def test_pressure_ceiling_creeps_up_after_the_pause_slower_per_episode():
+def test_pressure_ceiling_creeps_up_after_the_pause_slower_per_episode_faster_when_quiet():
     first = after_pressure(PressureBackoff(), 20_000, 0, CFG)
     end = first.paused_until_ms
     per_s = CFG.ceiling_relax_bytes_per_s // 4096
     assert inflate_ceiling_pages(first, end - 1, CFG) == 20_000
-    assert inflate_ceiling_pages(first, end + 10_000, CFG) == 20_000 + 10 * per_s
+    one_s = inflate_ceiling_pages(first, end + 1_000, CFG) - 20_000
+    assert per_s <= one_s <= per_s * 1.1  # about the base rate at first
+    t = CFG.ceiling_doubling_ms
+    grown = [inflate_ceiling_pages(first, end + k * t, CFG) - 20_000 for k in (1, 2, 3)]
+    assert grown[1] == pytest.approx(3 * grown[0], rel=0.01)  # each doubling period adds twice the last
+    assert grown[2] == pytest.approx(7 * grown[0], rel=0.01)
     second = after_pressure(first, 20_000, end + 1_000, CFG)
     assert second.episodes_in_row == 2
-    assert inflate_ceiling_pages(second, second.paused_until_ms + 10_000, CFG) == 20_000 + 5 * per_s
+    assert inflate_ceiling_pages(second, second.paused_until_ms + t, CFG) - 20_000 == pytest.approx(
+        grown[0] / 2, rel=0.01)  # the next episode in a row creeps at half the rate
     assert inflate_ceiling_pages(second, end + 1_000 + CFG.pressure_forget_ms, CFG) is None
     assert inflate_ceiling_pages(PressureBackoff(), 0, CFG) is None
+
+
+@given(st.integers(1, 8), st.integers(0, 200_000), st.integers(0, 200_000))
+def test_pressure_ceiling_never_falls_as_time_passes(episodes, t1, t2):
+    backoff = PressureBackoff(episodes, 10_000, 0, 5_000)
+    early, late = sorted((t1, t2))
+    a, b = inflate_ceiling_pages(backoff, early, CFG), inflate_ceiling_pages(backoff, late, CFG)
+    assert b is None or (a is not None and a <= b)  # None = no ceiling, which comes only later
 
 
 def test_plan_refuses_at_the_pressure_ceiling_and_limits_below_it():

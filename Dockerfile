@@ -1,0 +1,19 @@
+# One image for hostd and the guests (the command chooses). BASE_IMAGE must have python3 ≥ 3.11;
+# INSTALL=pip installs the project and its dependencies from PyPI (the default, for the
+# official Python image); INSTALL=none expects the base image to carry them already (the
+# offline image made by scripts/build-base-image.sh from Debian packages).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+ARG INSTALL=pip
+WORKDIR /opt/balloonlab
+COPY pyproject.toml README.md ./
+COPY protocol protocol
+COPY guestagent guestagent
+COPY hostd hostd
+RUN if [ "$INSTALL" = pip ]; then pip install --no-cache-dir . ; fi \
+ && python3 -c "import zmq, msgpack, psutil, numpy" \
+ || { echo "the base image lacks python3 modules zmq/msgpack/psutil/numpy: use INSTALL=pip" >&2; exit 1; }
+ENV PYTHONPATH=/opt/balloonlab PYTHONUNBUFFERED=1
+# hostd: agents, control (balloonctl)
+EXPOSE 5555 5556
+CMD ["python3", "-m", "hostd", "--help"]

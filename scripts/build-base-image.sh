@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Build the lab's base image offline-friendly: a Debian rootfs made with debootstrap from the
+# machine's own apt mirror, with python3 and the project's runtime dependencies as Debian
+# packages, imported into Docker. For hosts whose containers cannot reach PyPI (CI here);
+# everyone else can use the default official Python image (see .env).
+#
+#   scripts/build-base-image.sh [IMAGE_TAG]     (default balloonlab-base:bookworm; needs root)
+set -euo pipefail
+tag="${1:-balloonlab-base:bookworm}"
+if docker image inspect "$tag" >/dev/null 2>&1; then
+    echo "build-base-image: $tag already present"
+    exit 0
+fi
+command -v debootstrap >/dev/null || { echo "build-base-image: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 1; }
+mirror="${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)}"
+mirror="${mirror:-http://deb.debian.org/debian}"
+rootfs="$(mktemp -d /var/tmp/balloonlab-rootfs.XXXXXX)"
+trap 'rm -rf "$rootfs" "$rootfs.log"' EXIT
+echo "build-base-image: debootstrap bookworm from $mirror (a few minutes)"
+debootstrap --variant=minbase --include=python3,procps bookworm "$rootfs" "$mirror" >"$rootfs.log" 2>&1 \
+    || { tail -30 "$rootfs.log" >&2; exit 1; }
+# The modules through apt inside the new root (debootstrap's own --include fails to configure
+# python3-zmq: its dependency order is apt's job).
+cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
+chroot "$rootfs" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends python3-zmq python3-msgpack python3-psutil python3-numpy' >"$rootfs.log" 2>&1 \
+    || { tail -30 "$rootfs.log" >&2; exit 1; }
+rm -f "$rootfs.log" "$rootfs/etc/resolv.conf"
+rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+tar -C "$rootfs" -c . | docker import \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'CMD ["python3"]' - "$tag" >/dev/null
+echo "build-base-image: $tag ($(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%d MiB", $1/1048576}'))"
