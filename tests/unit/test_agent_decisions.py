@@ -56,9 +56,11 @@ def test_givable_table(overrides, swap_free, expected_mib):
 
 def test_unpaced_headroom_counts_all_swappable_anon_active_or_not():
     # 312 MiB free + 80 % of 40 MiB cache + 150 MiB anon (100 active + 50 inactive) − 6 % margin
-    assert givable_bytes(reading(), 1 << 40, 0, CFG, paced=False) == pytest.approx((312 + 32 + 150 - 30.72) * MiB, abs=1)
+    expected_bytes = (312 + 32 + 150 - 30.72) * MiB
+    assert givable_bytes(reading(), 1 << 40, 0, CFG, paced=False) == pytest.approx(expected_bytes, abs=1)
     # ...but never more than the swap can take
-    assert givable_bytes(reading(), 20 * MiB, 0, CFG, paced=False) == pytest.approx((312 + 32 + 20 - 30.72) * MiB, abs=1)
+    expected_bytes = (312 + 32 + 20 - 30.72) * MiB
+    assert givable_bytes(reading(), 20 * MiB, 0, CFG, paced=False) == pytest.approx(expected_bytes, abs=1)
 
 
 def test_unlimited_cgroup_uses_host_available():
