@@ -1,0 +1,103 @@
+"""The compose lab driven from a test: `docker compose` (v2) or `docker-compose` (v1), a
+project name of its own so a user's running lab is never touched, and a teardown that
+always runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OFFLINE_BASE_IMAGE = "balloonlab-base:bookworm"
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def image_exists(tag: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ComposeLab:
+    def __init__(self, project: str, overrides: dict[str, str]) -> None:
+        command = compose_command()
+        assert command is not None, "no docker compose / docker-compose"
+        self.command = command
+        self.project = project
+        self.control_port = free_loopback_port()
+        self.environ = {**os.environ, "COMPOSE_PROJECT_NAME": project, "BALLOONLAB_IMAGE_TAG": project,
+                        "BALLOONLAB_CONTROL_PORT": str(self.control_port), **overrides}
+        if image_exists(OFFLINE_BASE_IMAGE):  # no registry here: the image scripts/build-base-image.sh makes
+            self.environ.setdefault("BASE_IMAGE", OFFLINE_BASE_IMAGE)
+            self.environ.setdefault("INSTALL", "none")
+
+    def run(self, *args: str, timeout_s: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([*self.command, *args], cwd=REPO_ROOT, env=self.environ, capture_output=True,
+                                text=True, timeout=timeout_s)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(self.command + list(args))} failed ({result.returncode}):\n"
+                                 f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result
+
+    def up(self) -> None:
+        self.run("up", "-d", "--build", timeout_s=900)
+
+    def down(self) -> None:
+        """Containers, network and the project's image; the base image stays for the next run."""
+        self.run("down", "--volumes", "--timeout", "20", "--rmi", "local", timeout_s=300, check=False)
+        subprocess.run(["docker", "image", "rm", "-f", f"balloonlab:{self.project}"], capture_output=True)
+
+    def logs(self, tail_lines: int = 60) -> str:
+        result = self.run("logs", "--no-color", "--tail", str(tail_lines), timeout_s=60, check=False)
+        return result.stdout + result.stderr
+
+    def status(self) -> dict[str, Any] | None:
+        """hostd's snapshot through the published control port (None while it is not up)."""
+        result = subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint",
+                                 f"tcp://127.0.0.1:{self.control_port}", "status", "--json"],
+                                capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
+        if result.returncode != 0:
+            return None
+        snapshot: dict[str, Any] = json.loads(result.stdout)
+        return snapshot
+
+    def leftovers(self) -> list[str]:
+        """Containers and networks of this project still present."""
+        label = f"label=com.docker.compose.project={self.project}"
+        found: list[str] = []
+        for listing_command in (["container", "ls", "-a"], ["network", "ls"]):
+            listing = subprocess.run(["docker", *listing_command, "-q", "--filter", label],
+                                     capture_output=True, text=True)
+            found += [f"{listing_command[0]} {name}" for name in listing.stdout.split()]
+        return found
+
+
+def wait_for(predicate: Any, timeout_s: float, interval_s: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(interval_s)

@@ -1,0 +1,106 @@
+"""The main job, end to end on a real Docker engine: `docker compose up` of hostd and three
+guests, then evidence that ballooning really happened — the idle guest gives up more memory
+than the active one under the idle memory tax, guests' swap rose, the workloads report
+throughput — and a teardown that leaves nothing behind, even on failure."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import require, require_docker, require_root, require_swap
+from tests.e2e.compose import ComposeLab, compose_command, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+MiB = 1 << 20
+GUESTS = ("batch", "db", "web")
+
+
+@pytest.fixture
+def lab() -> Iterator[ComposeLab]:
+    require_root()
+    require_docker()
+    require(compose_command() is not None, "needs docker compose (v2 plugin) or docker-compose (v1)")
+    require_swap(1 << 30)
+    compose_lab = ComposeLab("balloonlab-e2e", {
+        # Seconds-scale periods and a short busy phase so that batch is idle, and its working-set
+        # estimate has decayed, within a couple of minutes.
+        "BATCH_PHASES": "active 380MiB for 15s, idle 900s",
+        "BALLOONLAB_SAMPLE_PERIOD": "3s",
+        "BALLOONLAB_BALANCE_PERIOD": "2s",
+        "BALLOONLAB_IDLE_TAX": "0.75",
+    })
+    compose_lab.down()  # a run killed earlier may have left the project behind
+    try:
+        yield compose_lab
+    finally:
+        print(compose_lab.logs())
+        compose_lab.down()
+    assert compose_lab.leftovers() == [], "compose down left containers or networks behind"
+
+
+def by_vm(snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {vm["vm_id"]: vm for vm in snapshot["vms"]}
+
+
+def describe(snapshot: dict[str, Any] | None) -> str:
+    if snapshot is None:
+        return "no status"
+    rows = [f"host state={snapshot['host']['state']} free={snapshot['host']['free_bytes'] // MiB} MiB"]
+    for vm in snapshot["vms"]:
+        rows.append(f"{vm['vm_id']}: alive={vm['alive']} balloon={vm['balloon_bytes'] // MiB} MiB "
+                    f"target={vm['balloon_target_bytes'] // MiB} MiB active={vm['active_ratio']:.2f} "
+                    f"swap={(vm['swap_current_bytes'] or 0) // MiB} MiB workload={vm['workload']}")
+    return "\n".join(rows)
+
+
+def test_compose_lab_balloons_the_idle_guest_more_than_the_active_one(lab: ComposeLab) -> None:
+    up_started = time.monotonic()
+    lab.up()
+    up_done = time.monotonic()
+
+    def all_registered() -> dict[str, Any] | None:
+        snapshot = lab.status()
+        if snapshot and sorted(vm["vm_id"] for vm in snapshot["vms"] if vm["alive"]) == list(GUESTS):
+            return snapshot
+        return None
+
+    first = wait_for(all_registered, timeout_s=120)
+    assert first is not None, f"hostd never reported all guests:\n{describe(lab.status())}"
+    registered = time.monotonic()
+    print(f"compose up {up_done - up_started:.1f} s; all guests registered {registered - up_done:.1f} s later")
+    swap_at_start = {vm_id: vm["swap_current_bytes"] or 0 for vm_id, vm in by_vm(first).items()}
+
+    def balloons_moving() -> bool:
+        snapshot = lab.status()
+        return bool(snapshot) and sum(vm["balloon_bytes"] for vm in snapshot["vms"]) > 32 * MiB
+
+    assert wait_for(balloons_moving, timeout_s=60), f"no balloon moved within 60 s:\n{describe(lab.status())}"
+    print(f"balloons moving {time.monotonic() - up_done:.1f} s after compose up")
+
+    latest: dict[str, Any] = {}
+
+    def idle_batch_gives_more() -> bool:
+        snapshot = lab.status()
+        if not snapshot:
+            return False
+        latest["snapshot"] = snapshot
+        vms = by_vm(snapshot)
+        return (vms["batch"]["workload"].get("touches_per_s") == 0
+                and vms["batch"]["balloon_bytes"] > vms["web"]["balloon_bytes"] + 32 * MiB)
+
+    shifted = wait_for(idle_batch_gives_more, timeout_s=300, interval_s=2)
+    print(describe(latest.get("snapshot")))
+    assert shifted, "under τ = 0.75 the idle batch guest's balloon never grew past the active web guest's"
+    print(f"idle batch ballooned past web {time.monotonic() - up_done:.1f} s after compose up")
+
+    vms = by_vm(latest["snapshot"])
+    swap_rise = {vm_id: (vm["swap_current_bytes"] or 0) - swap_at_start.get(vm_id, 0) for vm_id, vm in vms.items()}
+    assert sum(swap_rise.values()) > 16 * MiB, f"guests' swap did not rise: {swap_rise}"
+    for vm_id in ("web", "db"):
+        workload = vms[vm_id]["workload"]
+        assert workload.get("touches_per_s", 0) > 0, f"{vm_id}'s workload reports no throughput: {workload}"
+        assert workload.get("latency_p99_us", 0) > 0, workload
