@@ -19,10 +19,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 lint: venv
-	$(BIN)/ruff check protocol hostd guestagent tests bench
+	$(BIN)/ruff check protocol hostd guestagent lab tests bench
 
 typecheck: venv
-	$(BIN)/mypy protocol hostd guestagent
+	$(BIN)/mypy protocol hostd guestagent lab
 
 pytest: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

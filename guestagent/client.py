@@ -123,6 +123,7 @@ class AgentLoop:
         self._pinned_since_check = False
         self._headroom = 0  # unpaced: everything the guest could give (pressure and refusal decisions)
         self._last_ws: Sample | None = None
+        self._ws_current: Sample | None = None  # the running period so far, as of the last report
         self._ws_samples = 0  # completed sampling periods: the host averages each one once
         self._ws_period_ms = cfg.ws_period_ms
         self._movement: tuple[int, int] | None = None  # (started_ms, balloon pages then) toward a target
@@ -427,6 +428,15 @@ class AgentLoop:
                 seq = self._send(Unlock(pages=chunk))
                 self._pending[seq] = _Pending("unlock", None)
 
+    def _working_set_cap(self) -> int | None:
+        """From accessed bits only: the active-LRU fallback counts idle pages that reclaim has
+        not aged yet, which would hold an idle guest's balloon back. The larger of the last
+        period and the one running (updated each report), so a workload that wakes up counts
+        within a second."""
+        samples = [s.ratio for s in (self._last_ws, self._ws_current) if s is not None and s.method == "referenced"]
+        limit = self._last_reading.limit_bytes if self._last_reading else None
+        return agent.working_set_cap_pages(limit, self.memsz_bytes, max(samples) if samples else None, self.pacing)
+
     def _step(self, now: int) -> bool:
         """One batch toward the target. Returns whether a request was sent."""
         plan = agent.plan(
@@ -434,6 +444,7 @@ class AgentLoop:
             givable=self._givable, rate_batches=self._rate_batches, now_ms=now,
             inflate_paused_until_ms=self._inflate_paused_until_ms, cfg=self.pacing,
             ceiling_pages=agent.inflate_ceiling_pages(self._backoff, now, self.pacing),
+            working_set_cap=self._working_set_cap(),
         )
         if plan.action == "hold":
             if self._movement is not None and not self._pending and plan.reason == "at target":
@@ -498,6 +509,7 @@ class AgentLoop:
         stats["pressure_deflates"] = self.counters.pressure_deflates
         stats["ws_samples"] = self._ws_samples
         current = self.sampler.current(now, reading) if reading else None
+        self._ws_current = current
         if current is not None:
             stats["ws_current_ratio"] = current.ratio
         if self.cfg.workload_report is not None:

@@ -6,6 +6,7 @@
     balloonctl target VM 200MiB | auto        pin the balloon target (MCTLTGT), or back to the policy
     balloonctl keys generate NAME [--dir DIR] | allow PUBLIC_KEY_FILE --name NAME --allowlist DIR
               | list --allowlist DIR | remove NAME --allowlist DIR
+    balloonctl lab up|down|status            the lab without Docker (root; lab/lab.toml)
 """
 
 from __future__ import annotations
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     target = commands.add_parser("target", help="pin a vm's balloon target, or 'auto'")
     target.add_argument("vm")
     target.add_argument("size", help="e.g. 200MiB, or auto")
+    from lab.cli import add_lab_parser
+
+    add_lab_parser(commands)
     keys = commands.add_parser("keys", help="CurveZMQ key files and the agent allowlist")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     generate = key_commands.add_parser("generate", help="write NAME.key and NAME.key_secret")
@@ -215,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> str:
     if args.command == "keys":
         return run_keys(args)
+    if args.command == "lab":
+        from lab.cli import run_lab
+
+        return run_lab(args)
     timeout_ms = parse_duration_ms(args.timeout)
     if args.command == "status":
         reply = _checked(request(args.endpoint, GetStatus(), timeout_ms))

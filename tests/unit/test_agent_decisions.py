@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from guestagent.agent import (
     PacingConfig,
+    Plan,
     PressureBackoff,
     after_pressure,
     detect_pressure,
@@ -15,11 +16,13 @@ from guestagent.agent import (
     plan,
     pressure_release_pages,
     soft_pressure_counts,
+    working_set_cap_pages,
     workload_stats,
 )
 from guestagent.cgroup import GuestReading
 
 MiB = 1 << 20
+PAGE = 4096
 CFG = PacingConfig()
 
 
@@ -79,7 +82,8 @@ def test_unlimited_cgroup_uses_host_available():
         ({"oom_kill_events": None}, {"oom_kill_events": 3}, 10 * MiB, None),  # unknown before: no signal
         ({"refault_anon_pages": 100}, {"refault_anon_pages": 5100}, 10 * MiB, "thrashing"),  # 50k/s > 1.3k/s
         ({"refault_anon_pages": 100}, {"refault_anon_pages": 200}, 10 * MiB, None),  # 1k/s: below 1 % of memsz
-        ({"max_events": 10}, {"max_events": 20}, 10 * MiB, "guest at its limit"),  # 100/s while holding
+        ({"max_events": 10}, {"max_events": 40}, 10 * MiB, "guest at its limit"),  # 300/s while holding
+        ({"max_events": 10}, {"max_events": 13}, 10 * MiB, None),  # 30/s: a burst (the report file, a sample)
     ],
 )
 def test_pressure_table(previous, current, givable, expected):
@@ -253,3 +257,28 @@ def test_plan_never_inflates_past_the_ceiling(balloon, target, ceiling):
 )
 def test_workload_report_becomes_status_stats_only_when_fresh_and_numeric(text, expected):
     assert workload_stats(text, now_s=101.0) == expected
+
+
+# ---- the workload's working set caps the balloon --------------------------------------------
+@pytest.mark.parametrize(("touched_ratio", "expected_mib"), [
+    (0.64, 512 - 327.68 - 30.72),  # the lab's web guest: 320 MiB hot in 512 MiB
+    (0.0, 512 - 30.72),  # idle: only the margin stays
+    (1.0, 0),  # all hot: nothing to give
+])
+def test_working_set_cap_leaves_the_touched_memory_and_the_margin(touched_ratio, expected_mib):
+    cap = working_set_cap_pages(512 * MiB, 512 * MiB, touched_ratio, CFG)
+    assert cap == pytest.approx(expected_mib * MiB / PAGE, abs=1)
+
+
+def test_working_set_cap_is_none_without_a_limit_or_a_sample():
+    assert working_set_cap_pages(None, 512 * MiB, 0.5, CFG) is None
+    assert working_set_cap_pages(512 * MiB, 512 * MiB, None, CFG) is None
+
+
+def test_plan_refuses_at_the_working_set_cap_and_stops_short_of_it():
+    common = dict(target_pages=50_000, givable=1 << 30, rate_batches=8, now_ms=0, inflate_paused_until_ms=0, cfg=CFG)
+    at_cap = plan(balloon_pages=30_000, working_set_cap=30_000, **common)
+    assert at_cap.action == "refuse" and not at_cap.transient and "working set" in at_cap.reason
+    near_cap = plan(balloon_pages=29_900, working_set_cap=30_000, **common)
+    assert near_cap == Plan("inflate", 100, "below target")
+    assert plan(balloon_pages=29_900, **common).pages == 8 * CFG.batch_pages  # no cap: the rate limits

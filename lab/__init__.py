@@ -1,0 +1,5 @@
+"""The lab without Docker: the compose topology (hostd and guests running the agent beside a
+workload) in plain memory cgroups with swap, and the paper's experiments on it.
+
+spec.py is pure (the lab file, the processes' command lines and environments); cgroups.py and
+runner.py do the I/O; experiments.py runs Fig. 7 / Fig. 2 on real guests."""

@@ -1,0 +1,81 @@
+"""balloonctl's `lab` and `experiment` commands (argument parsing and output only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lab.runner import DEFAULT_CGROUP_NAME, DEFAULT_STATE_DIR, LabError, LabOptions
+from lab.spec import DEFAULT_HOSTD_CONFIG, DEFAULT_LAB_FILE, Endpoints, LabSpecError, load_lab
+from protocol.units import format_bytes, parse_duration_ms
+
+
+def add_lab_parser(commands: Any) -> None:
+    lab = commands.add_parser("lab", help="the lab without Docker: hostd and guests in memory cgroups (root)")
+    lab_commands = lab.add_subparsers(dest="lab_command", required=True)
+    for name, text in (("up", "start hostd and the guests, wait until all are registered"),
+                       ("down", "stop everything the lab started and remove its cgroups"),
+                       ("status", "the lab's processes and cgroups, and hostd's view")):
+        command = lab_commands.add_parser(name, help=text)
+        command.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                             help=f"where the lab keeps its state and logs (default {DEFAULT_STATE_DIR})")
+        command.add_argument("--cgroup-name", default=DEFAULT_CGROUP_NAME,
+                             help=f"parent memory cgroup of the guests (default {DEFAULT_CGROUP_NAME})")
+        if name == "up":
+            command.add_argument("--lab-file", type=Path, default=DEFAULT_LAB_FILE,
+                                 help="guests: memory, swap, workload (default: the packaged lab/lab.toml)")
+            command.add_argument("--hostd-config", type=Path, default=DEFAULT_HOSTD_CONFIG,
+                                 help="hostd's TOML (default: the packaged lab/hostd.toml)")
+            command.add_argument("--agent-endpoint", default="tcp://127.0.0.1:5555",
+                                 help="where hostd listens for agents (default tcp://127.0.0.1:5555)")
+            command.add_argument("--wait", default="60s", help="how long to wait for every guest to register")
+        if name == "status":
+            command.add_argument("--json", action="store_true")
+
+
+def lab_options(args: argparse.Namespace) -> LabOptions:
+    return LabOptions(state_dir=args.state_dir, cgroup_name=args.cgroup_name,
+                      endpoints=Endpoints(getattr(args, "agent_endpoint", "tcp://127.0.0.1:5555"), args.endpoint),
+                      wait_s=parse_duration_ms(getattr(args, "wait", "60s")) / 1000)
+
+
+def run_lab(args: argparse.Namespace) -> str:
+    from lab import runner
+
+    def progress(line: str) -> None:
+        print(f"lab: {line}", file=sys.stderr, flush=True)
+
+    options = lab_options(args)
+    try:
+        if args.lab_command == "up":
+            spec = load_lab(args.lab_file)
+            state = runner.up(spec, args.hostd_config, options, progress)
+            return (f"lab up: {len(state['guests'])} guests registered after {state['registered_after_s']} s; "
+                    f"watch with `balloonctl --endpoint {options.endpoints.control} status`, stop with "
+                    f"`balloonctl lab down`")
+        if args.lab_command == "down":
+            runner.down(options, progress)
+            return ""
+        report = runner.status(options)
+        return json.dumps(report, indent=2) if args.json else render_lab_status(report)
+    except (LabError, LabSpecError) as exc:
+        from hostd.ctl import CtlError
+
+        raise CtlError(str(exc)) from None
+
+
+def render_lab_status(report: dict[str, Any]) -> str:
+    from hostd.ctl import render_status
+
+    lines = [f"hostd: {'running' if report['hostd_alive'] else 'NOT RUNNING'} ({report['control_endpoint']})",
+             f"{'GUEST':<10} {'PID':>8} {'ALIVE':>5} {'MEMORY':>10} {'SWAP':>10}  CGROUP"]
+    for name, guest in report["guests"].items():
+        lines.append(f"{name:<10} {guest['pid']:>8} {'yes' if guest['alive'] else 'no':>5} "
+                     f"{format_bytes(guest['memory_bytes']):>10} {format_bytes(guest['swap_bytes']):>10}  "
+                     f"{guest['cgroup']}")
+    if report["hostd"]:
+        lines += ["", render_status(report["hostd"])]
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""`balloonctl lab up|down|status` for real: hostd and three guests in memory cgroups with swap,
+the same evidence as the compose e2e test, and nothing left behind by `lab down`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab import cgroups
+from tests.conftest import require_root, require_swap
+from tests.e2e.compose import free_loopback_port, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.swap, pytest.mark.timeout(600)]
+MiB = 1 << 20
+LAB_FILE = """
+[guests.web]
+memory = "512MiB"
+swap = "512MiB"
+phases = "active 320MiB"
+
+[guests.batch]
+memory = "512MiB"
+swap = "512MiB"
+phases = "active 380MiB for 10s, idle 900s"
+
+[guests.db]
+memory = "512MiB"
+swap = "512MiB"
+phases = "active 280MiB"
+"""
+
+
+def balloonctl(*args: str, endpoint: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint", endpoint, *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_lab_up_balloons_the_idle_guest_and_lab_down_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    require_root()
+    require_swap(1 << 30)
+    # hostd reads these from its environment (the guests do not get them): seconds-scale periods
+    monkeypatch.setenv("BALLOONLAB_SAMPLE_PERIOD", "3s")
+    monkeypatch.setenv("BALLOONLAB_BALANCE_PERIOD", "2s")
+    lab_file = tmp_path / "lab.toml"
+    lab_file.write_text(LAB_FILE)
+    state_dir = tmp_path / "state"
+    endpoint = f"tcp://127.0.0.1:{free_loopback_port()}"
+    common = ["--state-dir", str(state_dir), "--cgroup-name", "balloonlab-test-lab"]
+    parent = cgroups.memory_hierarchy(cgroups.memory_cgroup_version()) / "balloonlab-test-lab"
+    started = time.monotonic()
+    up = balloonctl("lab", "up", *common, "--lab-file", str(lab_file),
+                    "--agent-endpoint", f"tcp://127.0.0.1:{free_loopback_port()}", endpoint=endpoint)
+    try:
+        assert up.returncode == 0, up.stderr
+        print(up.stderr, up.stdout)
+        assert "3 guests registered" in up.stdout
+        for name in ("web", "batch", "db"):
+            assert (parent / name).is_dir()
+
+        latest: dict[str, Any] = {}
+
+        def idle_batch_gives_more() -> bool:
+            result = balloonctl("lab", "status", *common, "--json", endpoint=endpoint)
+            report = json.loads(result.stdout)
+            latest.update(report)
+            vms = {vm["vm_id"]: vm for vm in (report["hostd"] or {}).get("vms", [])}
+            return (len(vms) == 3 and vms["batch"]["workload"].get("touches_per_s") == 0
+                    and vms["batch"]["balloon_bytes"] > vms["web"]["balloon_bytes"] + 32 * MiB)
+
+        shifted = wait_for(idle_batch_gives_more, timeout_s=240, interval_s=2)
+        vms = {vm["vm_id"]: vm for vm in latest["hostd"]["vms"]}
+        print({name: (vm["balloon_bytes"] // MiB, vm["swap_current_bytes"] // MiB, vm["workload"])
+               for name, vm in vms.items()})
+        assert shifted, "under τ = 0.75 the idle batch guest's balloon never grew past the active web guest's"
+        print(f"idle batch ballooned past web {time.monotonic() - started:.1f} s after lab up")
+        assert all(guest["alive"] for guest in latest["guests"].values()), latest["guests"]
+        assert sum(guest["swap_bytes"] for guest in latest["guests"].values()) > 16 * MiB, latest["guests"]
+        for name in ("web", "db"):
+            assert vms[name]["workload"]["touches_per_s"] > 0, vms[name]["workload"]
+        text = balloonctl("lab", "status", *common, endpoint=endpoint)
+        assert text.returncode == 0 and "batch" in text.stdout and "MCTLSZ" in text.stdout
+    finally:
+        down = balloonctl("lab", "down", *common, endpoint=endpoint)
+        print(down.stderr)
+    assert down.returncode == 0, down.stderr
+    assert not parent.exists(), "lab down left its cgroups behind"
+    state = state_dir / "state.json"
+    assert not state.exists()
+    leftover = subprocess.run(["pgrep", "-f", str(state_dir)], capture_output=True, text=True)
+    assert leftover.stdout == "", f"lab down left processes behind: {leftover.stdout}"
+    again = balloonctl("lab", "status", *common, endpoint=endpoint)
+    assert again.returncode == 1 and "no lab is up" in again.stderr
+
+
+def test_lab_up_twice_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    require_root()
+    require_swap(1 << 30)
+    lab_file = tmp_path / "lab.toml"
+    lab_file.write_text('[guests.solo]\nmemory = "128MiB"\nswap = "128MiB"\nphases = "active 32MiB"\n')
+    common = ["--state-dir", str(tmp_path / "state"), "--cgroup-name", "balloonlab-test-lab2"]
+    endpoint = f"tcp://127.0.0.1:{free_loopback_port()}"
+    agents = f"tcp://127.0.0.1:{free_loopback_port()}"
+    first = balloonctl("lab", "up", *common, "--lab-file", str(lab_file), "--agent-endpoint", agents,
+                       endpoint=endpoint)
+    try:
+        assert first.returncode == 0, first.stderr
+        before = (tmp_path / "state" / "state.json").read_text()
+        second = balloonctl("lab", "up", *common, "--lab-file", str(lab_file), "--agent-endpoint", agents,
+                            endpoint=endpoint)
+        assert second.returncode == 1 and "already up" in second.stderr
+        assert (tmp_path / "state" / "state.json").read_text() == before
+    finally:
+        assert balloonctl("lab", "down", *common, endpoint=endpoint).returncode == 0
