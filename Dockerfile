@@ -10,6 +10,7 @@ COPY pyproject.toml README.md ./
 COPY protocol protocol
 COPY guestagent guestagent
 COPY hostd hostd
+COPY lab lab
 RUN if [ "$INSTALL" = pip ]; then pip install --no-cache-dir . ; fi \
  && python3 -c "import zmq, msgpack, psutil, numpy" \
  || { echo "the base image lacks python3 modules zmq/msgpack/psutil/numpy: use INSTALL=pip" >&2; exit 1; }

@@ -7,6 +7,7 @@
     balloonctl keys generate NAME [--dir DIR] | allow PUBLIC_KEY_FILE --name NAME --allowlist DIR
               | list --allowlist DIR | remove NAME --allowlist DIR
     balloonctl lab up|down|status            the lab without Docker (root; lab/lab.toml)
+    balloonctl experiment idle-tax|balloon-overhead   the paper's Fig. 7 and Fig. 2 (table, CSV, PNG)
 """
 
 from __future__ import annotations
@@ -196,9 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     target = commands.add_parser("target", help="pin a vm's balloon target, or 'auto'")
     target.add_argument("vm")
     target.add_argument("size", help="e.g. 200MiB, or auto")
-    from lab.cli import add_lab_parser
+    from lab.cli import add_experiment_parser, add_lab_parser
 
     add_lab_parser(commands)
+    add_experiment_parser(commands)
     keys = commands.add_parser("keys", help="CurveZMQ key files and the agent allowlist")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     generate = key_commands.add_parser("generate", help="write NAME.key and NAME.key_secret")
@@ -223,6 +225,10 @@ def run(args: argparse.Namespace) -> str:
         from lab.cli import run_lab
 
         return run_lab(args)
+    if args.command == "experiment":
+        from lab.cli import run_experiment
+
+        return run_experiment(args)
     timeout_ms = parse_duration_ms(args.timeout)
     if args.command == "status":
         reply = _checked(request(args.endpoint, GetStatus(), timeout_ms))

@@ -79,3 +79,47 @@ def render_lab_status(report: dict[str, Any]) -> str:
     if report["hostd"]:
         lines += ["", render_status(report["hostd"])]
     return "\n".join(lines)
+
+
+def add_experiment_parser(commands: Any) -> None:
+    experiment = commands.add_parser("experiment", help="the paper's experiments on real guests (root, swap)")
+    which = experiment.add_subparsers(dest="experiment", required=True)
+    idle_tax = which.add_parser("idle-tax", help="Fig. 7: an idle and an active guest, τ=0 then τ=0.75")
+    idle_tax.add_argument("--phase", default="90s", help="how long each τ runs (default 90s)")
+    idle_tax.add_argument("--sample-period", default="10s", help="hostd's working-set sample period (default 10s)")
+    idle_tax.add_argument("--host-memory", default="360MiB", help="memory the two guests share (default 360MiB)")
+    overhead = which.add_parser("balloon-overhead", help="Fig. 2: ballooned down to X vs configured at X")
+    overhead.add_argument("--sizes", default="448MiB,384MiB,320MiB,256MiB", help="the X values")
+    overhead.add_argument("--measure", default="10s", help="throughput averaged over this long per X")
+    for command in (idle_tax, overhead):
+        command.add_argument("--out", type=Path, default=Path("experiments"),
+                             help="where the CSV, PNG and table go (default ./experiments)")
+        command.add_argument("--state-dir", type=Path, default=Path("/run/balloonlab-experiment"))
+        command.add_argument("--cgroup-name", default="balloonlab-experiment")
+        command.add_argument("--agent-endpoint", default="tcp://127.0.0.1:5557")
+
+
+def run_experiment(args: argparse.Namespace) -> str:
+    from hostd.ctl import CtlError
+    from lab import experiments
+    from protocol.units import parse_size_bytes
+
+    def progress(line: str) -> None:
+        print(f"experiment: {line}", file=sys.stderr, flush=True)
+
+    options = LabOptions(state_dir=args.state_dir, cgroup_name=args.cgroup_name,
+                         endpoints=Endpoints(args.agent_endpoint, args.endpoint))
+    try:
+        if args.experiment == "idle-tax":
+            setup = experiments.IdleTaxSetup(phase_s=parse_duration_ms(args.phase) / 1000,
+                                             sample_period_s=parse_duration_ms(args.sample_period) / 1000,
+                                             host_memory_bytes=parse_size_bytes(args.host_memory))
+            return experiments.run_idle_tax(setup, args.out, options, progress)
+        sizes = tuple(parse_size_bytes(size) for size in args.sizes.split(","))
+        overhead = experiments.OverheadSetup(sizes_bytes=sizes, measure_s=parse_duration_ms(args.measure) / 1000)
+        if any(size > overhead.memsz_bytes or size < overhead.workload_bytes + (64 << 20) for size in sizes):
+            raise CtlError(f"--sizes: each between {(overhead.workload_bytes >> 20) + 64} MiB and "
+                           f"{overhead.memsz_bytes >> 20} MiB", 2)
+        return experiments.run_balloon_overhead(overhead, args.out, options, progress)
+    except (LabError, LabSpecError, RuntimeError) as exc:
+        raise CtlError(str(exc)) from None

@@ -28,6 +28,9 @@ GUEST_STOP_TIMEOUT_S = 30.0  # agents deflate and say bye before they exit
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 Progress = Callable[[str], None]
+# Processes this Python process started (when up and down run in one process, as in the
+# experiments): kept so that they are reaped, not left as zombies or dropped while running.
+_children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 class LabError(RuntimeError):
@@ -76,9 +79,10 @@ def _signal_group(entry: dict[str, Any], signum: int) -> None:
 def _wait_gone(entries: list[dict[str, Any]], timeout_s: float) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
     while True:
-        for entry in entries:  # reap our own children (down in the same process as up: tests)
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(entry["pid"], os.WNOHANG)
+        for entry in entries:  # reap our own children
+            child = _children.get(entry["pid"])
+            if child is not None and child.poll() is not None:
+                del _children[entry["pid"]]
         left = [entry for entry in entries if _alive(entry)]
         if not left or time.monotonic() > deadline:
             return left
@@ -120,9 +124,11 @@ def _spawn(argv: list[str], log_path: Path, environment: dict[str, str],
             cgroup_procs.write_text(str(os.getpid()))
 
     with open(log_path, "ab") as log_file:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                env=environment, start_new_session=True,
-                                preexec_fn=join_cgroup if cgroup_procs else None)
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                   env=environment, start_new_session=True,
+                                   preexec_fn=join_cgroup if cgroup_procs else None)
+    _children[process.pid] = process
+    return process
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
