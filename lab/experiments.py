@@ -180,11 +180,12 @@ class OverheadPoint:
 OVERHEAD_FIELDS = ("size_bytes", "ballooned_touches_per_s", "configured_touches_per_s", "ratio")
 
 
-def overhead_lab(setup: OverheadSetup, size_bytes: int) -> str:
-    work = setup.workload_bytes >> 20
-    return (f'[guests.ballooned]\nmemory = "{setup.memsz_bytes >> 20}MiB"\nswap = "256MiB"\n'
-            f'phases = "active {work}MiB"\n\n'
-            f'[guests.configured]\nmemory = "{size_bytes >> 20}MiB"\nswap = "256MiB"\nphases = "active {work}MiB"\n')
+def overhead_lab(setup: OverheadSetup, role: str, size_bytes: int) -> str:
+    """One guest per run (two workloads on a 2-core host would measure each other):
+    `ballooned` has memsz and is ballooned down to size; `configured` has size."""
+    memory = setup.memsz_bytes if role == "ballooned" else size_bytes
+    return (f'[guests.{role}]\nmemory = "{memory >> 20}MiB"\nswap = "256MiB"\n'
+            f'phases = "active {setup.workload_bytes >> 20}MiB"\n')
 
 
 def render_overhead_table(points: Sequence[OverheadPoint]) -> str:
@@ -195,51 +196,62 @@ def render_overhead_table(points: Sequence[OverheadPoint]) -> str:
     return "\n".join(lines)
 
 
-def run_balloon_overhead(setup: OverheadSetup, out_dir: Path, options: LabOptions,
-                         progress: Progress = print) -> str:
+def _measure_guest(setup: OverheadSetup, role: str, size_bytes: int, hostd_config: Path, options: LabOptions,
+                   progress: Progress) -> float:
+    """Mean touches/s of one guest's workload once its balloon is where the run wants it."""
     from hostd.ctl import _checked, request
     from protocol import SetManualTarget
     from protocol.limits import PAGE_SIZE_BYTES
 
+    try:
+        up(parse_lab(overhead_lab(setup, role, size_bytes), f"balloon-overhead lab ({role})"), hostd_config,
+           options, progress)
+        target_pages = (setup.memsz_bytes - size_bytes) // PAGE_SIZE_BYTES if role == "ballooned" else 0
+        _checked(request(options.endpoints.control, SetManualTarget(vm_id=role, balloon_target_pages=target_pages)))
+        deadline = time.monotonic() + 60
+        while True:
+            snapshot = _hostd_status(options.endpoints.control) or {"vms": []}
+            held = sum(vm["balloon_bytes"] for vm in snapshot["vms"] if vm["vm_id"] == role)
+            if held >= target_pages * PAGE_SIZE_BYTES and snapshot["vms"]:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the balloon reached {held >> 20} MiB of {target_pages >> 8} MiB within 60 s "
+                                   "(the agent refused the rest)")
+            time.sleep(0.5)
+        time.sleep(setup.settle_s)
+        rates: list[float] = []
+        measure_end = time.monotonic() + setup.measure_s
+        while time.monotonic() < measure_end:
+            time.sleep(1.0)
+            for vm in (_hostd_status(options.endpoints.control) or {"vms": []})["vms"]:
+                rate = vm["workload"].get("touches_per_s")
+                if vm["vm_id"] == role and rate:
+                    rates.append(rate)
+        if not rates:
+            raise RuntimeError(f"the {role} guest's workload reported no throughput")
+        return statistics.mean(rates)
+    finally:
+        down(options, lambda _line: None)
+
+
+def run_balloon_overhead(setup: OverheadSetup, out_dir: Path, options: LabOptions,
+                         progress: Progress = print) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     hostd_config = out_dir / "balloon-overhead.hostd.toml"
-    # Memory enough for both guests: only the manual target moves the balloon.
+    # Memory enough for every guest: only the manual target moves the balloon.
     hostd_config.write_text(hostd_toml(4 * setup.memsz_bytes, 0.75, 10, 5))
     points = []
-    for size in setup.sizes_bytes:
-        try:
-            up(parse_lab(overhead_lab(setup, size), "balloon-overhead lab"), hostd_config, options, progress)
-            target_pages = (setup.memsz_bytes - size) // PAGE_SIZE_BYTES
-            _checked(request(options.endpoints.control, SetManualTarget(vm_id="ballooned",
-                                                                        balloon_target_pages=target_pages)))
-            deadline = time.monotonic() + 60
-            while True:
-                snapshot = _hostd_status(options.endpoints.control) or {"vms": []}
-                vms = {vm["vm_id"]: vm for vm in snapshot["vms"]}
-                if "ballooned" in vms and vms["ballooned"]["balloon_bytes"] >= target_pages * PAGE_SIZE_BYTES:
-                    break
-                if time.monotonic() > deadline:
-                    held = vms.get("ballooned", {}).get("balloon_bytes", 0)
-                    raise RuntimeError(f"the balloon reached {held >> 20} MiB of {(setup.memsz_bytes - size) >> 20} "
-                                       "MiB within 60 s (the agent refused the rest)")
-                time.sleep(0.5)
-            time.sleep(setup.settle_s)
-            touches: dict[str, list[float]] = {"ballooned": [], "configured": []}
-            measure_end = time.monotonic() + setup.measure_s
-            while time.monotonic() < measure_end:
-                time.sleep(1.0)
-                snapshot = _hostd_status(options.endpoints.control) or {"vms": []}
-                for vm in snapshot["vms"]:
-                    rate = vm["workload"].get("touches_per_s")
-                    if vm["vm_id"] in touches and rate is not None:
-                        touches[vm["vm_id"]].append(rate)
-            point = OverheadPoint(size, statistics.mean(touches["ballooned"] or [0.0]),
-                                  statistics.mean(touches["configured"] or [0.0]))
-            progress(f"{size >> 20} MiB: ballooned {point.ballooned_touches_per_s:,.0f}/s, "
-                     f"configured {point.configured_touches_per_s:,.0f}/s")
-            points.append(point)
-        finally:
-            down(options, progress)
+    for index, size in enumerate(setup.sizes_bytes):
+        # Alternate which runs first: on a host that backs memory lazily (a VM) the first run
+        # after a while is slower (seen: the first-run guest 3-8 % slower at every size).
+        rates = {}
+        for role in ("configured", "ballooned")[::1 if index % 2 == 0 else -1]:
+            rates[role] = _measure_guest(setup, role, size, hostd_config, options, progress)
+        configured, ballooned = rates["configured"], rates["ballooned"]
+        point = OverheadPoint(size, ballooned, configured)
+        progress(f"{size >> 20} MiB: ballooned {ballooned:,.0f}/s, configured {configured:,.0f}/s "
+                 f"(ratio {point.ratio:.3f})")
+        points.append(point)
     write_csv(out_dir / "balloon-overhead.csv", points, OVERHEAD_FIELDS)
     from lab.plots import plot_balloon_overhead
 

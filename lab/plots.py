@@ -55,10 +55,20 @@ def plot_idle_tax(samples: Sequence[Sample], path: Path, setup: IdleTaxSetup) ->
 def plot_balloon_overhead(points: Sequence[OverheadPoint], path: Path, setup: OverheadSetup) -> None:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
-    sizes = [p.size_bytes / MiB for p in points]
-    axis.plot(sizes, [p.configured_touches_per_s / 1e6 for p in points], marker="o", label="configured at X")
-    axis.plot(sizes, [p.ballooned_touches_per_s / 1e6 for p in points], marker="s",
-              label=f"{setup.memsz_bytes >> 20} MiB ballooned down to X")
+    sizes = sorted({p.size_bytes for p in points})
+    for label, marker, field in (("configured at X", "o", "configured_touches_per_s"),
+                                 (f"{setup.memsz_bytes >> 20} MiB ballooned down to X", "s",
+                                  "ballooned_touches_per_s")):
+
+        def rate(point: OverheadPoint, field: str = field) -> float:
+            return float(getattr(point, field))
+
+        # every run as a marker, the mean per size as the line (sizes may be repeated)
+        means = [sum(rate(p) for p in points if p.size_bytes == size) /
+                 sum(1 for p in points if p.size_bytes == size) / 1e6 for size in sizes]
+        line = axis.plot([size / MiB for size in sizes], means, label=label)[0]
+        axis.scatter([p.size_bytes / MiB for p in points], [rate(p) / 1e6 for p in points], marker=marker,
+                     color=line.get_color())
     axis.set_xlabel("guest memory X (MiB)")
     axis.set_ylabel("workload touches (M/s)")
     axis.set_ylim(bottom=0)
