@@ -43,6 +43,7 @@ class PacingConfig:
     # allocation counts (a report file, a sample), and 3 hits in one 100 ms check were seen
     # in an idle lab guest
     limit_hits_per_s: float = 100.0
+    squeezed_refault_share: float = 0.25  # ...counted only with refaults above a quarter of thrashing
     max_pressure_pause_ms: int = 60_000  # the pause doubles with each pressure episode in a row, up to this
     ceiling_relax_bytes_per_s: int = 8 << 20  # after the first pause the ceiling creeps up this fast
     ceiling_doubling_ms: int = 5_000  # ...and that creep doubles this often while no pressure comes
@@ -116,20 +117,24 @@ def detect_pressure(previous: GuestReading | None, current: GuestReading, givabl
         if _rose(previous.oom_events, current.oom_events):
             return "oom event in guest"
     elif previous is not None:
-        # Hitting the limit is how a balloon makes the kernel swap: it only means the workload
-        # is squeezed when it happens while the agent pinned nothing.
-        if not pinned_since_last and _rose(previous.max_events, current.max_events) and interval_s > 0:
+        refaults_per_s = 0.0
+        if _rose(previous.refault_anon_pages, current.refault_anon_pages) and interval_s > 0:
+            assert previous.refault_anon_pages is not None and current.refault_anon_pages is not None
+            refaults_per_s = (current.refault_anon_pages - previous.refault_anon_pages) / interval_s
+        thrash_per_s = cfg.refault_ratio_per_s * (current.limit_bytes or 0) / PAGE_SIZE_BYTES
+        if current.limit_bytes and refaults_per_s > thrash_per_s:
+            return f"thrashing: {refaults_per_s:.0f} anon refaults/s > {thrash_per_s:.0f}"
+        # Hitting the limit is how a balloon makes the kernel swap, and at the limit any new
+        # process counts thousands of hits (a container's healthcheck: 4,000/s seen). It means
+        # the workload is squeezed only while the agent pinned nothing and the workload is
+        # also paging its own memory back in.
+        if (not pinned_since_last and _rose(previous.max_events, current.max_events) and interval_s > 0
+                and refaults_per_s > thrash_per_s * cfg.squeezed_refault_share):
             assert previous.max_events is not None and current.max_events is not None
             hits = (current.max_events - previous.max_events) / interval_s
             if hits > cfg.limit_hits_per_s:
-                return f"guest at its limit {hits:.0f} times/s while the balloon held still"
-        if (_rose(previous.refault_anon_pages, current.refault_anon_pages) and current.limit_bytes
-                and interval_s > 0):
-            assert previous.refault_anon_pages is not None and current.refault_anon_pages is not None
-            rate = (current.refault_anon_pages - previous.refault_anon_pages) / interval_s
-            limit = cfg.refault_ratio_per_s * current.limit_bytes / PAGE_SIZE_BYTES
-            if rate > limit:
-                return f"thrashing: {rate:.0f} anon refaults/s > {limit:.0f}"
+                return (f"guest at its limit {hits:.0f} times/s while the balloon held still "
+                        f"({refaults_per_s:.0f} anon refaults/s)")
         if _rose(previous.oom_kill_events, current.oom_kill_events):
             return "oom_kill in guest"
         if _rose(previous.oom_events, current.oom_events):
