@@ -151,3 +151,33 @@ def test_encode_refuses_oversized_frame():
     with pytest.raises(ProtocolError) as info:
         encode(big, 1)
     assert info.value.code == ErrorCode.TOO_LARGE
+
+
+# ---- the stats map's bulk fast path gives the same answers as the per-entry checks ----------
+def _status_frame(stats: dict) -> bytes:
+    import msgpack
+
+    body = {"balloon_pages": 0, "acked_target_seq": 0, "refused_pages": 0, "agent_state": "idle", "stats": stats,
+            "ws_touched_ratio": None, "ws_method": "none", "ws_period_ms": 0}
+    return msgpack.packb({"v": 1, "kind": "status", "seq": 1, "body": body})
+
+
+@pytest.mark.parametrize(("stats", "error"), [
+    ({"a": 1, "b": 2.5, "c": None}, None),
+    ({}, None),
+    ({"a": True}, "expected"),  # a bool is not a number here
+    ({"a": float("nan")}, "finite"),
+    ({"a": float("inf"), "b": 1}, "finite"),
+    ({"a": "text"}, "expected"),
+    ({"": 1}, "keys must be"),
+    ({"k" * 65: 1}, "keys must be"),
+    ({"a": [1]}, "expected"),
+])
+def test_stats_map_validation(stats, error):
+    from protocol import ProtocolError, decode
+
+    if error is None:
+        assert decode(_status_frame(stats)).message.stats == stats
+    else:
+        with pytest.raises(ProtocolError, match=error):
+            decode(_status_frame(stats))
