@@ -12,9 +12,9 @@ COPY guestagent guestagent
 COPY hostd hostd
 COPY lab lab
 RUN if [ "$INSTALL" = pip ]; then pip install --no-cache-dir . ; fi \
- && python3 -c "import zmq, msgpack, psutil, numpy" \
- || { echo "the base image lacks python3 modules zmq/msgpack/psutil/numpy: use INSTALL=pip" >&2; exit 1; }
+ && python3 -c "import zmq, msgpack, psutil, numpy, prometheus_client, rich" \
+ || { echo "the base image lacks python3 modules zmq/msgpack/psutil/numpy/prometheus_client/rich: use INSTALL=pip" >&2; exit 1; }
 ENV PYTHONPATH=/opt/balloonlab PYTHONUNBUFFERED=1
-# hostd: agents, control (balloonctl)
-EXPOSE 5555 5556
+# hostd: agents, control (balloonctl), HTTP (/metrics)
+EXPOSE 5555 5556 8055
 CMD ["python3", "-m", "hostd", "--help"]

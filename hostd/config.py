@@ -40,6 +40,7 @@ class VmDefaults:
 class HostConfig:
     agent_endpoint: str = "tcp://127.0.0.1:5555"
     control_endpoint: str = "tcp://127.0.0.1:5556"
+    http_address: str = "127.0.0.1:8055"  # /metrics and /status.json; "off" for none
     host_memory_bytes: int = 0  # 0 = this machine's RAM
     idle_tax_ratio: float = 0.75
     ctl_max_percent: int = 65
@@ -74,6 +75,13 @@ class HostConfig:
             raise ConfigError("CurveZMQ needs both curve_secret_key and curve_allowlist")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level {self.log_level!r}: DEBUG, INFO, WARNING or ERROR")
+        try:
+            http = parse_http_address(self.http_address)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if http is not None and not self.allow_plain_remote and not _is_loopback_host(http[0]):
+            raise ConfigError(f"http_address={self.http_address}: only loopback unless allow_plain_remote = true "
+                              "(the port shows every guest's figures)")
         if self.curve_secret_key is None and not self.allow_plain_remote:
             for name in ("agent_endpoint", "control_endpoint"):
                 if not is_loopback_endpoint(getattr(self, name)):
@@ -84,6 +92,25 @@ class HostConfig:
     @property
     def effective_host_memory_bytes(self) -> int:
         return self.host_memory_bytes or psutil.virtual_memory().total
+
+
+def parse_http_address(text: str) -> tuple[str, int] | None:
+    """"127.0.0.1:8055" → ("127.0.0.1", 8055); "" or "off" → None (no HTTP port)."""
+    if text.strip().lower() in ("", "off", "none"):
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"http_address {text!r}: HOST:PORT, e.g. 127.0.0.1:8055 (or off)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:
@@ -161,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML file (see hostd/balloonlab.sample.toml)")
     parser.add_argument("--agent-endpoint", help="ROUTER for agents (default tcp://127.0.0.1:5555)")
     parser.add_argument("--control-endpoint", help="ROUTER for balloonctl (default tcp://127.0.0.1:5556)")
+    parser.add_argument("--http", dest="http_address",
+                        help="HOST:PORT for /metrics and /status.json (default 127.0.0.1:8055; off for none)")
     parser.add_argument("--host-memory", dest="host_memory_bytes", help="memory budget, e.g. 1GiB (default: RAM)")
     parser.add_argument("--idle-tax", dest="idle_tax_ratio", help="τ, 0 ≤ τ < 1 (default 0.75)")
     parser.add_argument("--ctl-max-percent", help="balloon cap in %% of memsz (default 65)")

@@ -602,6 +602,8 @@ class HostCore:
                 "rho": vm.rho,
                 "reason": self._current_reason(vm),
                 "refused_pages": vm.refused_pages,
+                "inflated_pages": vm.locked_pages,
+                "deflated_pages": vm.unlocked_pages,
                 "lock_batches": vm.lock_batches,
                 "unlock_batches": vm.unlock_batches,
                 "resets": vm.resets,

@@ -1,6 +1,7 @@
 """balloonctl: read and change a running balloon-hostd.
 
     balloonctl status [--json]
+    balloonctl top [-d 1s] [-b [-n N] [--csv]] [--sort name|memsz|mctlsz|swcur|actv|touch] [--unit GiB]
     balloonctl set VM shares=high reservation=128MiB limit=768MiB maxmemctl=256MiB  (value "default" resets)
     balloonctl host idle_tax=0.5 sample_period=10s balance_period=5s host_memory=1GiB ctl_max_percent=50
     balloonctl target VM 200MiB | auto        pin the balloon target (MCTLTGT), or back to the policy
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -189,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="host and per-vm memory figures")
     status.add_argument("--json", action="store_true", help="the full document (stable field names)")
     status.add_argument("--unit", choices=("MiB", "GiB"), default="MiB")
+    top = commands.add_parser("top", help="live esxtop-style memory view (-b for batch mode)")
+    top.add_argument("-d", "--delay", default="1s", help="refresh period (default 1s)")
+    top.add_argument("-b", "--batch", action="store_true", help="print snapshots as text instead of a live view")
+    top.add_argument("-n", "--iterations", type=int, default=0, help="stop after N snapshots (default: never)")
+    top.add_argument("--csv", action="store_true", help="batch mode as CSV (one header, one row per vm)")
+    top.add_argument("--sort", choices=("name", "memsz", "mctlsz", "swcur", "actv", "touch"), default="name")
+    top.add_argument("--unit", choices=("MiB", "GiB"), default="MiB")
     vm_set = commands.add_parser("set", help="change a vm's shares/reservation/limit/maxmemctl")
     vm_set.add_argument("vm")
     vm_set.add_argument("settings", nargs="+", metavar="KEY=VALUE")
@@ -230,6 +239,8 @@ def run(args: argparse.Namespace) -> str:
 
         return run_experiment(args)
     timeout_ms = parse_duration_ms(args.timeout)
+    if args.command == "top":
+        return run_top_command(args, timeout_ms)
     if args.command == "status":
         reply = _checked(request(args.endpoint, GetStatus(), timeout_ms))
         assert isinstance(reply, StatusReply)
@@ -245,6 +256,24 @@ def run(args: argparse.Namespace) -> str:
     reply = _checked(request(args.endpoint, message, timeout_ms))
     assert isinstance(reply, ControlOk)
     return reply.detail
+
+
+def run_top_command(args: argparse.Namespace, timeout_ms: int) -> str:
+    from hostd import top
+
+    if args.iterations < 0:
+        raise CtlError("-n must be ≥ 0 (0 = until interrupted)", 2)
+    sort_key = {"name": "n", "memsz": "m", "mctlsz": "b", "swcur": "s", "actv": "a", "touch": "t"}[args.sort]
+
+    def fetch() -> dict[str, Any]:
+        reply = _checked(request(args.endpoint, GetStatus(), timeout_ms))
+        assert isinstance(reply, StatusReply)
+        return reply.snapshot
+
+    with contextlib.suppress(KeyboardInterrupt):
+        top.run_top(fetch, parse_duration_ms(args.delay) / 1000, args.iterations, args.batch, args.csv, args.unit,
+                    sort_key, lambda text: print(text, flush=True))
+    return ""
 
 
 def run_keys(args: argparse.Namespace) -> str:
@@ -269,7 +298,9 @@ def run_keys(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        print(run(args))
+        output = run(args)
+        if output:
+            print(output)
     except ProtocolError as exc:  # a request that cannot even be built (e.g. a bad vm id)
         print(f"balloonctl: {exc.detail}", file=sys.stderr)
         return 2

@@ -18,13 +18,14 @@ from typing import IO, Any
 
 import zmq
 
-from hostd.config import HostConfig
+from hostd.config import HostConfig, parse_http_address
 from hostd.core import HostCore, Outgoing
 from protocol.limits import MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES
 
 log = logging.getLogger(__name__)
 
 TICK_MS = 100
+PUBLISH_MS = 1_000  # the HTTP port's snapshot: as fresh as the agents' reports
 
 
 def now_ms() -> int:
@@ -73,6 +74,12 @@ class HostServer:
         self.agent_socket = self._router(config.agent_endpoint, curve=True, max_frame_bytes=MAX_FRAME_BYTES)
         self.control_socket = self._router(config.control_endpoint, curve=False,
                                            max_frame_bytes=MAX_CONTROL_FRAME_BYTES)
+        self.http: Any = None
+        http_address = parse_http_address(config.http_address)
+        if http_address is not None:
+            from hostd.http import HttpPort
+
+            self.http = HttpPort(http_address)
 
     def _router(self, endpoint: str, curve: bool, max_frame_bytes: int) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.context.socket(zmq.ROUTER)
@@ -150,6 +157,10 @@ class HostServer:
         poller.register(self.agent_socket, zmq.POLLIN)
         poller.register(self.control_socket, zmq.POLLIN)
         next_tick = now_ms() + TICK_MS
+        next_publish = 0
+        if self.http is not None:
+            self.http.start()
+            log.info("http on %s:%d: /metrics, /status.json", *self.http.address[:2])
         try:
             while not self.stop_requested:
                 ready = dict(poller.poll(max(0, next_tick - now_ms())))
@@ -160,6 +171,9 @@ class HostServer:
                 if now_ms() >= next_tick:
                     next_tick = now_ms() + TICK_MS
                     self._send(self.core.tick(now_ms()))
+                    if self.http is not None and now_ms() >= next_publish:
+                        next_publish = now_ms() + PUBLISH_MS
+                        self.http.publish(self.core.snapshot(now_ms()))
         finally:
             self.close()
 
@@ -167,6 +181,8 @@ class HostServer:
         self.stop_requested = True
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
         self.events.write(self.core.drain_events())
         self.events.close()
         if self._authenticator is not None:

@@ -52,7 +52,7 @@ def idle_tax_lab(setup: IdleTaxSetup) -> str:
 def hostd_toml(host_memory_bytes: int, idle_tax: float, sample_period_s: float, balance_period_s: float) -> str:
     return (f'host_memory_bytes = "{host_memory_bytes >> 20}MiB"\nidle_tax_ratio = {idle_tax}\n'
             f'sample_period_ms = "{sample_period_s:g}s"\nbalance_period_ms = "{balance_period_s:g}s"\n'
-            'report_interval_ms = "1s"\n')
+            'report_interval_ms = "1s"\nhttp_address = "off"\n')
 
 
 @dataclass(frozen=True, slots=True)

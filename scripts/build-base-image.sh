@@ -7,9 +7,13 @@
 #   scripts/build-base-image.sh [IMAGE_TAG]     (default balloonlab-base:bookworm; needs root)
 set -euo pipefail
 tag="${1:-balloonlab-base:bookworm}"
+modules="zmq, msgpack, psutil, numpy, prometheus_client, rich"
 if docker image inspect "$tag" >/dev/null 2>&1; then
-    echo "build-base-image: $tag already present"
-    exit 0
+    if docker run --rm "$tag" python3 -c "import $modules" >/dev/null 2>&1; then
+        echo "build-base-image: $tag already present"
+        exit 0
+    fi
+    echo "build-base-image: $tag lacks some of $modules: rebuilding"
 fi
 command -v debootstrap >/dev/null || { echo "build-base-image: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 1; }
 mirror="${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)}"
@@ -23,7 +27,8 @@ debootstrap --variant=minbase --include=python3,procps bookworm "$rootfs" "$mirr
 # python3-zmq: its dependency order is apt's job).
 cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
 chroot "$rootfs" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    --no-install-recommends python3-zmq python3-msgpack python3-psutil python3-numpy' >"$rootfs.log" 2>&1 \
+    --no-install-recommends python3-zmq python3-msgpack python3-psutil python3-numpy \
+    python3-prometheus-client python3-rich' >"$rootfs.log" 2>&1 \
     || { tail -30 "$rootfs.log" >&2; exit 1; }
 rm -f "$rootfs.log" "$rootfs/etc/resolv.conf"
 rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*

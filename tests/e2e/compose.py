@@ -45,8 +45,10 @@ class ComposeLab:
         self.command = command
         self.project = project
         self.control_port = free_loopback_port()
+        self.http_port = free_loopback_port()
         self.environ = {**os.environ, "COMPOSE_PROJECT_NAME": project, "BALLOONLAB_IMAGE_TAG": project,
-                        "BALLOONLAB_CONTROL_PORT": str(self.control_port), **overrides}
+                        "BALLOONLAB_CONTROL_PORT": str(self.control_port),
+                        "BALLOONLAB_HTTP_PORT": str(self.http_port), **overrides}
         if image_exists(OFFLINE_BASE_IMAGE):  # no registry here: the image scripts/build-base-image.sh makes
             self.environ.setdefault("BASE_IMAGE", OFFLINE_BASE_IMAGE)
             self.environ.setdefault("INSTALL", "none")

@@ -26,12 +26,15 @@ class HostdProcess:
         self.control_port = control_port or free_port()
         self.agent_endpoint = f"tcp://127.0.0.1:{self.agent_port}"
         self.control_endpoint = f"tcp://127.0.0.1:{self.control_port}"
+        self.http_port = free_port()
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = workdir / f"hostd-{self.agent_port}-{time.monotonic_ns()}.log"
         self.event_log = workdir / "events.jsonl"
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hostd", "--agent-endpoint", self.agent_endpoint,
-             "--control-endpoint", self.control_endpoint, "--event-log", str(self.event_log), *flags],
+             "--control-endpoint", self.control_endpoint, "--event-log", str(self.event_log),
+             "--http", f"127.0.0.1:{self.http_port}", *flags],
             stderr=self._log, text=True,
         )
         self.wait_until(lambda s: True, 10, "hostd to answer")

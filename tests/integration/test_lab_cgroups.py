@@ -3,10 +3,16 @@ the same evidence as the compose e2e test, and nothing left behind by `lab down`
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
+import pty
+import select
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,38 @@ phases = "active 280MiB"
 """
 
 
+def run_in_pty(argv: list[str], timeout_s: float = 30) -> str:
+    """Run argv on a pseudo-terminal (220 columns) and return everything it drew."""
+    leader, follower = pty.openpty()
+    os.set_inheritable(follower, True)
+    environment = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "220", "LINES": "40"}
+    process = subprocess.Popen(argv, stdin=follower, stdout=follower, stderr=follower, env=environment,
+                               close_fds=True)
+    os.close(follower)
+    output = b""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            elif process.poll() is not None:
+                break
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        os.close(leader)
+    assert process.returncode == 0, output.decode(errors="replace")[-2000:]
+    return output.decode(errors="replace")
+
+
 def balloonctl(*args: str, endpoint: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint", endpoint, *args],
                           capture_output=True, text=True, timeout=120)
@@ -47,6 +85,8 @@ def test_lab_up_balloons_the_idle_guest_and_lab_down_leaves_nothing(tmp_path: Pa
     # hostd reads these from its environment (the guests do not get them): seconds-scale periods
     monkeypatch.setenv("BALLOONLAB_SAMPLE_PERIOD", "3s")
     monkeypatch.setenv("BALLOONLAB_BALANCE_PERIOD", "2s")
+    http_port = free_loopback_port()
+    monkeypatch.setenv("BALLOONLAB_HTTP_ADDRESS", f"127.0.0.1:{http_port}")
     lab_file = tmp_path / "lab.toml"
     lab_file.write_text(LAB_FILE)
     state_dir = tmp_path / "state"
@@ -85,6 +125,23 @@ def test_lab_up_balloons_the_idle_guest_and_lab_down_leaves_nothing(tmp_path: Pa
             assert vms[name]["workload"]["touches_per_s"] > 0, vms[name]["workload"]
         text = balloonctl("lab", "status", *common, endpoint=endpoint)
         assert text.returncode == 0 and "batch" in text.stdout and "MCTLSZ" in text.stdout
+
+        # balloonctl top in batch mode, parsed
+        top = balloonctl("top", "-b", "-n", "2", "-d", "500ms", "--csv", "--sort", "mctlsz", endpoint=endpoint)
+        assert top.returncode == 0, top.stderr
+        table = list(csv.DictReader(io.StringIO(top.stdout)))
+        assert len(table) == 6 and {row["VM"] for row in table} == {"web", "batch", "db"}
+        assert table[0]["VM"] == "batch"  # sorted by balloon size, largest first
+        assert float(table[0]["MCTLSZ(MiB)"]) > 32 and all(row["MCTL?"] == "Y" for row in table)
+        # ...and the live view in a pseudo-terminal
+        screen = run_in_pty([sys.executable, "-m", "hostd.ctl", "--endpoint", endpoint, "top", "-n", "2",
+                             "-d", "500ms"])
+        for part in ("STATE", "IDLE TAX 0.75", "MCTLSZ", "web", "batch", "db"):
+            assert part in screen, f"{part!r} not on the live screen:\n{screen[-3000:]}"
+        # /metrics on hostd's HTTP port
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        assert 'balloonlab_vm_balloon_bytes{vm="batch"}' in metrics
     finally:
         down = balloonctl("lab", "down", *common, endpoint=endpoint)
         print(down.stderr)
@@ -98,7 +155,8 @@ def test_lab_up_balloons_the_idle_guest_and_lab_down_leaves_nothing(tmp_path: Pa
     assert again.returncode == 1 and "no lab is up" in again.stderr
 
 
-def test_lab_up_twice_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+def test_lab_up_twice_is_refused_and_changes_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BALLOONLAB_HTTP_ADDRESS", "off")
     require_root()
     require_swap(1 << 30)
     lab_file = tmp_path / "lab.toml"
