@@ -51,6 +51,7 @@ class HostConfig:
     batch_limit_pages: int = 512
     sliding_min_free: bool = False
     event_log: Path | None = None
+    timeline: Path | None = None  # JSON Lines of every sample (1/s) and decision, for balloonctl plot
     curve_secret_key: Path | None = None
     curve_allowlist: Path | None = None
     allow_plain_remote: bool = False
@@ -129,7 +130,7 @@ def is_loopback_endpoint(endpoint: str) -> bool:
 
 _SIZE_KEYS = {"host_memory_bytes"}
 _DURATION_KEYS = {"sample_period_ms", "balance_period_ms", "report_interval_ms"}
-_PATH_KEYS = {"event_log", "curve_secret_key", "curve_allowlist"}
+_PATH_KEYS = {"event_log", "timeline", "curve_secret_key", "curve_allowlist"}
 
 
 def _convert(name: str, value: Any) -> Any:
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-interval", dest="report_interval_ms", help="agent status period (default 1s)")
     parser.add_argument("--sliding-min-free", help="vSphere 5 sliding-scale minFree (true/false)")
     parser.add_argument("--event-log", help="JSON Lines file of decisions and events")
+    parser.add_argument("--timeline", help="JSON Lines file of every sample and decision (balloonctl plot)")
     parser.add_argument("--curve-secret-key", help="hostd's .key_secret file (enables CurveZMQ)")
     parser.add_argument("--curve-allowlist", help="directory of allowed agent public keys")
     parser.add_argument("--allow-plain-remote", help="allow plain TCP on non-loopback addresses (true/false)")

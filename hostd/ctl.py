@@ -7,6 +7,7 @@
     balloonctl target VM 200MiB | auto        pin the balloon target (MCTLTGT), or back to the policy
     balloonctl keys generate NAME [--dir DIR] | allow PUBLIC_KEY_FILE --name NAME --allowlist DIR
               | list --allowlist DIR | remove NAME --allowlist DIR
+    balloonctl plot TIMELINE -o out.png      hostd --timeline file as charts
     balloonctl lab up|down|status            the lab without Docker (root; lab/lab.toml)
     balloonctl experiment idle-tax|balloon-overhead   the paper's Fig. 7 and Fig. 2 (table, CSV, PNG)
 """
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--csv", action="store_true", help="batch mode as CSV (one header, one row per vm)")
     top.add_argument("--sort", choices=("name", "memsz", "mctlsz", "swcur", "actv", "touch"), default="name")
     top.add_argument("--unit", choices=("MiB", "GiB"), default="MiB")
+    plot = commands.add_parser("plot", help="render a hostd --timeline file as PNG charts")
+    plot.add_argument("timeline", type=Path)
+    plot.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
     vm_set = commands.add_parser("set", help="change a vm's shares/reservation/limit/maxmemctl")
     vm_set.add_argument("vm")
     vm_set.add_argument("settings", nargs="+", metavar="KEY=VALUE")
@@ -241,6 +245,8 @@ def run(args: argparse.Namespace) -> str:
     timeout_ms = parse_duration_ms(args.timeout)
     if args.command == "top":
         return run_top_command(args, timeout_ms)
+    if args.command == "plot":
+        return run_plot(args)
     if args.command == "status":
         reply = _checked(request(args.endpoint, GetStatus(), timeout_ms))
         assert isinstance(reply, StatusReply)
@@ -274,6 +280,26 @@ def run_top_command(args: argparse.Namespace, timeout_ms: int) -> str:
         top.run_top(fetch, parse_duration_ms(args.delay) / 1000, args.iterations, args.batch, args.csv, args.unit,
                     sort_key, lambda text: print(text, flush=True))
     return ""
+
+
+def run_plot(args: argparse.Namespace) -> str:
+    from hostd.timeline import TimelineError, read_timeline
+
+    try:
+        with open(args.timeline) as lines:
+            timeline = read_timeline(lines, str(args.timeline))
+    except OSError as exc:
+        raise CtlError(f"cannot read {args.timeline}: {exc.strerror}") from None
+    except TimelineError as exc:
+        raise CtlError(str(exc)) from None
+    from lab.plots import plot_timeline
+
+    try:
+        series = plot_timeline(timeline, args.output, f"{args.timeline.name}: {len(timeline.vms)} vms")
+    except (RuntimeError, OSError) as exc:
+        raise CtlError(str(exc)) from None
+    return (f"wrote {args.output}: {len(timeline.vms)} vms, {series} series, "
+            f"{timeline.times_s[-1] - timeline.times_s[0]:.0f} s, {len(timeline.events)} events")
 
 
 def run_keys(args: argparse.Namespace) -> str:

@@ -20,12 +20,13 @@ import zmq
 
 from hostd.config import HostConfig, parse_http_address
 from hostd.core import HostCore, Outgoing
+from hostd.timeline import event_record, sample_record
 from protocol.limits import MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES
 
 log = logging.getLogger(__name__)
 
 TICK_MS = 100
-PUBLISH_MS = 1_000  # the HTTP port's snapshot: as fresh as the agents' reports
+PUBLISH_MS = 1_000  # the HTTP port's snapshot and the timeline's samples: as fresh as the agents' reports
 
 
 def now_ms() -> int:
@@ -62,6 +63,21 @@ class EventLog:
             self._file.close()
 
 
+class TimelineFile:
+    """`--timeline`: a sample per second and every decision, appended as JSON Lines."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", buffering=1)
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class HostServer:
     def __init__(self, config: HostConfig, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
         self.config = config
@@ -69,6 +85,7 @@ class HostServer:
         self.core = HostCore(config, self.session_id, now_ms())
         self.context = context or zmq.Context()
         self.events = EventLog(config.event_log, self.session_id)
+        self.timeline = TimelineFile(config.timeline) if config.timeline is not None else None
         self.stop_requested = False
         self._authenticator: Any = None
         self.agent_socket = self._router(config.agent_endpoint, curve=True, max_frame_bytes=MAX_FRAME_BYTES)
@@ -120,6 +137,8 @@ class HostServer:
         events = self.core.drain_events()
         if events:
             self.events.write(events)
+            if self.timeline is not None:
+                self.timeline.write([event_record(event) for event in events])
 
     def _on_agent_readable(self) -> None:
         while True:
@@ -171,9 +190,13 @@ class HostServer:
                 if now_ms() >= next_tick:
                     next_tick = now_ms() + TICK_MS
                     self._send(self.core.tick(now_ms()))
-                    if self.http is not None and now_ms() >= next_publish:
+                    if (self.http is not None or self.timeline is not None) and now_ms() >= next_publish:
                         next_publish = now_ms() + PUBLISH_MS
-                        self.http.publish(self.core.snapshot(now_ms()))
+                        snapshot = self.core.snapshot(now_ms())
+                        if self.http is not None:
+                            self.http.publish(snapshot)
+                        if self.timeline is not None:
+                            self.timeline.write([sample_record(snapshot)])
         finally:
             self.close()
 
@@ -183,8 +206,12 @@ class HostServer:
     def close(self) -> None:
         if self.http is not None:
             self.http.close()
-        self.events.write(self.core.drain_events())
+        events = self.core.drain_events()
+        self.events.write(events)
         self.events.close()
+        if self.timeline is not None:
+            self.timeline.write([event_record(event) for event in events])
+            self.timeline.close()
         if self._authenticator is not None:
             self._authenticator.stop()
         self.agent_socket.close(linger=0)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from hostd.timeline import Timeline
     from lab.experiments import IdleTaxSetup, OverheadPoint, OverheadSetup, Sample
 
 MiB = 1 << 20
@@ -77,3 +78,41 @@ def plot_balloon_overhead(points: Sequence[OverheadPoint], path: Path, setup: Ov
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def plot_timeline(timeline: Timeline, path: Path, title: str = "") -> int:
+    """The dashboard's charts as a PNG: one panel per vm (memsz, granted, alloc target,
+    balloon, active estimate, swap) and the host's free memory with the state thresholds.
+    Returns how many series were drawn."""
+    from hostd.timeline import THRESHOLDS, VM_SERIES
+
+    plt = _pyplot()
+    names = sorted(timeline.vms)
+    figure, axes = plt.subplots(len(names) + 1, 1, figsize=(9, 2.4 * (len(names) + 1)), sharex=True, squeeze=False)
+    drawn = 0
+    styles = {"memsz": ":", "granted": "-", "alloc_target": "--", "balloon": "-", "active": "-.", "swap": "-"}
+    for axis, vm_id in zip(axes[1:, 0], names, strict=True):
+        for series in VM_SERIES:
+            times, values = timeline.vms[vm_id][series]
+            if times:
+                axis.plot(times, [v / MiB for v in values], linestyle=styles[series], label=series)
+                drawn += 1
+        axis.set_ylabel(f"{vm_id} (MiB)")
+        axis.legend(fontsize="x-small", ncol=len(VM_SERIES), loc="upper left")
+    host = axes[0, 0]
+    host.plot(timeline.times_s, [v / MiB for v in timeline.free], color="black", label="free")
+    drawn += 1
+    colours = {"high": "green", "soft": "gold", "hard": "darkorange", "low": "red"}
+    for name in THRESHOLDS:
+        host.plot(timeline.times_s, [v / MiB for v in timeline.thresholds[name]], color=colours[name],
+                  linewidth=0.8, linestyle="--", label=name)
+        drawn += 1
+    host.set_ylabel("host free (MiB)")
+    host.legend(fontsize="x-small", ncol=5, loc="upper left")
+    if title:
+        host.set_title(title)
+    axes[-1, 0].set_xlabel("seconds since hostd started")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return drawn

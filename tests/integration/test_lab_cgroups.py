@@ -87,6 +87,8 @@ def test_lab_up_balloons_the_idle_guest_and_lab_down_leaves_nothing(tmp_path: Pa
     monkeypatch.setenv("BALLOONLAB_BALANCE_PERIOD", "2s")
     http_port = free_loopback_port()
     monkeypatch.setenv("BALLOONLAB_HTTP_ADDRESS", f"127.0.0.1:{http_port}")
+    timeline = tmp_path / "timeline.jsonl"
+    monkeypatch.setenv("BALLOONLAB_TIMELINE", str(timeline))
     lab_file = tmp_path / "lab.toml"
     lab_file.write_text(LAB_FILE)
     state_dir = tmp_path / "state"
@@ -153,6 +155,13 @@ def test_lab_up_balloons_the_idle_guest_and_lab_down_leaves_nothing(tmp_path: Pa
     assert leftover.stdout == "", f"lab down left processes behind: {leftover.stdout}"
     again = balloonctl("lab", "status", *common, endpoint=endpoint)
     assert again.returncode == 1 and "no lab is up" in again.stderr
+
+    # hostd recorded the run: balloonctl plot renders it (3 vms × 6 series + free + 4 thresholds)
+    plot = balloonctl("plot", str(timeline), "-o", str(tmp_path / "timeline.png"), endpoint=endpoint)
+    assert plot.returncode == 0, plot.stderr
+    print(plot.stdout)
+    assert "3 vms, 23 series" in plot.stdout
+    assert (tmp_path / "timeline.png").stat().st_size > 20_000
 
 
 def test_lab_up_twice_is_refused_and_changes_nothing(tmp_path: Path, monkeypatch) -> None:
