@@ -139,6 +139,8 @@ class HostServer:
             self.events.write(events)
             if self.timeline is not None:
                 self.timeline.write([event_record(event) for event in events])
+            if self.http is not None:
+                self.http.publish_events(events)
 
     def _on_agent_readable(self) -> None:
         while True:

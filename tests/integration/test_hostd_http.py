@@ -72,6 +72,25 @@ def test_metrics_and_status_json_on_the_http_port(tmp_path: Path) -> None:
         assert code == 200 and content_type == "application/json"
         assert sorted(vm["vm_id"] for vm in json.loads(body)["vms"]) == ["db", "web"]
         assert fetch(f"{hostd.http_url}/nope")[0] == 404
+
+        # the dashboard's page and its pushed updates: first the last minutes, then a snapshot a second
+        code, content_type, page = fetch(f"{hostd.http_url}/")
+        assert code == 200 and content_type.startswith("text/html") and b"/static/app.js" in page
+        assert fetch(f"{hostd.http_url}/static/app.js")[0] == 200
+        assert fetch(f"{hostd.http_url}/static/../config.py")[0] == 404
+        with urllib.request.urlopen(f"{hostd.http_url}/events", timeout=10) as stream:
+            assert stream.headers["Content-Type"] == "text/event-stream"
+            updates = []
+            while len(updates) < 2:
+                line = stream.readline()
+                if line.startswith(b"data: "):
+                    updates.append(json.loads(line[6:]))
+        first, second = updates
+        assert {"snapshot", "events", "history"} <= set(first)
+        assert first["history"][-1]["kind"] == "sample" and "web" in first["history"][-1]["vms"]
+        assert any(event["event"] == "join" for event in first["events"])
+        assert "history" not in second
+        assert second["snapshot"]["host"]["uptime_ms"] > first["snapshot"]["host"]["uptime_ms"]
     finally:
         context.destroy(linger=0)
         hostd.stop()

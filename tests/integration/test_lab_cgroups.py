@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from lab import cgroups
-from tests.conftest import require_root, require_swap
+from tests.conftest import require, require_root, require_swap
 from tests.e2e.compose import free_loopback_port, wait_for
+from tests.integration.browser import Browser, chromium_binary
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.swap, pytest.mark.timeout(600)]
 MiB = 1 << 20
@@ -40,6 +41,30 @@ memory = "512MiB"
 swap = "512MiB"
 phases = "active 280MiB"
 """
+
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+
+
+def check_dashboard(url: str, screenshot: Path) -> None:
+    require(chromium_binary() is not None, "needs chromium (apt-get install chromium)")
+    browser = Browser()
+    try:
+        browser.call("Page.navigate", url=url)
+        deadline = time.monotonic() + 30
+        while browser.evaluate("document.body.dataset.ready") != "true":
+            assert time.monotonic() < deadline, f"charts never had data for every vm: " \
+                f"{browser.evaluate('document.body.dataset.vmsWithData')!r}; errors {browser.console_errors}"
+            time.sleep(0.5)
+        assert browser.evaluate("document.body.dataset.vmsWithData") == "batch,db,web"
+        assert browser.evaluate("document.querySelectorAll('#events li').length") > 0, "no decisions shown"
+        assert browser.evaluate("document.querySelectorAll('#vms canvas').length") == 3
+        time.sleep(3)  # a few more pushed updates, then the picture
+        browser.screenshot(screenshot)
+        assert browser.console_errors == [], browser.console_errors
+        print(f"dashboard screenshot: {screenshot}")
+    finally:
+        browser.close()
 
 
 def run_in_pty(argv: list[str], timeout_s: float = 30) -> str:
@@ -144,6 +169,8 @@ def test_lab_up_balloons_the_idle_guest_and_lab_down_leaves_nothing(tmp_path: Pa
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
             metrics = response.read().decode()
         assert 'balloonlab_vm_balloon_bytes{vm="batch"}' in metrics
+        # the dashboard in a real headless Chromium: charts with data for every vm, no console errors
+        check_dashboard(f"http://127.0.0.1:{http_port}/", ARTIFACTS / "dashboard.png")
     finally:
         down = balloonctl("lab", "down", *common, endpoint=endpoint)
         print(down.stderr)
