@@ -119,13 +119,7 @@ def is_loopback_endpoint(endpoint: str) -> bool:
     scheme = endpoint.split("://", 1)[0]
     if scheme in ("ipc", "inproc"):
         return True
-    host = urlsplit(endpoint).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return _is_loopback_host(urlsplit(endpoint).hostname or "")
 
 
 _SIZE_KEYS = {"host_memory_bytes"}

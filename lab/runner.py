@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from lab import cgroups
 from lab.spec import Endpoints, LabSpec, guest_argv, guest_environment, hostd_argv
 
@@ -148,19 +150,11 @@ def _hostd_status(endpoint: str, timeout_ms: int = 1000) -> dict[str, Any] | Non
     return reply.snapshot if isinstance(reply, StatusReply) else None
 
 
-def _swap_total_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("SwapTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def up(spec: LabSpec, hostd_config: Path, options: LabOptions, progress: Progress = print) -> dict[str, Any]:
     """Start the lab and wait until hostd reports every guest. Returns the state."""
     if os.geteuid() != 0:
         raise LabError("the lab needs root: it makes memory cgroups and its agents mlock their balloons")
-    if _swap_total_bytes() == 0:
+    if psutil.swap_memory().total == 0:
         raise LabError("the host has no swap enabled: ballooned guests page out to swap "
                        "(scripts/setup-swap.sh makes a swap file)")
     if not hostd_config.is_file():
