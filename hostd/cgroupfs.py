@@ -1,0 +1,120 @@
+"""The `cgroupfs` host backend (groundwork for host-level reclamation, SPEC §3.4/§3.8): read
+and write a guest cgroup's memory limit and freeze or thaw it, on cgroup v1 or v2, by writing
+the files directly. hostd will lower a limit to apply a swap target (the kernel then pages the
+guest out without its help) and freeze guests in the low state.
+
+Paths are relative to the hierarchy (e.g. "balloonlab-lab/web"): on v1 the memory and freezer
+controllers are separate hierarchies with the same relative path."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from guestagent.cgroup import parse_flat_keyed
+
+UNLIMITED_V1 = 1 << 62  # v1 reports "no limit" as a huge page-aligned number
+
+
+class BackendError(RuntimeError):
+    """The backend cannot do what was asked; the message says which file and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupfsBackend:
+    root: Path = Path("/sys/fs/cgroup")
+
+    @property
+    def version(self) -> int:
+        if (self.root / "memory" / "memory.limit_in_bytes").exists():
+            return 1
+        if (self.root / "cgroup.controllers").exists():
+            return 2
+        raise BackendError(f"no memory cgroup hierarchy under {self.root}")
+
+    def _memory(self, cgroup: str) -> Path:
+        relative = cgroup.strip("/")
+        if not relative or ".." in Path(relative).parts:
+            raise BackendError(f"cgroup {cgroup!r}: a path below the hierarchy's root")
+        path = (self.root / "memory" / relative) if self.version == 1 else (self.root / relative)
+        if not path.is_dir():
+            raise BackendError(f"cgroup {cgroup!r}: {path} does not exist")
+        return path
+
+    @staticmethod
+    def _read(path: Path) -> str:
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise BackendError(f"cannot read {path}: {exc.strerror}") from None
+
+    @staticmethod
+    def _write(path: Path, value: str) -> None:
+        try:
+            path.write_text(value)
+        except PermissionError:
+            raise BackendError(f"permission denied writing {path}: hostd needs root for the cgroupfs backend") from None
+        except OSError as exc:
+            # EBUSY on v1: the kernel could not reclaim down to a lower limit
+            raise BackendError(f"cannot write {value} to {path}: {exc.strerror}") from None
+
+    # ---- memory limit ---------------------------------------------------------------------
+    def limit_bytes(self, cgroup: str) -> int | None:
+        path = self._memory(cgroup)
+        if self.version == 1:
+            value = int(self._read(path / "memory.limit_in_bytes"))
+            return None if value >= UNLIMITED_V1 else value
+        text = self._read(path / "memory.max")
+        return None if text == "max" else int(text)
+
+    def set_limit_bytes(self, cgroup: str, limit_bytes: int | None) -> None:
+        """None = unlimited. On v1 the memory+swap limit must stay ≥ the memory limit, so it
+        is raised first when the new limit would pass it (and never lowered here: the guest's
+        own swap allowance is not the host's to take)."""
+        if limit_bytes is not None and limit_bytes < 0:
+            raise BackendError(f"limit {limit_bytes}: must be ≥ 0")
+        path = self._memory(cgroup)
+        if self.version == 2:
+            self._write(path / "memory.max", "max" if limit_bytes is None else str(limit_bytes))
+            return
+        memsw = path / "memory.memsw.limit_in_bytes"
+        wanted = -1 if limit_bytes is None else limit_bytes
+        if memsw.exists():
+            memsw_limit = int(self._read(memsw))
+            if limit_bytes is None or limit_bytes > memsw_limit:
+                self._write(memsw, str(wanted))
+        self._write(path / "memory.limit_in_bytes", str(wanted))
+
+    # ---- freezing -------------------------------------------------------------------------
+    def _freezer(self, cgroup: str) -> Path:
+        if self.version == 2:
+            return self._memory(cgroup)
+        path = self.root / "freezer" / cgroup.strip("/")
+        if not (path / "freezer.state").exists():
+            raise BackendError(f"cgroup {cgroup!r}: no v1 freezer cgroup at {path} (the guest must be in one)")
+        return path
+
+    def set_frozen(self, cgroup: str, frozen: bool) -> None:
+        path = self._freezer(cgroup)
+        if self.version == 2:
+            self._write(path / "cgroup.freeze", "1" if frozen else "0")
+        else:
+            self._write(path / "freezer.state", "FROZEN" if frozen else "THAWED")
+
+    def frozen(self, cgroup: str) -> bool:
+        """Whether every task is frozen (a freeze takes effect asynchronously)."""
+        path = self._freezer(cgroup)
+        if self.version == 2:
+            return parse_flat_keyed(self._read(path / "cgroup.events")).get("frozen") == 1
+        return self._read(path / "freezer.state") == "FROZEN"
+
+    def thaw_all(self, cgroups: list[str]) -> list[str]:
+        """Best effort, for exit and crash recovery: thaw each, return those that failed."""
+        failed = []
+        for cgroup in cgroups:
+            with contextlib.suppress(BackendError):
+                self.set_frozen(cgroup, False)
+                continue
+            failed.append(cgroup)
+        return failed
