@@ -17,55 +17,68 @@ from guestagent.cgroup import parse_flat_keyed
 UNLIMITED_V1 = 1 << 62  # v1 reports "no limit" as a huge page-aligned number
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
 class BackendError(RuntimeError):
     """The backend cannot do what was asked; the message says which file and why."""
 
 
+# ---- cgroupfs primitives (also the cgroup lab's: lab/cgroups.py) --------------------------------
+def memory_cgroup_version(root: Path = CGROUP_ROOT) -> int:
+    if (root / "memory" / "memory.limit_in_bytes").exists():
+        return 1
+    controllers = root / "cgroup.controllers"
+    if controllers.exists() and "memory" in controllers.read_text().split():
+        return 2
+    raise BackendError(f"no memory cgroup controller under {root} (v1 {root}/memory or v2 with 'memory')")
+
+
+def memory_hierarchy(version: int, root: Path = CGROUP_ROOT) -> Path:
+    return root / "memory" if version == 1 else root
+
+
+def read_control_file(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise BackendError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def write_control_file(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except PermissionError:
+        raise BackendError(f"permission denied writing {path}: this needs root") from None
+    except OSError as exc:
+        # e.g. EBUSY on v1: the kernel could not reclaim down to a lower limit
+        raise BackendError(f"cannot write {value!r} to {path}: {exc.strerror}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class CgroupfsBackend:
-    root: Path = Path("/sys/fs/cgroup")
+    root: Path = CGROUP_ROOT
 
     @property
     def version(self) -> int:
-        if (self.root / "memory" / "memory.limit_in_bytes").exists():
-            return 1
-        if (self.root / "cgroup.controllers").exists():
-            return 2
-        raise BackendError(f"no memory cgroup hierarchy under {self.root}")
+        return memory_cgroup_version(self.root)
 
     def _memory(self, cgroup: str) -> Path:
         relative = cgroup.strip("/")
         if not relative or ".." in Path(relative).parts:
             raise BackendError(f"cgroup {cgroup!r}: a path below the hierarchy's root")
-        path = (self.root / "memory" / relative) if self.version == 1 else (self.root / relative)
+        path = memory_hierarchy(self.version, self.root) / relative
         if not path.is_dir():
             raise BackendError(f"cgroup {cgroup!r}: {path} does not exist")
         return path
-
-    @staticmethod
-    def _read(path: Path) -> str:
-        try:
-            return path.read_text().strip()
-        except OSError as exc:
-            raise BackendError(f"cannot read {path}: {exc.strerror}") from None
-
-    @staticmethod
-    def _write(path: Path, value: str) -> None:
-        try:
-            path.write_text(value)
-        except PermissionError:
-            raise BackendError(f"permission denied writing {path}: hostd needs root for the cgroupfs backend") from None
-        except OSError as exc:
-            # EBUSY on v1: the kernel could not reclaim down to a lower limit
-            raise BackendError(f"cannot write {value} to {path}: {exc.strerror}") from None
 
     # ---- memory limit ---------------------------------------------------------------------
     def limit_bytes(self, cgroup: str) -> int | None:
         path = self._memory(cgroup)
         if self.version == 1:
-            value = int(self._read(path / "memory.limit_in_bytes"))
+            value = int(read_control_file(path / "memory.limit_in_bytes"))
             return None if value >= UNLIMITED_V1 else value
-        text = self._read(path / "memory.max")
+        text = read_control_file(path / "memory.max")
         return None if text == "max" else int(text)
 
     def set_limit_bytes(self, cgroup: str, limit_bytes: int | None) -> None:
@@ -76,15 +89,15 @@ class CgroupfsBackend:
             raise BackendError(f"limit {limit_bytes}: must be ≥ 0")
         path = self._memory(cgroup)
         if self.version == 2:
-            self._write(path / "memory.max", "max" if limit_bytes is None else str(limit_bytes))
+            write_control_file(path / "memory.max", "max" if limit_bytes is None else str(limit_bytes))
             return
         memsw = path / "memory.memsw.limit_in_bytes"
         wanted = -1 if limit_bytes is None else limit_bytes
         if memsw.exists():
-            memsw_limit = int(self._read(memsw))
+            memsw_limit = int(read_control_file(memsw))
             if limit_bytes is None or limit_bytes > memsw_limit:
-                self._write(memsw, str(wanted))
-        self._write(path / "memory.limit_in_bytes", str(wanted))
+                write_control_file(memsw, str(wanted))
+        write_control_file(path / "memory.limit_in_bytes", str(wanted))
 
     # ---- freezing -------------------------------------------------------------------------
     def _freezer(self, cgroup: str) -> Path:
@@ -98,16 +111,16 @@ class CgroupfsBackend:
     def set_frozen(self, cgroup: str, frozen: bool) -> None:
         path = self._freezer(cgroup)
         if self.version == 2:
-            self._write(path / "cgroup.freeze", "1" if frozen else "0")
+            write_control_file(path / "cgroup.freeze", "1" if frozen else "0")
         else:
-            self._write(path / "freezer.state", "FROZEN" if frozen else "THAWED")
+            write_control_file(path / "freezer.state", "FROZEN" if frozen else "THAWED")
 
     def frozen(self, cgroup: str) -> bool:
         """Whether every task is frozen (a freeze takes effect asynchronously)."""
         path = self._freezer(cgroup)
         if self.version == 2:
-            return parse_flat_keyed(self._read(path / "cgroup.events")).get("frozen") == 1
-        return self._read(path / "freezer.state") == "FROZEN"
+            return parse_flat_keyed(read_control_file(path / "cgroup.events")).get("frozen") == 1
+        return read_control_file(path / "freezer.state") == "FROZEN"
 
     def thaw_all(self, cgroups: list[str]) -> list[str]:
         """Best effort, for exit and crash recovery: thaw each, return those that failed."""

@@ -10,34 +10,18 @@ import signal
 import time
 from pathlib import Path
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+from hostd.cgroupfs import (
+    CGROUP_ROOT,
+    BackendError,
+    memory_cgroup_version,
+    memory_hierarchy,
+    write_control_file,
+)
 
-
-class CgroupSetupError(RuntimeError):
-    """The host cannot give the lab what it needs (no memory controller, no swap accounting,
-    no permission); the message says what to do."""
-
-
-def memory_cgroup_version(root: Path = CGROUP_ROOT) -> int:
-    if (root / "memory" / "memory.limit_in_bytes").exists():
-        return 1
-    controllers = root / "cgroup.controllers"
-    if controllers.exists() and "memory" in controllers.read_text().split():
-        return 2
-    raise CgroupSetupError(f"no memory cgroup controller under {root} (v1 {root}/memory or v2 with 'memory')")
-
-
-def memory_hierarchy(version: int, root: Path = CGROUP_ROOT) -> Path:
-    return root / "memory" if version == 1 else root
-
-
-def _write(path: Path, value: str) -> None:
-    try:
-        path.write_text(value)
-    except PermissionError:
-        raise CgroupSetupError(f"permission denied writing {path}: the lab needs root") from None
-    except OSError as exc:
-        raise CgroupSetupError(f"cannot write {value!r} to {path}: {exc.strerror}") from None
+# One error type for cgroup file trouble: the primitives are hostd's cgroupfs backend's.
+CgroupSetupError = BackendError
+__all__ = ["CgroupSetupError", "create_guest", "create_parent", "memory_cgroup_version", "memory_hierarchy",
+           "pids_in", "remove", "usage"]
 
 
 def create_parent(version: int, name: str, root: Path = CGROUP_ROOT) -> Path:
@@ -47,7 +31,7 @@ def create_parent(version: int, name: str, root: Path = CGROUP_ROOT) -> Path:
     except PermissionError:
         raise CgroupSetupError(f"permission denied creating {parent}: the lab needs root") from None
     if version == 2:  # children get a memory controller only when the parent delegates it
-        _write(parent / "cgroup.subtree_control", "+memory")
+        write_control_file(parent / "cgroup.subtree_control", "+memory")
     return parent
 
 
@@ -55,17 +39,17 @@ def create_guest(parent: Path, version: int, name: str, memory_bytes: int, swap_
     path = parent / name
     path.mkdir()
     if version == 1:
-        _write(path / "memory.limit_in_bytes", str(memory_bytes))
+        write_control_file(path / "memory.limit_in_bytes", str(memory_bytes))
         memsw = path / "memory.memsw.limit_in_bytes"
         if not memsw.exists():
             raise CgroupSetupError("cgroup v1 without swap accounting: boot with swapaccount=1 (or use cgroup v2)")
-        _write(memsw, str(memory_bytes + swap_bytes))
-        _write(path / "memory.swappiness", "60")
+        write_control_file(memsw, str(memory_bytes + swap_bytes))
+        write_control_file(path / "memory.swappiness", "60")
     else:
-        _write(path / "memory.max", str(memory_bytes))
+        write_control_file(path / "memory.max", str(memory_bytes))
         if not (path / "memory.swap.max").exists():
             raise CgroupSetupError("cgroup v2 without memory.swap.max: the kernel lacks swap accounting")
-        _write(path / "memory.swap.max", str(swap_bytes))
+        write_control_file(path / "memory.swap.max", str(swap_bytes))
     return path
 
 

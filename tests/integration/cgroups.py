@@ -13,17 +13,16 @@ import uuid
 from pathlib import Path
 
 from guestagent.cgroup import CgroupReader, parse_flat_keyed
+from hostd import cgroupfs
 
 ROOT = Path("/sys/fs/cgroup")
 
 
 def memory_cgroup_version() -> int | None:
-    if (ROOT / "memory" / "memory.limit_in_bytes").exists():
-        return 1
-    controllers = ROOT / "cgroup.controllers"
-    if controllers.exists() and "memory" in controllers.read_text().split():
-        return 2
-    return None
+    try:
+        return cgroupfs.memory_cgroup_version(ROOT)
+    except cgroupfs.BackendError:
+        return None
 
 
 class TestCgroup:
