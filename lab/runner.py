@@ -48,27 +48,24 @@ class LabOptions:
 
 
 # ---- process bookkeeping --------------------------------------------------------------------
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot): with the pid it names one process,
-    so a recycled pid is never mistaken for ours."""
+def _stat(pid: int) -> tuple[str, int] | None:
+    """The process's state letter and start time (clock ticks since boot): with the pid the
+    start time names one process, so a recycled pid is never mistaken for ours."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    return fields[0], int(fields[19])
 
 
 def _record(process: subprocess.Popen[bytes]) -> dict[str, int | None]:
-    return {"pid": process.pid, "start_ticks": _start_ticks(process.pid)}
+    stat = _stat(process.pid)
+    return {"pid": process.pid, "start_ticks": stat[1] if stat else None}
 
 
 def _alive(entry: dict[str, Any]) -> bool:
-    ticks = _start_ticks(entry["pid"])
-    if ticks is None or ticks != entry.get("start_ticks"):
-        return False
-    with contextlib.suppress(OSError):  # a zombie is not alive
-        return Path(f"/proc/{entry['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return False
+    stat = _stat(entry["pid"])
+    return stat is not None and stat[1] == entry.get("start_ticks") and stat[0] != "Z"  # a zombie is not alive
 
 
 def _signal_group(entry: dict[str, Any], signum: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 
 import pytest
 
@@ -25,6 +26,13 @@ def swap_total_bytes() -> int:
             if line.startswith("SwapTotal:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def free_loopback_port() -> int:
+    """A TCP port nobody listens on right now (for hostd's endpoints and HTTP port in tests)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def require_root() -> None:

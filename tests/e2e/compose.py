@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from tests.conftest import free_loopback_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_BASE_IMAGE = "balloonlab-base:bookworm"
@@ -30,12 +31,6 @@ def compose_command() -> list[str] | None:
 
 def image_exists(tag: str) -> bool:
     return subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class ComposeLab:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -11,22 +10,17 @@ from typing import Any
 
 from hostd.ctl import request
 from protocol import GetStatus, StatusReply
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.conftest import free_loopback_port
 
 
 class HostdProcess:
     def __init__(self, workdir: Path, *flags: str, agent_port: int | None = None,
                  control_port: int | None = None) -> None:
-        self.agent_port = agent_port or free_port()
-        self.control_port = control_port or free_port()
+        self.agent_port = agent_port or free_loopback_port()
+        self.control_port = control_port or free_loopback_port()
         self.agent_endpoint = f"tcp://127.0.0.1:{self.agent_port}"
         self.control_endpoint = f"tcp://127.0.0.1:{self.control_port}"
-        self.http_port = free_port()
+        self.http_port = free_loopback_port()
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = workdir / f"hostd-{self.agent_port}-{time.monotonic_ns()}.log"
         self.event_log = workdir / "events.jsonl"

@@ -10,8 +10,7 @@ import pytest
 from lab.experiments import IdleTaxSetup, run_idle_tax
 from lab.runner import LabOptions
 from lab.spec import Endpoints
-from tests.conftest import require_root, require_swap
-from tests.e2e.compose import free_loopback_port
+from tests.conftest import free_loopback_port, require_root, require_swap
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.swap, pytest.mark.timeout(600)]
 MiB = 1 << 20

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from lab import cgroups
-from tests.conftest import require, require_root, require_swap
-from tests.e2e.compose import free_loopback_port, wait_for
+from tests.conftest import free_loopback_port, require, require_root, require_swap
+from tests.e2e.compose import wait_for
 from tests.integration.browser import Browser, chromium_binary
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.swap, pytest.mark.timeout(600)]
