@@ -135,8 +135,12 @@ class HttpPort:
     def start(self) -> None:
         self._thread.start()
 
-    def publish(self, snapshot: dict[str, Any]) -> None:
-        sample = sample_record(snapshot) if len(snapshot["vms"]) <= HISTORY_MAX_VMS else None
+    def publish(self, snapshot: dict[str, Any], sample: dict[str, Any] | None = None) -> None:
+        """`sample`: the snapshot's timeline record, when the caller made it already."""
+        if len(snapshot["vms"]) > HISTORY_MAX_VMS:
+            sample = None
+        elif sample is None:
+            sample = sample_record(snapshot)
         with self._changed:
             self._snapshot = snapshot
             if sample is not None:

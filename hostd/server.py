@@ -195,10 +195,12 @@ class HostServer:
                     if (self.http is not None or self.timeline is not None) and now_ms() >= next_publish:
                         next_publish = now_ms() + PUBLISH_MS
                         snapshot = self.core.snapshot(now_ms())
-                        if self.http is not None:
-                            self.http.publish(snapshot)
+                        sample = None
                         if self.timeline is not None:
-                            self.timeline.write([sample_record(snapshot)])
+                            sample = sample_record(snapshot)
+                            self.timeline.write([sample])
+                        if self.http is not None:
+                            self.http.publish(snapshot, sample)
         finally:
             self.close()
 
