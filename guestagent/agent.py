@@ -60,8 +60,11 @@ class Plan:
 
 
 def margin_bytes(reading: GuestReading, cfg: PacingConfig) -> int:
-    limit = reading.limit_bytes or 0
-    return max(cfg.min_margin_bytes, int(limit * cfg.margin_ratio))
+    return _margin_for_limit(reading.limit_bytes or 0, cfg)
+
+
+def _margin_for_limit(limit_bytes: int, cfg: PacingConfig) -> int:
+    return max(cfg.min_margin_bytes, int(limit_bytes * cfg.margin_ratio))
 
 
 def givable_bytes(reading: GuestReading, host_swap_free_bytes: int, host_available_bytes: int,
@@ -226,8 +229,7 @@ def working_set_cap_pages(limit_bytes: int | None, memsz_bytes: int, touched_rat
     if limit_bytes is None or touched_ratio is None:
         return None
     working_set_bytes = int(touched_ratio * memsz_bytes)
-    margin = max(cfg.min_margin_bytes, int(limit_bytes * cfg.margin_ratio))
-    return max(0, limit_bytes - working_set_bytes - margin) // PAGE_SIZE_BYTES
+    return max(0, limit_bytes - working_set_bytes - _margin_for_limit(limit_bytes, cfg)) // PAGE_SIZE_BYTES
 
 
 def plan(*, balloon_pages: int, target_pages: int, givable: int, rate_batches: int, now_ms: int,
