@@ -74,6 +74,12 @@ class GuestReading:
         return stats
 
 
+# Every name `as_stats` fills, in a fixed order: the agent declares them once at hello.
+READING_STATS_KEYS: tuple[str, ...] = tuple(dict.fromkeys(
+    [f.name for f in fields(GuestReading)]
+    + ["swap_in", "swap_out", "major_faults", "minor_faults", "total_memory", "free_memory", "disk_caches"]))
+
+
 # ---- pure parsers ------------------------------------------------------------------------
 def parse_flat_keyed(text: str) -> dict[str, int]:
     """`key value` lines (memory.stat, memory.events, memory.oom_control)."""

@@ -4,9 +4,11 @@ and time.
 
 Lifecycle: hello → welcome (adopt any balloon still held: lock(adopt=True)) → follow
 set_target in batches, answering nothing without the host's per-range verdict → status
-every report interval (the host answers each with a heartbeat). Host silent for
-host_timeout_ms → re-hello with backoff on a fresh socket; silent for host_grace_ms more →
-deflate gradually. SIGTERM/SIGINT → deflate, bye, exit 0.
+every report interval (unanswered). The host counts as there while frames come from it or
+our sends get through: with ZMQ_IMMEDIATE a send fails while no connection is up, and ZMTP
+heartbeats (PING/PONG, answered by hostd's I/O thread) drop a connection to a host that
+stopped answering. Host unreachable for host_timeout_ms → re-hello with backoff on a fresh
+socket; for host_grace_ms more → deflate gradually. SIGTERM/SIGINT → deflate, bye, exit 0.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import zmq
 
 from guestagent import agent
 from guestagent.balloon import Batch, Pinner
-from guestagent.cgroup import CgroupReader, GuestReading
+from guestagent.cgroup import READING_STATS_KEYS, CgroupReader, GuestReading
 from guestagent.config import AgentConfig
 from guestagent.errors import AgentError, CgroupError, PinError
 from guestagent.wss import Sample, WorkingSetSampler
@@ -47,12 +49,18 @@ from protocol import (
     Welcome,
     decode,
     encode,
+    stats_values,
 )
 from protocol.limits import MAX_FRAME_BYTES, MAX_RANGES_PER_MESSAGE
 
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
+
+
+# The names of every status's stats array, declared once at hello.
+STATS_KEYS: tuple[str, ...] = (*READING_STATS_KEYS, "givable_bytes", "pressure_deflates", "ws_samples",
+                               "ws_current_ratio", *agent.WORKLOAD_REPORT_FIELDS.values())
 
 
 def _now_ms() -> int:
@@ -137,6 +145,10 @@ class AgentLoop:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue hellos for a host that is not there
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        # A host that vanished without closing the connection (a cut network) is noticed by
+        # its missing PONGs: the connection drops and sends start failing.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, self._host_timeout_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self._host_timeout_ms)
         if self.cfg.curve_client_key and self.cfg.curve_server_public_key:
             from protocol.keys import load_keypair
 
@@ -153,6 +165,7 @@ class AgentLoop:
         assert self.socket is not None
         try:
             self.socket.send(encode(message, self._seq), zmq.NOBLOCK)
+            self._last_host_ms = _now_ms()  # a connection to the host is up
         except zmq.Again:
             log.debug("host not reachable: %s not sent", message.kind)
         return self._seq
@@ -251,13 +264,13 @@ class AgentLoop:
             page_kind=self.pinner.page_kind,  # type: ignore[arg-type]
             supports_2m=self.pinner.huge_pages, cgroup_version=self.reader.version,
             max_batch_pages=self.cfg.batch_pages, held_pages=self.pinner.held_pages,
-            last_host_session_id=self._host_session,
+            last_host_session_id=self._host_session, stats_keys=STATS_KEYS,
         ))
         self._next_hello_ms = now + self._hello_backoff_ms
         self._hello_backoff_ms = min(self._hello_backoff_ms * 2, 5_000)
 
     def _lose_host(self, now: int) -> None:
-        log.warning("host silent for %d ms: re-registering (balloon %d pages held)",
+        log.warning("host unreachable for %d ms: re-registering (balloon %d pages held)",
                     now - self._last_host_ms, self.pinner.held_pages)
         self._registered = False
         self._host_lost_since_ms = now
@@ -521,7 +534,8 @@ class AgentLoop:
         self._send(Status(
             balloon_pages=self.pinner.held_pages, acked_target_seq=self._target_seq,
             refused_pages=min(self._refused_since_target, self.memsz_bytes // PAGE_SIZE_BYTES),
-            agent_state=self._state, stats={k: v for k, v in stats.items() if not isinstance(v, bool)},
+            agent_state=self._state,
+            stats=stats_values(STATS_KEYS, {k: v for k, v in stats.items() if not isinstance(v, bool)}),
             ws_touched_ratio=last.ratio if last else None,
             ws_method=method_source.method if method_source else "none",
             ws_period_ms=last.period_ms if last else 0,

@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 
 TICK_MS = 100
 PUBLISH_MS = 1_000  # the HTTP port's snapshot and the timeline's samples: as fresh as the agents' reports
+# With thousands of agents a status arrives every few hundred µs, and waking up for each
+# one cost more than handling it. After a wakeup that only took in statuses (nothing was
+# answered, so no agent is waiting on us) the loop waits this long to let frames queue up
+# and handles them in one pass. Any wakeup that sent a reply (lock results, welcomes,
+# control answers) polls again at once, so ballooning round trips are never slowed.
+COALESCE_S = 0.010
 
 
 def now_ms() -> int:
@@ -87,6 +93,7 @@ class HostServer:
         self.events = EventLog(config.event_log, self.session_id)
         self.timeline = TimelineFile(config.timeline) if config.timeline is not None else None
         self.stop_requested = False
+        self._sent_in_pass = 0
         self._authenticator: Any = None
         self.agent_socket = self._router(config.agent_endpoint, curve=True, max_frame_bytes=MAX_FRAME_BYTES)
         self.control_socket = self._router(config.control_endpoint, curve=False,
@@ -129,6 +136,7 @@ class HostServer:
         log.info("CurveZMQ on; agents allowed from %s", self.config.curve_allowlist)
 
     def _send(self, out: Outgoing) -> None:
+        self._sent_in_pass += len(out)
         for identity, frame in out:
             try:
                 self.agent_socket.send_multipart([identity, frame], flags=zmq.NOBLOCK)
@@ -185,14 +193,19 @@ class HostServer:
         try:
             while not self.stop_requested:
                 ready = dict(poller.poll(max(0, next_tick - now_ms())))
+                self._sent_in_pass = 0
                 if self.agent_socket in ready:
                     self._on_agent_readable()
                 if self.control_socket in ready:
                     self._on_control_readable()
+                    self._sent_in_pass += 1
+                if ready and not self._sent_in_pass and not self.stop_requested:
+                    time.sleep(COALESCE_S)
                 if now_ms() >= next_tick:
                     next_tick = now_ms() + TICK_MS
                     self._send(self.core.tick(now_ms()))
-                    if (self.http is not None or self.timeline is not None) and now_ms() >= next_publish:
+                    if now_ms() >= next_publish and (self.timeline is not None or (
+                            self.http is not None and self.http.wants_snapshot(len(self.core.vms)))):
                         next_publish = now_ms() + PUBLISH_MS
                         snapshot = self.core.snapshot(now_ms())
                         sample = None

@@ -33,6 +33,8 @@ from protocol.messages import (
     Unlock,
     UnlockResult,
     Welcome,
+    stats_map,
+    stats_values,
 )
 from protocol.pages import PageRanges
 
@@ -70,4 +72,6 @@ __all__ = [
     "Welcome",
     "decode",
     "encode",
+    "stats_map",
+    "stats_values",
 ]

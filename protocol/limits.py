@@ -6,7 +6,7 @@ dropped by libzmq before Python sees it.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: stats as an array named once by hello.stats_keys
 
 PAGE_SIZE_BYTES = 4096
 HUGE_PAGE_PAGES = 512  # one 2 MiB page = 512 base pages

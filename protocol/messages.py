@@ -21,6 +21,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import (
     MAX_INTERVAL_MS,
     MAX_KEY_CHARS,
+    MAX_MAP_ENTRIES,
     MAX_MEMSZ_BYTES,
     MAX_PAGE_NUMBER,
     MAX_PAGES,
@@ -98,6 +99,28 @@ def check_plain_data(value: Any, depth: int = 0, budget: list[int] | None = None
     raise _invalid(f"snapshot holds a {type(value).__name__}")
 
 
+StatValue = int | float | None
+
+
+def check_stats_keys(keys: tuple[str, ...]) -> None:
+    if len(keys) > MAX_MAP_ENTRIES:
+        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"stats_keys: more than {MAX_MAP_ENTRIES} names")
+    if any(not 1 <= len(key) <= MAX_KEY_CHARS for key in keys):
+        raise _invalid(f"stats_keys: names must be 1..{MAX_KEY_CHARS} chars")
+    if len(set(keys)) != len(keys):
+        raise _invalid("stats_keys: names must be unique")
+
+
+def stats_values(keys: tuple[str, ...], stats: dict[str, StatValue]) -> tuple[StatValue, ...]:
+    """A status's `stats` array for the hello's `stats_keys` (absent names are None = unknown)."""
+    return tuple(stats.get(key) for key in keys)
+
+
+def stats_map(keys: tuple[str, ...], values: tuple[StatValue, ...]) -> dict[str, StatValue]:
+    """The names back on a status's `stats` array."""
+    return dict(zip(keys, values, strict=True))
+
+
 class RangeStatus(IntEnum):
     """Per-range answer to lock/unlock (vmw_balloon answers per entry)."""
 
@@ -142,7 +165,9 @@ class Hello(Message):
     cgroup_version: 1, 2, or 0 when unknown. max_batch_pages: largest lock batch it sends.
     held_pages: balloon it already holds (non-zero after a host restart: it will re-report
     those pages with `lock(adopt=True)` instead of inflating again). last_host_session_id:
-    the session it was registered with before, or None.
+    the session it was registered with before, or None. stats_keys: the names of the values
+    every `status.stats` array carries, in order (declared once here: names in every status
+    made the status map most of the host's decoding cost).
     Reply: welcome, or error (CONFLICT, ADMISSION_REFUSED, UNAUTHORIZED, INVALID_FIELD).
     """
 
@@ -157,9 +182,11 @@ class Hello(Message):
     max_batch_pages: int
     held_pages: int
     last_host_session_id: str | None
+    stats_keys: tuple[str, ...]
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
+        check_stats_keys(self.stats_keys)
         _check_range("memsz_bytes", self.memsz_bytes, PAGE_SIZE_BYTES, MAX_MEMSZ_BYTES)
         if self.memsz_bytes % PAGE_SIZE_BYTES:
             raise _invalid(f"memsz_bytes={self.memsz_bytes} is not a multiple of {PAGE_SIZE_BYTES}")
@@ -288,10 +315,12 @@ class Status(Message):
 
     balloon_pages: pages pinned now (MCTLSZ). acked_target_seq: newest target acted on.
     refused_pages: pages the guest could not give (no-OOM guard) since the last target.
-    agent_state: one of AGENT_STATES. stats: guest statistics (names in protocol/README.md),
-    None = unknown (never 0 for unknown). ws_touched_ratio: fraction of the guest's memory
-    touched during the last sampling period, None before the first period. ws_method:
-    how it was measured ("referenced", "active_lru", "none"). ws_period_ms: period length.
+    agent_state: one of AGENT_STATES. stats: guest statistics, one value per name of the
+    hello's `stats_keys`, in that order (names in protocol/README.md); None = unknown (never
+    0 for unknown). A host refuses a status whose array does not match (INVALID_FIELD).
+    ws_touched_ratio: fraction of the guest's memory touched during the last sampling period,
+    None before the first period. ws_method: how it was measured ("referenced",
+    "active_lru", "none"). ws_period_ms: period length.
     Reply: none.
     """
 
@@ -301,7 +330,7 @@ class Status(Message):
     acked_target_seq: int
     refused_pages: int
     agent_state: str
-    stats: dict[str, int | float | None]
+    stats: tuple[int | float | None, ...]
     ws_touched_ratio: float | None
     ws_method: str
     ws_period_ms: int
@@ -310,6 +339,8 @@ class Status(Message):
         _check_range("balloon_pages", self.balloon_pages, 0, MAX_PAGES)
         _check_range("acked_target_seq", self.acked_target_seq, 0, MAX_SEQ)
         _check_range("refused_pages", self.refused_pages, 0, MAX_PAGES)
+        if len(self.stats) > MAX_MAP_ENTRIES:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"stats: more than {MAX_MAP_ENTRIES} values")
         if self.agent_state not in AGENT_STATES:
             raise _invalid(f"agent_state {self.agent_state!r} not one of {AGENT_STATES}")
         if self.ws_touched_ratio is not None:

@@ -38,6 +38,7 @@ SAMPLES: dict[str, Message] = {
         max_batch_pages=512,
         held_pages=2048,
         last_host_session_id="h-5f3a",
+        stats_keys=("usage_bytes", "swap_used_bytes", "psi_full_avg10", "pgmajfault"),
     ),
     "welcome": Welcome(
         host_session_id="h-5f3a",
@@ -65,7 +66,7 @@ SAMPLES: dict[str, Message] = {
         acked_target_seq=7,
         refused_pages=0,
         agent_state="idle",
-        stats={"usage_bytes": 400 << 20, "swap_used_bytes": 120 << 20, "psi_full_avg10": 0.5, "pgmajfault": None},
+        stats=(400 << 20, 120 << 20, 0.5, None),
         ws_touched_ratio=0.25,
         ws_method="referenced",
         ws_period_ms=60000,

@@ -13,7 +13,6 @@ from protocol import (
     Bye,
     Error,
     ErrorCode,
-    Heartbeat,
     Hello,
     Lock,
     LockResult,
@@ -27,6 +26,7 @@ from protocol import (
     Welcome,
     decode,
     encode,
+    stats_map,
 )
 
 
@@ -121,8 +121,7 @@ class MiniHost:
             self._send(identity, UnlockResult(results=self._results(message, RangeStatus.OK), target_pages=target,
                                               target_seq=self.target_seq), seq)
         elif isinstance(message, Status):
-            self.statuses.append(message)
-            self._send(identity, Heartbeat())
+            self.statuses.append(message)  # unanswered, as hostd does
         elif isinstance(message, Bye):
             self.byes.append(message)
             self.ledger.pop(identity, None)
@@ -141,3 +140,9 @@ class MiniHost:
 
     def last_status(self) -> Status | None:
         return self.statuses[-1] if self.statuses else None
+
+    def stat(self, name: str) -> int | float | None:
+        """A value of the last status's stats, by the name the last hello gave it."""
+        status = self.last_status()
+        assert status is not None and self.hellos
+        return stats_map(self.hellos[-1].stats_keys, status.stats)[name]

@@ -56,6 +56,10 @@ def test_host_gone_past_grace_deflates_gradually(make_cgroup, context):
     host.set_target("orphan", 128 * PAGES_PER_MiB)
     host.pump(lambda: (s := host.last_status()) is not None and s.balloon_pages == 128 * PAGES_PER_MiB,
               30, "balloon at 128 MiB")
+    # A host that never answers statuses is still there: its connection is up (no re-hello).
+    quiet_until = time.monotonic() + 2.0  # twice the agent's host timeout (5 × 200 ms)
+    host.pump(lambda: time.monotonic() > quiet_until, 5, "a quiet host")
+    assert len(host.hellos) == 1
     host.close()
     gone_at = time.monotonic()
     samples = []

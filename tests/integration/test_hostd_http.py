@@ -43,15 +43,15 @@ def test_metrics_and_status_json_on_the_http_port(tmp_path: Path) -> None:
             sock.connect(hostd.agent_endpoint)
             sock.send(encode(Hello(vm_id=vm_id, memsz_bytes=512 * MiB, agent_version="test", page_kind="vpn",
                                    supports_2m=False, cgroup_version=2, max_batch_pages=512, held_pages=0,
-                                   last_host_session_id=None), 1))
+                                   last_host_session_id=None,
+                                   stats_keys=("usage_bytes", "swap_used_bytes", "workload_touches_per_s")), 1))
             agents.append(sock)
         deadline = time.monotonic() + 15
         metrics = b""
         while time.monotonic() < deadline:
             for seq, sock in enumerate(agents, start=2):
                 sock.send(encode(Status(balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle",
-                                        stats={"usage_bytes": 300 * MiB, "swap_used_bytes": 0,
-                                               "workload_touches_per_s": 1000.0},
+                                        stats=(300 * MiB, 0, 1000.0),
                                         ws_touched_ratio=0.5, ws_method="referenced", ws_period_ms=1000), seq))
             code, content_type, metrics = fetch(f"{hostd.http_url}/metrics")
             if code == 200 and b'balloonlab_vm_alive{vm="db"} 1.0' in metrics and b'vm="web"' in metrics:

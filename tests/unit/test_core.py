@@ -30,17 +30,18 @@ MiB = 1 << 20
 PAGES_PER_MiB = 256
 
 
+STATS_KEYS = ("usage_bytes", "ws_samples", "ws_current_ratio")
+
+
 def hello(vm_id, memsz=256 * MiB, held=0, session=None):
     return Hello(vm_id=vm_id, memsz_bytes=memsz, agent_version="t", page_kind="vpn", supports_2m=False,
-                 cgroup_version=2, max_batch_pages=512, held_pages=held, last_host_session_id=session)
+                 cgroup_version=2, max_batch_pages=512, held_pages=held, last_host_session_id=session,
+                 stats_keys=STATS_KEYS)
 
 
 def status(balloon_pages=0, usage=100 * MiB, ws=None, samples=0, state="idle", current=None):
-    stats = {"usage_bytes": usage, "ws_samples": samples}
-    if current is not None:
-        stats["ws_current_ratio"] = current
     return Status(balloon_pages=balloon_pages, acked_target_seq=0, refused_pages=0, agent_state=state,
-                  stats=stats, ws_touched_ratio=ws, ws_method="referenced", ws_period_ms=1000)
+                  stats=(usage, samples, current), ws_touched_ratio=ws, ws_method="referenced", ws_period_ms=1000)
 
 
 class Harness:
@@ -192,6 +193,27 @@ def test_admission_refuses_unguaranteeable_reservation():
     [(_, reply)] = h.send("big", hello("big", memsz=512 * MiB))
     assert isinstance(reply, Error) and reply.code == ErrorCode.ADMISSION_REFUSED
     assert "guaranteed" in reply.detail
+
+
+def test_statuses_are_not_answered_and_stats_go_by_the_hello_names():
+    h = Harness()
+    h.send("a", hello("a"))
+    assert h.send("a", status(usage=120 * MiB, current=0.25)) == []  # liveness needs no reply
+    assert h.core.vms["a"].consumed_pages == 120 * PAGES_PER_MiB
+    assert h.core.vms["a"].stat("ws_current_ratio") == 0.25
+    assert h.core.vms["a"].stat("never_declared") is None
+
+
+def test_status_whose_stats_do_not_match_the_hello_is_refused_and_changes_nothing():
+    h = Harness()
+    h.send("a", hello("a"))
+    h.send("a", status(usage=120 * MiB))
+    bad = Status(balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle",
+                 stats=(50 * MiB,), ws_touched_ratio=None, ws_method="none", ws_period_ms=0)
+    [(_, reply)] = h.send("a", bad)
+    assert isinstance(reply, Error) and reply.code == ErrorCode.INVALID_FIELD and "3" in reply.detail
+    assert h.core.vms["a"].consumed_pages == 120 * PAGES_PER_MiB
+    assert h.core.protocol_errors == {"INVALID_FIELD": 1}
 
 
 def test_status_snapshot_and_bye():

@@ -12,8 +12,10 @@ from protocol import (
     Status,
     decode,
     encode,
+    stats_map,
+    stats_values,
 )
-from protocol.limits import MAX_FRAME_BYTES
+from protocol.limits import MAX_FRAME_BYTES, PROTOCOL_VERSION
 from tests.samples import SAMPLES
 
 GOLDEN_DIR = Path(__file__).parent.parent / "data" / "golden"
@@ -43,7 +45,7 @@ def test_golden_bytes(kind):
 def _hello(**overrides):
     fields = dict(
         vm_id="web", memsz_bytes=1 << 29, agent_version="x", page_kind="vpn", supports_2m=False,
-        cgroup_version=1, max_batch_pages=512, held_pages=0, last_host_session_id=None,
+        cgroup_version=1, max_batch_pages=512, held_pages=0, last_host_session_id=None, stats_keys=(),
     )
     fields.update(overrides)
     return Hello(**fields)
@@ -69,7 +71,7 @@ def test_hello_validation(overrides):
     assert info.value.code == ErrorCode.INVALID_FIELD
 
 
-def _frame(kind, body, v=1, seq=1):
+def _frame(kind, body, v=PROTOCOL_VERSION, seq=1):
     import msgpack
 
     return msgpack.packb({"v": v, "kind": kind, "seq": seq, "body": body}, use_bin_type=True)
@@ -79,7 +81,7 @@ def _hello_body(**overrides):
     body = {
         "vm_id": "web", "memsz_bytes": 1 << 29, "agent_version": "x", "page_kind": "vpn",
         "supports_2m": False, "cgroup_version": 1, "max_batch_pages": 512, "held_pages": 0,
-        "last_host_session_id": None,
+        "last_host_session_id": None, "stats_keys": ["usage_bytes"],
     }
     body.update(overrides)
     return body
@@ -90,7 +92,8 @@ def _hello_body(**overrides):
     [
         (b"", ErrorCode.MALFORMED),
         (b"\xc1", ErrorCode.MALFORMED),
-        (_frame("hello", _hello_body(), v=2), ErrorCode.UNSUPPORTED_VERSION),
+        (_frame("hello", _hello_body(), v=1), ErrorCode.UNSUPPORTED_VERSION),  # stats as a map
+        (_frame("hello", _hello_body(), v=3), ErrorCode.UNSUPPORTED_VERSION),
         (_frame("hello", _hello_body(), v="1"), ErrorCode.UNSUPPORTED_VERSION),
         (_frame("nope", {}), ErrorCode.UNKNOWN_KIND),
         (_frame("hello", _hello_body(), seq=-1), ErrorCode.MALFORMED),
@@ -101,6 +104,11 @@ def _hello_body(**overrides):
         (_frame("hello", _hello_body(memsz_bytes=True)), ErrorCode.INVALID_FIELD),
         (_frame("hello", _hello_body(page_kind="ppn")), ErrorCode.INVALID_FIELD),
         (_frame("hello", _hello_body(agent_version="x" * 5000)), ErrorCode.LIMIT_EXCEEDED),
+        (_frame("hello", _hello_body(stats_keys=["a", "a"])), ErrorCode.INVALID_FIELD),
+        (_frame("hello", _hello_body(stats_keys=[""])), ErrorCode.INVALID_FIELD),
+        (_frame("hello", _hello_body(stats_keys=["k" * 65])), ErrorCode.INVALID_FIELD),
+        (_frame("hello", _hello_body(stats_keys=[1])), ErrorCode.INVALID_FIELD),
+        (_frame("hello", _hello_body(stats_keys=[f"k{i}" for i in range(257)])), ErrorCode.LIMIT_EXCEEDED),
         (_frame("set_target", {"target_pages": -1, "target_seq": 1}), ErrorCode.INVALID_FIELD),
         (_frame("set_target", {"target_pages": 2**64 - 1, "target_seq": 1}), ErrorCode.INVALID_FIELD),
         (_frame("lock", {"pages": [1, 2], "adopt": False}), ErrorCode.INVALID_FIELD),
@@ -120,9 +128,9 @@ def test_decode_rejects_with_code(frame, code):
 def test_status_unknown_stat_is_none_not_zero():
     status = Status(
         balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle",
-        stats={"pgmajfault": None}, ws_touched_ratio=None, ws_method="none", ws_period_ms=0,
+        stats=(None,), ws_touched_ratio=None, ws_method="none", ws_period_ms=0,
     )
-    assert decode(encode(status, 1)).message.stats == {"pgmajfault": None}
+    assert decode(encode(status, 1)).message.stats == (None,)
 
 
 @pytest.mark.parametrize(
@@ -153,31 +161,40 @@ def test_encode_refuses_oversized_frame():
     assert info.value.code == ErrorCode.TOO_LARGE
 
 
-# ---- the stats map's bulk fast path gives the same answers as the per-entry checks ----------
-def _status_frame(stats: dict) -> bytes:
+# ---- the stats array's bulk fast path gives the same answers as the per-item checks ---------
+def _status_frame(stats: list) -> bytes:
     import msgpack
 
     body = {"balloon_pages": 0, "acked_target_seq": 0, "refused_pages": 0, "agent_state": "idle", "stats": stats,
             "ws_touched_ratio": None, "ws_method": "none", "ws_period_ms": 0}
-    return msgpack.packb({"v": 1, "kind": "status", "seq": 1, "body": body})
+    return msgpack.packb({"v": PROTOCOL_VERSION, "kind": "status", "seq": 1, "body": body})
 
 
 @pytest.mark.parametrize(("stats", "error"), [
-    ({"a": 1, "b": 2.5, "c": None}, None),
-    ({}, None),
-    ({"a": True}, "expected"),  # a bool is not a number here
-    ({"a": float("nan")}, "finite"),
-    ({"a": float("inf"), "b": 1}, "finite"),
-    ({"a": "text"}, "expected"),
-    ({"": 1}, "keys must be"),
-    ({"k" * 65: 1}, "keys must be"),
-    ({"a": [1]}, "expected"),
+    ([1, 2.5, None], None),
+    ([], None),
+    ([0, -3, 2**64 - 1, 1e300], None),
+    ([True], "expected"),  # a bool is not a number here
+    ([float("nan")], "finite"),
+    ([float("inf"), 1], "finite"),
+    ([1, float("-inf")], "finite"),
+    (["text"], "expected"),
+    ([[1]], "expected"),
+    ({"a": 1}, "expected array"),  # the version-1 map form
+    ([0] * 257, "more than 256"),
 ])
-def test_stats_map_validation(stats, error):
+def test_stats_array_validation(stats, error):
     from protocol import ProtocolError, decode
 
     if error is None:
-        assert decode(_status_frame(stats)).message.stats == stats
+        assert decode(_status_frame(stats)).message.stats == tuple(stats)
     else:
         with pytest.raises(ProtocolError, match=error):
             decode(_status_frame(stats))
+
+
+def test_stats_names_and_values_round_trip():
+    keys = ("usage_bytes", "ws_current_ratio", "oom_events")
+    values = stats_values(keys, {"usage_bytes": 5, "oom_events": 0, "not_declared": 1})
+    assert values == (5, None, 0)  # absent → None (unknown), undeclared names are not sent
+    assert stats_map(keys, values) == {"usage_bytes": 5, "ws_current_ratio": None, "oom_events": 0}
