@@ -56,7 +56,14 @@ class HostConfig:
     curve_allowlist: Path | None = None
     allow_plain_remote: bool = False
     log_level: str = "INFO"
+    # Host-level reclamation (hostd/vswap.py): vms whose cgroup hostd may limit and freeze.
+    vswap: bool = True  # apply swap targets to vms with a `cgroup` by lowering its limit
+    vswap_step_bytes: int = 64 << 20  # per second, down or up
+    block_max_ms: int = 10_000  # longest freeze in the low state
+    vswap_state_file: Path = Path("/run/balloonlab/hostd-vswap.json")  # lowered limits and freezes to undo
+    cgroup_root: Path = Path("/sys/fs/cgroup")
     vms: Mapping[str, VmDefaults] = field(default_factory=dict)
+    vm_cgroups: Mapping[str, str] = field(default_factory=dict)  # vm → cgroup path below the hierarchy
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.idle_tax_ratio < 1.0:
@@ -70,6 +77,13 @@ class HostConfig:
             raise ConfigError("host_memory_bytes must be ≥ 0 (0 = this machine's RAM)")
         if not 1 <= self.lost_after_reports <= 100:
             raise ConfigError("lost_after_reports must be 1..100")
+        if not 1 << 20 <= self.vswap_step_bytes <= 1 << 40:
+            raise ConfigError("vswap_step_bytes must be 1 MiB .. 1 TiB")
+        if not 100 <= self.block_max_ms <= 600_000:
+            raise ConfigError("block_max_ms must be 100 ms .. 10 min")
+        for vm_id, cgroup in self.vm_cgroups.items():
+            if not cgroup.strip("/") or ".." in Path(cgroup).parts:
+                raise ConfigError(f"[vms.{vm_id}] cgroup={cgroup!r}: a path below the cgroup hierarchy's root")
         if not 1 <= self.batch_limit_pages <= 1 << 20:
             raise ConfigError("batch_limit_pages must be 1..1048576")
         if (self.curve_secret_key is None) != (self.curve_allowlist is None):
@@ -122,9 +136,9 @@ def is_loopback_endpoint(endpoint: str) -> bool:
     return _is_loopback_host(urlsplit(endpoint).hostname or "")
 
 
-_SIZE_KEYS = {"host_memory_bytes"}
-_DURATION_KEYS = {"sample_period_ms", "balance_period_ms", "report_interval_ms"}
-_PATH_KEYS = {"event_log", "timeline", "curve_secret_key", "curve_allowlist"}
+_SIZE_KEYS = {"host_memory_bytes", "vswap_step_bytes"}
+_DURATION_KEYS = {"sample_period_ms", "balance_period_ms", "report_interval_ms", "block_max_ms"}
+_PATH_KEYS = {"event_log", "timeline", "curve_secret_key", "curve_allowlist", "vswap_state_file", "cgroup_root"}
 
 
 def _convert(name: str, value: Any) -> Any:
@@ -152,7 +166,7 @@ def _vm_defaults(name: str, table: Mapping[str, Any]) -> VmDefaults:
         check_vm_id(name)
     except Exception:
         raise ConfigError(f"[vms.{name}]: not a valid vm id") from None
-    allowed = {"shares", "reservation", "limit", "maxmemctl"}
+    allowed = {"shares", "reservation", "limit", "maxmemctl", "cgroup"}
     unknown = set(table) - allowed
     if unknown:
         raise ConfigError(f"[vms.{name}]: unknown keys {sorted(unknown)}; known: {sorted(allowed)}")
@@ -197,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--curve-secret-key", help="hostd's .key_secret file (enables CurveZMQ)")
     parser.add_argument("--curve-allowlist", help="directory of allowed agent public keys")
     parser.add_argument("--allow-plain-remote", help="allow plain TCP on non-loopback addresses (true/false)")
+    parser.add_argument("--vswap", help="apply swap targets to vms with a cgroup (true/false, default true)")
+    parser.add_argument("--vswap-step", dest="vswap_step_bytes", help="limit change per second (default 64MiB)")
+    parser.add_argument("--block-max", dest="block_max_ms", help="longest freeze in the low state (default 10s)")
+    parser.add_argument("--vswap-state-file", help="where lowered limits and freezes are recorded for recovery "
+                        "(default /run/balloonlab/hostd-vswap.json)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     return parser
 
@@ -214,14 +233,15 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_path}: {exc}") from None
         vm_tables = document.pop("vms", {})
-        known = {f.name for f in fields(HostConfig)} - {"vms"}
+        known = {f.name for f in fields(HostConfig)} - {"vms", "vm_cgroups"}
         unknown = set(document) - known
         if unknown:
             raise ConfigError(f"config file {config_path}: unknown keys {sorted(unknown)}")
         values.update({name: _convert(name, value) for name, value in document.items()})
         values["vms"] = {name: _vm_defaults(name, table) for name, table in vm_tables.items()}
+        values["vm_cgroups"] = {name: str(table["cgroup"]) for name, table in vm_tables.items() if "cgroup" in table}
     for f in fields(HostConfig):
-        if f.name == "vms":
+        if f.name in ("vms", "vm_cgroups"):
             continue
         env_name = "BALLOONLAB_" + f.name.upper().removesuffix("_MS").removesuffix("_BYTES").removesuffix("_RATIO")
         if env_name in environ:

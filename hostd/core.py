@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from hostd import policy
+from hostd import policy, vswap
 from hostd.config import HostConfig, VmDefaults
 from hostd.ledger import Ledger
 from protocol import (
@@ -117,6 +117,18 @@ class VmRecord:
     refused_pages: int = 0
     resets: int = 0
     stat_index: dict[str, int] = field(default_factory=dict)  # stats name → position in status.stats
+    # Host-level reclamation (vms with a cgroup in the config; hostd/vswap.py)
+    has_agent: bool = True  # False: known only by its cgroup (no agent, or its agent was lost)
+    cgroup: str | None = None
+    cgroup_limit_pages: int | None = None  # the cgroup's own limit, before hostd lowered it
+    cgroup_usage_pages: int = 0
+    cgroup_swap_pages: int | None = None
+    vswap_limit_pages: int | None = None  # the limit hostd applies now; None = the cgroup's own
+    vswap_reason: str = ""
+    vswap_previous_limit_pages: int | None = None  # put back if the backend could not apply the new one
+    frozen_since_ms: int | None = None
+    block_cooldown_until_ms: int = 0
+    backend_error: str | None = None
 
     @property
     def memsz_pages(self) -> int:
@@ -218,7 +230,7 @@ class HostCore:
             return self._on_hello(identity, seq, message, now_ms)
         vm_id = identity.decode("utf-8", "replace")
         vm = self.vms.get(vm_id)
-        if vm is None or not vm.alive:
+        if vm is None or not vm.alive or not vm.has_agent:
             raise ProtocolError(ErrorCode.NOT_REGISTERED, "not registered with this host session: say hello")
         vm.last_seen_ms = now_ms
         if isinstance(message, Lock):
@@ -241,7 +253,7 @@ class HostCore:
                                 f"routing id {identity[:40]!r} must equal vm_id {hello.vm_id!r} (set ZMQ_IDENTITY)")
         existing = self.vms.get(hello.vm_id)
         same_session = existing is not None and hello.last_host_session_id == self.session_id
-        if existing is not None and existing.alive and not same_session:
+        if existing is not None and existing.alive and existing.has_agent and not same_session:
             raise ProtocolError(ErrorCode.CONFLICT, f"vm {hello.vm_id} is already registered by a live agent")
         params = existing.params if existing is not None else self.config.vms.get(hello.vm_id, VmDefaults())
         reservation = params.reservation_bytes // PAGE_SIZE_BYTES
@@ -263,6 +275,9 @@ class HostCore:
             vm.manual_balloon_pages = existing.manual_balloon_pages
             vm.working_set = existing.working_set
             vm.resets = existing.resets
+            self._carry_host_side(existing, vm)
+        else:
+            vm.cgroup = self.config.vm_cgroups.get(hello.vm_id)
         # Adopt what the agent still holds: it stays until the policy says otherwise.
         vm.balloon_target_pages = hello.held_pages
         vm.balloon_pages = hello.held_pages
@@ -363,11 +378,131 @@ class HostCore:
 
     def _drop(self, vm: VmRecord, now_ms: int, kind: str, reason: str) -> None:
         self._granted_total -= vm.granted_pages
-        vm.alive = False
         popped = self.ledger.pop(vm.vm_id)
         self.counters["agents_lost" if kind == "lost" else "agents_left"] += 1
+        if vm.cgroup is not None and vm.cgroup_limit_pages is not None and self.config.vswap:
+            # The guest is still there (its cgroup is): without an agent, host swap is all
+            # that can reclaim from it. Its pinned pages went with the agent's process.
+            vm.has_agent, vm.balloon_pages, vm.balloon_target_pages, vm.status = False, 0, 0, None
+            vm.consumed_pages = vm.cgroup_usage_pages
+            self._granted_total += vm.granted_pages
+            self._event(now_ms, kind, vm=vm.vm_id, reason=reason, ledger_pages=popped,
+                        then="no agent: host swap only")
+            log.info("vm %s %s (%s); ledger of %d pages dropped; host swap takes over", vm.vm_id, kind, reason,
+                     popped)
+            return
+        vm.alive = False
         self._event(now_ms, kind, vm=vm.vm_id, reason=reason, ledger_pages=popped)
         log.info("vm %s %s (%s); its ledger of %d pages dropped", vm.vm_id, kind, reason, popped)
+
+    @staticmethod
+    def _carry_host_side(old: VmRecord, new: VmRecord) -> None:
+        for name in ("cgroup", "cgroup_limit_pages", "cgroup_usage_pages", "cgroup_swap_pages", "vswap_limit_pages",
+                     "vswap_reason", "frozen_since_ms", "block_cooldown_until_ms", "backend_error"):
+            setattr(new, name, getattr(old, name))
+
+    # ---- host-level reclamation (cgroups; decisions in hostd/vswap.py) ------------------
+    def observe_cgroup(self, vm_id: str, usage_bytes: int, swap_bytes: int | None, own_limit_bytes: int | None,
+                       now_ms: int) -> None:
+        """The server's reading of a configured vm's cgroup (once a second). A vm with no
+        agent becomes known this way; `own_limit_bytes` is the cgroup's limit before hostd
+        changed it (its memsz when it has no agent)."""
+        vm = self.vms.get(vm_id)
+        if vm is None or not vm.alive:
+            if own_limit_bytes is None:
+                self.counters["cgroup_without_limit"] += 1
+                return  # no memsz to schedule against; the event was logged by the server
+            hello = Hello(vm_id=vm_id, memsz_bytes=own_limit_bytes // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES,
+                          agent_version="none", page_kind="vpn", supports_2m=False, cgroup_version=0,
+                          max_batch_pages=1, held_pages=0, last_host_session_id=None, stats_keys=())
+            params = vm.params if vm is not None else self.config.vms.get(vm_id, VmDefaults())
+            record = VmRecord(vm_id=vm_id, hello=hello, params=params, registered_ms=now_ms, last_seen_ms=now_ms,
+                              has_agent=False, reason="cgroup only (no agent)")
+            if vm is not None:
+                self._carry_host_side(vm, record)
+            record.cgroup = self.config.vm_cgroups.get(vm_id)
+            record.balloon_max_pages = policy.balloon_max_pages(record.memsz_pages, self.settings.ctl_max_percent,
+                                                                record.maxmemctl_pages)
+            self.vms[vm_id] = vm = record
+            self._event(now_ms, "join", vm=vm_id, memsz_bytes=hello.memsz_bytes, agent=False, cgroup=vm.cgroup)
+            log.info("vm %s joined without an agent: cgroup %s, memsz %d MiB", vm_id, vm.cgroup,
+                     hello.memsz_bytes >> 20)
+            self._request_recompute(f"{vm_id} joined (cgroup only)")
+        if own_limit_bytes is not None:
+            vm.cgroup_limit_pages = own_limit_bytes // PAGE_SIZE_BYTES
+        vm.cgroup_usage_pages = usage_bytes // PAGE_SIZE_BYTES
+        vm.cgroup_swap_pages = None if swap_bytes is None else swap_bytes // PAGE_SIZE_BYTES
+        if not vm.has_agent:
+            vm.last_seen_ms = now_ms
+            old_granted = vm.granted_pages
+            vm.consumed_pages = vm.cgroup_usage_pages
+            self._granted_total += vm.granted_pages - old_granted
+            new_state = policy.next_state(self.state, self.free_pages(), self.thresholds())
+            if new_state != self.state:
+                self._change_state(new_state, now_ms)
+
+    def cgroup_gone(self, vm_id: str, now_ms: int, reason: str) -> None:
+        vm = self.vms.get(vm_id)
+        if vm is not None and vm.alive and not vm.has_agent:
+            self._granted_total -= vm.granted_pages
+            vm.alive = False
+            self._event(now_ms, "left", vm=vm_id, reason=reason)
+
+    def host_actions(self, now_ms: int) -> list[tuple[str, str, str, int | None]]:
+        """What the backend should do now: (vm, cgroup, "limit" | "freeze" | "thaw", limit
+        bytes or None = the cgroup's own limit). The vm records assume success; the server
+        reports failures with `host_action_failed`."""
+        actions: list[tuple[str, str, str, int | None]] = []
+        if not self.config.vswap:
+            return actions
+        step = max(1, self.config.vswap_step_bytes // PAGE_SIZE_BYTES)
+        for vm in self.vms.values():
+            if vm.cgroup is None or vm.cgroup_limit_pages is None or not vm.alive:
+                continue
+            agent_usable = vm.has_agent and not (vm.status is not None and vm.status.agent_state == "refusing")
+            limit_in = vswap.LimitInput(
+                memsz_pages=vm.cgroup_limit_pages, applied_limit_pages=vm.vswap_limit_pages,
+                usage_pages=vm.cgroup_usage_pages, balloon_pages=vm.balloon_pages,
+                reservation_pages=vm.params.reservation_bytes // PAGE_SIZE_BYTES,
+                swap_target_pages=vm.swap_target_pages, swap_due=vswap.swap_due(self.state, agent_usable))
+            decision = vswap.next_limit(limit_in, step)
+            if decision.limit_pages != vm.vswap_limit_pages:
+                old = vm.vswap_previous_limit_pages = vm.vswap_limit_pages
+                vm.vswap_limit_pages, vm.vswap_reason = decision.limit_pages, decision.reason
+                limit_bytes = None if decision.limit_pages is None else decision.limit_pages * PAGE_SIZE_BYTES
+                actions.append((vm.vm_id, vm.cgroup, "limit", limit_bytes))
+                self.counters["vswap_limit_changes"] += 1
+                self._event(now_ms, "vswap", vm=vm.vm_id, old_limit_pages=old, new_limit_pages=decision.limit_pages,
+                            swap_target_pages=vm.swap_target_pages, usage_pages=vm.cgroup_usage_pages,
+                            reason=decision.reason)
+            granted_now = max(0, vm.cgroup_usage_pages - vm.balloon_pages)
+            block_in = vswap.BlockInput(state=self.state, above_target=granted_now > vm.alloc_target_pages,
+                                        frozen_since_ms=vm.frozen_since_ms,
+                                        cooldown_until_ms=vm.block_cooldown_until_ms)
+            frozen, why = vswap.block_decision(block_in, now_ms, self.config.block_max_ms)
+            if frozen and vm.frozen_since_ms is None:
+                vm.frozen_since_ms = now_ms
+                actions.append((vm.vm_id, vm.cgroup, "freeze", None))
+                self.counters["blocks"] += 1
+                self._event(now_ms, "block", vm=vm.vm_id, reason=why)
+            elif not frozen and vm.frozen_since_ms is not None:
+                if now_ms - vm.frozen_since_ms >= self.config.block_max_ms:
+                    vm.block_cooldown_until_ms = now_ms + self.config.block_max_ms
+                vm.frozen_since_ms = None
+                actions.append((vm.vm_id, vm.cgroup, "thaw", None))
+                self._event(now_ms, "unblock", vm=vm.vm_id, reason=why)
+        return actions
+
+    def host_action_failed(self, vm_id: str, action: str, detail: str, now_ms: int) -> None:
+        vm = self.vms.get(vm_id)
+        self.counters["host_action_failures"] += 1
+        self._event(now_ms, "host_action_failed", vm=vm_id, action=action, detail=detail)
+        if vm is not None:
+            vm.backend_error = f"{action}: {detail}"
+            if action == "freeze":
+                vm.frozen_since_ms = None
+            elif action == "limit":
+                vm.vswap_limit_pages = vm.vswap_previous_limit_pages
 
     def _change_state(self, new_state: policy.State, now_ms: int) -> None:
         old = self.state
@@ -391,7 +526,7 @@ class HostCore:
                 vm_id=vm.vm_id, memsz_pages=vm.memsz_pages, shares=vm.shares(),
                 reservation_pages=vm.params.reservation_bytes // PAGE_SIZE_BYTES,
                 limit_pages=vm.limit_pages, maxmemctl_pages=vm.maxmemctl_pages,
-                active_ratio=vm.working_set.ratio, balloon_pages=vm.balloon_pages, agent_alive=True,
+                active_ratio=vm.working_set.ratio, balloon_pages=vm.balloon_pages, agent_alive=vm.has_agent,
                 agent_refusing=vm.status is not None and vm.status.agent_state == "refusing",
                 manual_balloon_pages=vm.manual_balloon_pages, balloon_target_pages=vm.balloon_target_pages,
             )
@@ -413,6 +548,9 @@ class HostCore:
             vm.swap_target_pages = int(result.swap_target_pages[index])
             vm.rho = float(result.rho[index])
             vm.active_pages = int(result.active_pages[index])
+            if not vm.has_agent:  # nobody to balloon: the swap target carries it all
+                vm.balloon_target_pages, vm.reason = 0, result.decision(index).reason
+                continue
             if vm.adopted_awaiting_report or (new_target == vm.balloon_target_pages and vm.target_seq):
                 continue
             decision = result.decision(index)
@@ -439,7 +577,8 @@ class HostCore:
             if waiting:
                 self._request_recompute("startup settled: adopted balloons handed to the policy")
         silent_limit = self.config.lost_after_reports * self.config.report_interval_ms
-        lost = [vm for vm in self.vms.values() if vm.alive and now_ms - vm.last_seen_ms > silent_limit]
+        lost = [vm for vm in self.vms.values()
+                if vm.alive and vm.has_agent and now_ms - vm.last_seen_ms > silent_limit]
         for vm in lost:
             self._drop(vm, now_ms, "lost", f"silent for {now_ms - vm.last_seen_ms} ms")
         if lost:
@@ -584,7 +723,7 @@ class HostCore:
             vms.append({
                 "vm_id": vm.vm_id,
                 "alive": vm.alive,
-                "agent_state": vm.status.agent_state if vm.status else "joined",
+                "agent_state": vm.status.agent_state if vm.status else ("joined" if vm.has_agent else "no_agent"),
                 "page_kind": vm.hello.page_kind,
                 "cgroup_version": vm.hello.cgroup_version,
                 "last_seen_ms_ago": now_ms - vm.last_seen_ms,
@@ -605,7 +744,15 @@ class HostCore:
                 "balloon_max_bytes": vm.balloon_max_pages * page,
                 "manual_balloon_target_bytes": None if vm.manual_balloon_pages is None
                 else vm.manual_balloon_pages * page,
-                "swap_current_bytes": stats.get("swap_used_bytes"),
+                "swap_current_bytes": stats.get("swap_used_bytes") if vm.has_agent or vm.cgroup_swap_pages is None
+                else vm.cgroup_swap_pages * page,
+                "has_agent": vm.has_agent,
+                "cgroup": vm.cgroup,
+                "cgroup_limit_bytes": None if vm.cgroup_limit_pages is None else vm.cgroup_limit_pages * page,
+                "vswap_limit_bytes": None if vm.vswap_limit_pages is None else vm.vswap_limit_pages * page,
+                "vswap_reason": vm.vswap_reason,
+                "frozen": vm.frozen_since_ms is not None,
+                "backend_error": vm.backend_error,
                 "swap_target_bytes": vm.swap_target_pages * page,
                 "swap_in_pages": stats.get("swap_in_pages"),
                 "swap_out_pages": stats.get("swap_out_pages"),

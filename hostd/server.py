@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import secrets
 import time
@@ -18,14 +19,17 @@ from typing import IO, Any
 
 import zmq
 
+from hostd.cgroupfs import BackendError, CgroupfsBackend
 from hostd.config import HostConfig, parse_http_address
 from hostd.core import HostCore, Outgoing
+from hostd.reclaim import HostReclaimer
 from hostd.timeline import event_record, sample_record
 from protocol.limits import MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES
 
 log = logging.getLogger(__name__)
 
 TICK_MS = 100
+RECLAIM_MS = 1_000  # cgroups read and limits stepped once a second (vswap_step_bytes per step)
 PUBLISH_MS = 1_000  # the HTTP port's snapshot and the timeline's samples: as fresh as the agents' reports
 # With thousands of agents a status arrives every few hundred µs, and waking up for each
 # one cost more than handling it. After a wakeup that only took in statuses (nothing was
@@ -98,6 +102,14 @@ class HostServer:
         self.agent_socket = self._router(config.agent_endpoint, curve=True, max_frame_bytes=MAX_FRAME_BYTES)
         self.control_socket = self._router(config.control_endpoint, curve=False,
                                            max_frame_bytes=MAX_CONTROL_FRAME_BYTES)
+        self.reclaimer: HostReclaimer | None = None
+        if config.vm_cgroups and config.vswap:
+            if os.geteuid() != 0:
+                log.error("vms with a cgroup are configured (%s) but hostd is not root: host swap and blocking "
+                          "are off (writing cgroup limits and freezers needs root)", ", ".join(config.vm_cgroups))
+            else:
+                self.reclaimer = HostReclaimer(dict(config.vm_cgroups), config.vswap_state_file,
+                                               CgroupfsBackend(config.cgroup_root))
         self.http: Any = None
         http_address = parse_http_address(config.http_address)
         if http_address is not None:
@@ -174,6 +186,23 @@ class HostServer:
                 self.core.counters["control_reply_failed"] += 1
             self._send(out)
 
+    def _reclaim_step(self) -> None:
+        """Read every configured cgroup, then carry out the core's host-swap and block actions."""
+        assert self.reclaimer is not None
+        for vm_id in self.reclaimer.cgroups:
+            try:
+                reading = self.reclaimer.read(vm_id)
+            except BackendError as exc:
+                if self.core.vms.get(vm_id) is not None and self.core.vms[vm_id].alive:
+                    log.warning("vm %s: %s", vm_id, exc)
+                self.core.cgroup_gone(vm_id, now_ms(), str(exc))
+                continue
+            self.core.observe_cgroup(vm_id, reading.usage_bytes, reading.swap_bytes, reading.own_limit_bytes,
+                                     now_ms())
+        for vm_id, action, detail in self.reclaimer.apply(self.core.host_actions(now_ms())):
+            self.core.host_action_failed(vm_id, action, detail, now_ms())
+        self._send([])
+
     def run(self) -> None:
         """Until `stop()` (from a signal handler)."""
         raise_fd_limit()
@@ -186,7 +215,11 @@ class HostServer:
         poller.register(self.agent_socket, zmq.POLLIN)
         poller.register(self.control_socket, zmq.POLLIN)
         next_tick = now_ms() + TICK_MS
-        next_publish = 0
+        next_publish = next_reclaim = 0
+        if self.reclaimer is not None:
+            for line in self.reclaimer.recover():
+                self.core.counters["recovered_cgroups"] += 1
+                self.events.write([{"event": "recovered", "detail": line}])
         if self.http is not None:
             self.http.start()
             log.info("http on %s:%d: /metrics, /status.json", *self.http.address[:2])
@@ -204,6 +237,9 @@ class HostServer:
                 if now_ms() >= next_tick:
                     next_tick = now_ms() + TICK_MS
                     self._send(self.core.tick(now_ms()))
+                    if self.reclaimer is not None and now_ms() >= next_reclaim:
+                        next_reclaim = now_ms() + RECLAIM_MS
+                        self._reclaim_step()
                     if now_ms() >= next_publish and (self.timeline is not None or (
                             self.http is not None and self.http.wants_snapshot(len(self.core.vms)))):
                         next_publish = now_ms() + PUBLISH_MS
@@ -221,6 +257,8 @@ class HostServer:
         self.stop_requested = True
 
     def close(self) -> None:
+        if self.reclaimer is not None:
+            self.reclaimer.restore_all()  # never leave a guest frozen or squeezed behind
         if self.http is not None:
             self.http.close()
         events = self.core.drain_events()

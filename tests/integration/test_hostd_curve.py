@@ -14,7 +14,8 @@ pytestmark = pytest.mark.integration
 
 def _hello(vm_id: str) -> bytes:
     return encode(Hello(vm_id=vm_id, memsz_bytes=64 << 20, agent_version="t", page_kind="vpn", supports_2m=False,
-                        cgroup_version=1, max_batch_pages=512, held_pages=0, last_host_session_id=None), 1)
+                        cgroup_version=1, max_batch_pages=512, held_pages=0, last_host_session_id=None,
+                        stats_keys=()), 1)
 
 
 def _try_register(endpoint: str, vm_id: str, client_secret_file, server_public_file) -> object | None:

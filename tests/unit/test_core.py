@@ -235,3 +235,70 @@ def test_working_set_fast_up_from_current_period():
     h.send("a", status(ws=0.1, samples=1))
     h.send("a", status(ws=0.1, samples=1, current=0.9))
     assert h.core.vms["a"].working_set.ratio == pytest.approx(0.5)
+
+
+# ---- host-level reclamation: vms known by their cgroup -------------------------------------
+def test_a_guest_without_an_agent_is_swapped_by_the_host_and_given_its_limit_back():
+    h = Harness(host_memory_bytes=600 * MiB, vm_cgroups={"plain": "lab/plain", "busy": "lab/busy"},
+                vswap_step_bytes=64 * MiB)
+    h.send("busy", hello("busy", memsz=512 * MiB))
+    h.send("busy", status(usage=300 * MiB, ws=1.0, samples=1))
+    h.core.observe_cgroup("plain", 400 * MiB, 0, 512 * MiB, h.now)  # no agent: known by its cgroup
+    assert h.core.vms["plain"].has_agent is False and h.core.vms["plain"].memsz_pages == 512 * PAGES_PER_MiB
+    h.tick()
+    assert h.core.state in ("hard", "low")  # 700 MiB held on a 600 MiB host
+    plain = h.core.vms["plain"]
+    assert plain.balloon_target_pages == 0 and plain.swap_target_pages > 0  # no balloon: all host swap
+    actions = h.core.host_actions(h.now)
+    assert ("plain", "lab/plain", "limit", 336 * MiB) in actions  # a step below the 400 MiB it holds
+    assert all(vm != "busy" for vm, *_ in actions if _[1] == "limit")  # no cgroup configured for busy
+    # Pressure eases (the guest was paged out): the limit climbs back a step a second.
+    h.core.observe_cgroup("plain", 100 * MiB, 300 * MiB, 512 * MiB, h.now)
+    h.control(SetHostParams(params={"host_memory_bytes": 4096 * MiB}))
+    h.tick()
+    limits = []
+    for _ in range(6):
+        limits += [a[3] for a in h.core.host_actions(h.now) if a[2] == "limit"]
+    assert limits == [400 * MiB, 464 * MiB, None]  # None: the cgroup's own limit restored
+    assert h.core.snapshot(h.now)["vms"][1]["swap_current_bytes"] == 300 * MiB
+
+
+def test_an_agent_lost_hands_its_guest_to_host_swap_and_a_new_agent_takes_it_back():
+    h = Harness(report_interval_ms=1000, vm_cgroups={"a": "lab/a"})
+    h.send("a", hello("a"))
+    h.core.observe_cgroup("a", 200 * MiB, 0, 256 * MiB, h.now)
+    h.now = 3_500
+    h.tick()
+    vm = h.core.vms["a"]
+    assert vm.alive and not vm.has_agent and vm.consumed_pages == 200 * PAGES_PER_MiB
+    assert h.core.snapshot(h.now)["vms"][0]["agent_state"] == "no_agent"
+    [(_, reply)] = h.send("a", status())
+    assert reply.code == ErrorCode.NOT_REGISTERED  # a status is no hello
+    assert isinstance(h.send("a", hello("a"))[0][1], Welcome)  # not a CONFLICT: nobody else holds it
+    assert h.core.vms["a"].has_agent and h.core.vms["a"].cgroup == "lab/a"
+
+
+def test_low_state_blocks_the_guest_above_target_and_thaws_it():
+    h = Harness(host_memory_bytes=600 * MiB, vm_cgroups={"plain": "lab/plain"}, block_max_ms=10_000)
+    h.core.observe_cgroup("plain", 597 * MiB, 0, 1024 * MiB, h.now)
+    h.tick()
+    assert h.core.state == "low"
+    assert ("plain", "lab/plain", "freeze", None) in h.core.host_actions(h.now)
+    h.now += 1_000
+    assert not [a for a in h.core.host_actions(h.now) if a[2] in ("freeze", "thaw")]  # still blocked
+    h.core.observe_cgroup("plain", 300 * MiB, 290 * MiB, 1024 * MiB, h.now)  # paged out: free recovers
+    h.tick()
+    assert ("plain", "lab/plain", "thaw", None) in h.core.host_actions(h.now)
+    assert h.core.vms["plain"].frozen_since_ms is None
+
+
+def test_a_failed_backend_action_is_reported_and_undone_in_the_record():
+    h = Harness(host_memory_bytes=600 * MiB, vm_cgroups={"plain": "lab/plain"})
+    h.core.observe_cgroup("plain", 580 * MiB, 0, 1024 * MiB, h.now)
+    h.tick()
+    actions = h.core.host_actions(h.now)
+    assert any(a[2] == "limit" for a in actions)
+    h.core.host_action_failed("plain", "limit", "permission denied writing x: this needs root", h.now)
+    vm = h.core.vms["plain"]
+    assert vm.vswap_limit_pages is None and "permission denied" in vm.backend_error
+    assert h.core.counters["host_action_failures"] == 1
