@@ -119,7 +119,10 @@ class AgentLoop:
         self._last_reading: GuestReading | None = first
         self._givable = 0
         self._state = "idle"
-        self._last_host_ms = 0
+        # When a send first failed with no connection up (None: the last send got through or a
+        # frame came in). Time alone proves nothing: the agent itself may have stalled for
+        # seconds pinning pages in a thrashing guest while the host was there all along.
+        self._unreachable_since_ms: int | None = None
         self._host_lost_since_ms: int | None = None
         self._next_hello_ms = 0
         self._hello_backoff_ms = 100
@@ -165,9 +168,11 @@ class AgentLoop:
         assert self.socket is not None
         try:
             self.socket.send(encode(message, self._seq), zmq.NOBLOCK)
-            self._last_host_ms = _now_ms()  # a connection to the host is up
+            self._unreachable_since_ms = None  # a connection to the host is up
         except zmq.Again:
             log.debug("host not reachable: %s not sent", message.kind)
+            if self._unreachable_since_ms is None:
+                self._unreachable_since_ms = _now_ms()
         return self._seq
 
     # ---- main loop -------------------------------------------------------------------
@@ -225,7 +230,7 @@ class AgentLoop:
                 frame = self.socket.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._last_host_ms = _now_ms()
+            self._unreachable_since_ms = None
             try:
                 envelope = decode(frame)
             except ProtocolError as exc:
@@ -238,7 +243,8 @@ class AgentLoop:
         if now >= self._next_check_ms:
             self._next_check_ms = now + self.cfg.check_interval_ms
             self._check_guest(now)
-        if self._registered and now - self._last_host_ms > self._host_timeout_ms:
+        if (self._registered and self._unreachable_since_ms is not None
+                and now - self._unreachable_since_ms > self._host_timeout_ms):
             self._lose_host(now)
         if not self._registered:
             if now >= self._next_hello_ms:
@@ -271,7 +277,7 @@ class AgentLoop:
 
     def _lose_host(self, now: int) -> None:
         log.warning("host unreachable for %d ms: re-registering (balloon %d pages held)",
-                    now - self._last_host_ms, self.pinner.held_pages)
+                    now - (self._unreachable_since_ms or now), self.pinner.held_pages)
         self._registered = False
         self._host_lost_since_ms = now
         self._state = "host_lost"

@@ -59,7 +59,7 @@ class HostConfig:
     # Host-level reclamation (hostd/vswap.py): vms whose cgroup hostd may limit and freeze.
     vswap: bool = True  # apply swap targets to vms with a `cgroup` by lowering its limit
     vswap_step_bytes: int = 64 << 20  # per second, down or up
-    block_max_ms: int = 10_000  # longest freeze in the low state
+    block_max_ms: int = 10_000  # longest freeze in the low state; 0 = never freeze
     vswap_state_file: Path = Path("/run/balloonlab/hostd-vswap.json")  # lowered limits and freezes to undo
     cgroup_root: Path = Path("/sys/fs/cgroup")
     vms: Mapping[str, VmDefaults] = field(default_factory=dict)
@@ -79,8 +79,8 @@ class HostConfig:
             raise ConfigError("lost_after_reports must be 1..100")
         if not 1 << 20 <= self.vswap_step_bytes <= 1 << 40:
             raise ConfigError("vswap_step_bytes must be 1 MiB .. 1 TiB")
-        if not 100 <= self.block_max_ms <= 600_000:
-            raise ConfigError("block_max_ms must be 100 ms .. 10 min")
+        if self.block_max_ms != 0 and not 100 <= self.block_max_ms <= 600_000:
+            raise ConfigError("block_max_ms must be 100 ms .. 10 min, or 0 for no blocking")
         for vm_id, cgroup in self.vm_cgroups.items():
             if not cgroup.strip("/") or ".." in Path(cgroup).parts:
                 raise ConfigError(f"[vms.{vm_id}] cgroup={cgroup!r}: a path below the cgroup hierarchy's root")
@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-plain-remote", help="allow plain TCP on non-loopback addresses (true/false)")
     parser.add_argument("--vswap", help="apply swap targets to vms with a cgroup (true/false, default true)")
     parser.add_argument("--vswap-step", dest="vswap_step_bytes", help="limit change per second (default 64MiB)")
-    parser.add_argument("--block-max", dest="block_max_ms", help="longest freeze in the low state (default 10s)")
+    parser.add_argument("--block-max", dest="block_max_ms",
+                        help="longest freeze in the low state (default 10s; 0 = never freeze)")
     parser.add_argument("--vswap-state-file", help="where lowered limits and freezes are recorded for recovery "
                         "(default /run/balloonlab/hostd-vswap.json)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")

@@ -479,7 +479,8 @@ class HostCore:
             block_in = vswap.BlockInput(state=self.state, above_target=granted_now > vm.alloc_target_pages,
                                         frozen_since_ms=vm.frozen_since_ms,
                                         cooldown_until_ms=vm.block_cooldown_until_ms)
-            frozen, why = vswap.block_decision(block_in, now_ms, self.config.block_max_ms)
+            frozen, why = (vswap.block_decision(block_in, now_ms, self.config.block_max_ms)
+                           if self.config.block_max_ms else (False, "blocking off"))
             if frozen and vm.frozen_since_ms is None:
                 vm.frozen_since_ms = now_ms
                 actions.append((vm.vm_id, vm.cgroup, "freeze", None))
@@ -489,6 +490,7 @@ class HostCore:
                 if now_ms - vm.frozen_since_ms >= self.config.block_max_ms:
                     vm.block_cooldown_until_ms = now_ms + self.config.block_max_ms
                 vm.frozen_since_ms = None
+                vm.last_seen_ms = max(vm.last_seen_ms, now_ms)  # its agent gets a full report window again
                 actions.append((vm.vm_id, vm.cgroup, "thaw", None))
                 self._event(now_ms, "unblock", vm=vm.vm_id, reason=why)
         return actions
@@ -577,8 +579,9 @@ class HostCore:
             if waiting:
                 self._request_recompute("startup settled: adopted balloons handed to the policy")
         silent_limit = self.config.lost_after_reports * self.config.report_interval_ms
-        lost = [vm for vm in self.vms.values()
-                if vm.alive and vm.has_agent and now_ms - vm.last_seen_ms > silent_limit]
+        # A frozen guest's agent is frozen too: its silence is ours, not a lost agent.
+        lost = [vm for vm in self.vms.values() if vm.alive and vm.has_agent and vm.frozen_since_ms is None
+                and now_ms - vm.last_seen_ms > silent_limit]
         for vm in lost:
             self._drop(vm, now_ms, "lost", f"silent for {now_ms - vm.last_seen_ms} ms")
         if lost:

@@ -41,6 +41,9 @@ class HostReclaimer:
 
     # ---- the write-ahead record -------------------------------------------------------
     def _save(self) -> None:
+        if not self._record:
+            self.state_file.unlink(missing_ok=True)
+            return
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.state_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(self._record, sort_keys=True))

@@ -73,5 +73,5 @@ def test_limit_is_bounded_and_moves_at_most_a_step(memsz, applied, usage, balloo
     ("low", True, None, 21_000, 15_000, False),  # and not blocked again during the cool-down
 ])
 def test_blocking(state, above, frozen_since, cooldown, now, frozen):
-    decision, reason = block_decision(BlockInput(state, above, frozen_since, cooldown), now, 10_000)
+    decision, _reason = block_decision(BlockInput(state, above, frozen_since, cooldown), now, 10_000)
     assert decision is frozen
