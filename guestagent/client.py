@@ -481,7 +481,10 @@ class AgentLoop:
                 log.info("refusing to inflate: %s", plan.reason)
             self._last_refusal_transient = plan.transient
             self._state = "refusing"
-            self._refused_since_target = self._target_pages - self.pinner.held_pages
+            # Pages already on their way out (unlock sent) are not the guest's to refuse: the
+            # shortfall is counted against the balloon that stays. Never below 0 (a status with a
+            # negative count is invalid and once killed the agent mid-experiment).
+            self._refused_since_target = max(0, self._target_pages - self._effective_balloon_pages())
             self._inflate_paused_until_ms = now + self.pacing.refusal_pause_ms
             return False
         if plan.action == "inflate":
@@ -539,7 +542,7 @@ class AgentLoop:
         method_source = last or current
         self._send(Status(
             balloon_pages=self.pinner.held_pages, acked_target_seq=self._target_seq,
-            refused_pages=min(self._refused_since_target, self.memsz_bytes // PAGE_SIZE_BYTES),
+            refused_pages=max(0, min(self._refused_since_target, self.memsz_bytes // PAGE_SIZE_BYTES)),
             agent_state=self._state,
             stats=stats_values(STATS_KEYS, {k: v for k, v in stats.items() if not isinstance(v, bool)}),
             ws_touched_ratio=last.ratio if last else None,

@@ -1,7 +1,8 @@
-"""The `cgroupfs` host backend (groundwork for host-level reclamation, SPEC §3.4/§3.8): read
-and write a guest cgroup's memory limit and freeze or thaw it, on cgroup v1 or v2, by writing
-the files directly. hostd will lower a limit to apply a swap target (the kernel then pages the
-guest out without its help) and freeze guests in the low state.
+"""The `cgroupfs` host backend (host-level reclamation, SPEC §3.4/§3.8): read a guest cgroup's
+usage, read and write its memory limit and freeze or thaw it, on cgroup v1 or v2, by writing
+the files directly. hostd lowers a limit to apply a swap target (the kernel then pages the
+guest out without its help) and freezes guests in the low state (hostd/reclaim.py). The
+`docker` backend (hostd/docker_backend.py) has the same methods.
 
 Paths are relative to the hierarchy (e.g. "balloonlab-lab/web"): on v1 the memory and freezer
 controllers are separate hierarchies with the same relative path."""
@@ -12,7 +13,8 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from guestagent.cgroup import parse_flat_keyed
+from guestagent.cgroup import CgroupReader, parse_flat_keyed
+from guestagent.errors import CgroupError
 
 UNLIMITED_V1 = 1 << 62  # v1 reports "no limit" as a huge page-aligned number
 
@@ -55,6 +57,14 @@ def write_control_file(path: Path, value: str) -> None:
         raise BackendError(f"cannot write {value!r} to {path}: {exc.strerror}") from None
 
 
+def usage_of(path: Path) -> tuple[int, int | None]:
+    try:
+        reading = CgroupReader.for_path(path).read()
+    except (CgroupError, OSError) as exc:
+        raise BackendError(f"{path}: {exc}") from None
+    return reading.usage_bytes, reading.swap_used_bytes
+
+
 @dataclass(frozen=True, slots=True)
 class CgroupfsBackend:
     root: Path = CGROUP_ROOT
@@ -71,6 +81,10 @@ class CgroupfsBackend:
         if not path.is_dir():
             raise BackendError(f"cgroup {cgroup!r}: {path} does not exist")
         return path
+
+    def usage_bytes(self, cgroup: str) -> tuple[int, int | None]:
+        """(memory in use, swap in use or None when the cgroup does not account swap)."""
+        return usage_of(self._memory(cgroup))
 
     # ---- memory limit ---------------------------------------------------------------------
     def limit_bytes(self, cgroup: str) -> int | None:

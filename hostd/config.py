@@ -64,6 +64,7 @@ class HostConfig:
     cgroup_root: Path = Path("/sys/fs/cgroup")
     vms: Mapping[str, VmDefaults] = field(default_factory=dict)
     vm_cgroups: Mapping[str, str] = field(default_factory=dict)  # vm → cgroup path below the hierarchy
+    vm_containers: Mapping[str, str] = field(default_factory=dict)  # vm → Docker container name or id
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.idle_tax_ratio < 1.0:
@@ -81,6 +82,9 @@ class HostConfig:
             raise ConfigError("vswap_step_bytes must be 1 MiB .. 1 TiB")
         if self.block_max_ms != 0 and not 100 <= self.block_max_ms <= 600_000:
             raise ConfigError("block_max_ms must be 100 ms .. 10 min, or 0 for no blocking")
+        both = sorted(set(self.vm_cgroups) & set(self.vm_containers))
+        if both:
+            raise ConfigError(f"[vms.{both[0]}]: give a cgroup or a container, not both")
         for vm_id, cgroup in self.vm_cgroups.items():
             if not cgroup.strip("/") or ".." in Path(cgroup).parts:
                 raise ConfigError(f"[vms.{vm_id}] cgroup={cgroup!r}: a path below the cgroup hierarchy's root")
@@ -103,6 +107,11 @@ class HostConfig:
                     raise ConfigError(
                         f"{name}={getattr(self, name)}: plain TCP is only allowed on loopback; configure CurveZMQ "
                         "(curve_secret_key + curve_allowlist) or set allow_plain_remote = true")
+
+    @property
+    def host_targets(self) -> dict[str, str]:
+        """vm → what the host backend acts on: a cgroup path, or "docker:NAME"."""
+        return {**self.vm_cgroups, **{vm: f"docker:{name}" for vm, name in self.vm_containers.items()}}
 
     @property
     def effective_host_memory_bytes(self) -> int:
@@ -166,7 +175,7 @@ def _vm_defaults(name: str, table: Mapping[str, Any]) -> VmDefaults:
         check_vm_id(name)
     except Exception:
         raise ConfigError(f"[vms.{name}]: not a valid vm id") from None
-    allowed = {"shares", "reservation", "limit", "maxmemctl", "cgroup"}
+    allowed = {"shares", "reservation", "limit", "maxmemctl", "cgroup", "container"}
     unknown = set(table) - allowed
     if unknown:
         raise ConfigError(f"[vms.{name}]: unknown keys {sorted(unknown)}; known: {sorted(allowed)}")
@@ -234,15 +243,17 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_path}: {exc}") from None
         vm_tables = document.pop("vms", {})
-        known = {f.name for f in fields(HostConfig)} - {"vms", "vm_cgroups"}
+        known = {f.name for f in fields(HostConfig)} - {"vms", "vm_cgroups", "vm_containers"}
         unknown = set(document) - known
         if unknown:
             raise ConfigError(f"config file {config_path}: unknown keys {sorted(unknown)}")
         values.update({name: _convert(name, value) for name, value in document.items()})
         values["vms"] = {name: _vm_defaults(name, table) for name, table in vm_tables.items()}
         values["vm_cgroups"] = {name: str(table["cgroup"]) for name, table in vm_tables.items() if "cgroup" in table}
+        values["vm_containers"] = {name: str(table["container"]) for name, table in vm_tables.items()
+                                   if "container" in table}
     for f in fields(HostConfig):
-        if f.name in ("vms", "vm_cgroups"):
+        if f.name in ("vms", "vm_cgroups", "vm_containers"):
             continue
         env_name = "BALLOONLAB_" + f.name.upper().removesuffix("_MS").removesuffix("_BYTES").removesuffix("_RATIO")
         if env_name in environ:

@@ -119,7 +119,7 @@ class VmRecord:
     stat_index: dict[str, int] = field(default_factory=dict)  # stats name → position in status.stats
     # Host-level reclamation (vms with a cgroup in the config; hostd/vswap.py)
     has_agent: bool = True  # False: known only by its cgroup (no agent, or its agent was lost)
-    cgroup: str | None = None
+    host_target: str | None = None  # a cgroup path or "docker:NAME" ([vms.NAME] cgroup / container)
     cgroup_limit_pages: int | None = None  # the cgroup's own limit, before hostd lowered it
     cgroup_usage_pages: int = 0
     cgroup_swap_pages: int | None = None
@@ -185,6 +185,7 @@ class HostCore:
         self._last_result: policy.PolicyResult | None = None
         self._last_result_index: dict[str, int] = {}
         self._reasons: dict[str, str] = {}  # vm → reason under the last result
+        self._host_targets = config.host_targets
 
     # ---- helpers ----------------------------------------------------------------------
     def _frame(self, message: Message, seq: int | None = None, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
@@ -277,7 +278,7 @@ class HostCore:
             vm.resets = existing.resets
             self._carry_host_side(existing, vm)
         else:
-            vm.cgroup = self.config.vm_cgroups.get(hello.vm_id)
+            vm.host_target = self._host_targets.get(hello.vm_id)
         # Adopt what the agent still holds: it stays until the policy says otherwise.
         vm.balloon_target_pages = hello.held_pages
         vm.balloon_pages = hello.held_pages
@@ -380,7 +381,7 @@ class HostCore:
         self._granted_total -= vm.granted_pages
         popped = self.ledger.pop(vm.vm_id)
         self.counters["agents_lost" if kind == "lost" else "agents_left"] += 1
-        if vm.cgroup is not None and vm.cgroup_limit_pages is not None and self.config.vswap:
+        if vm.host_target is not None and vm.cgroup_limit_pages is not None and self.config.vswap:
             # The guest is still there (its cgroup is): without an agent, host swap is all
             # that can reclaim from it. Its pinned pages went with the agent's process.
             vm.has_agent, vm.balloon_pages, vm.balloon_target_pages, vm.status = False, 0, 0, None
@@ -397,8 +398,9 @@ class HostCore:
 
     @staticmethod
     def _carry_host_side(old: VmRecord, new: VmRecord) -> None:
-        for name in ("cgroup", "cgroup_limit_pages", "cgroup_usage_pages", "cgroup_swap_pages", "vswap_limit_pages",
-                     "vswap_reason", "frozen_since_ms", "block_cooldown_until_ms", "backend_error"):
+        for name in ("host_target", "cgroup_limit_pages", "cgroup_usage_pages", "cgroup_swap_pages",
+                     "vswap_limit_pages", "vswap_reason", "frozen_since_ms", "block_cooldown_until_ms",
+                     "backend_error"):
             setattr(new, name, getattr(old, name))
 
     # ---- host-level reclamation (cgroups; decisions in hostd/vswap.py) ------------------
@@ -420,12 +422,13 @@ class HostCore:
                               has_agent=False, reason="cgroup only (no agent)")
             if vm is not None:
                 self._carry_host_side(vm, record)
-            record.cgroup = self.config.vm_cgroups.get(vm_id)
+            record.host_target = self._host_targets.get(vm_id)
             record.balloon_max_pages = policy.balloon_max_pages(record.memsz_pages, self.settings.ctl_max_percent,
                                                                 record.maxmemctl_pages)
             self.vms[vm_id] = vm = record
-            self._event(now_ms, "join", vm=vm_id, memsz_bytes=hello.memsz_bytes, agent=False, cgroup=vm.cgroup)
-            log.info("vm %s joined without an agent: cgroup %s, memsz %d MiB", vm_id, vm.cgroup,
+            self._event(now_ms, "join", vm=vm_id, memsz_bytes=hello.memsz_bytes, agent=False,
+                        host_target=vm.host_target)
+            log.info("vm %s joined without an agent: %s, memsz %d MiB", vm_id, vm.host_target,
                      hello.memsz_bytes >> 20)
             self._request_recompute(f"{vm_id} joined (cgroup only)")
         if own_limit_bytes is not None:
@@ -457,7 +460,7 @@ class HostCore:
             return actions
         step = max(1, self.config.vswap_step_bytes // PAGE_SIZE_BYTES)
         for vm in self.vms.values():
-            if vm.cgroup is None or vm.cgroup_limit_pages is None or not vm.alive:
+            if vm.host_target is None or vm.cgroup_limit_pages is None or not vm.alive:
                 continue
             agent_usable = vm.has_agent and not (vm.status is not None and vm.status.agent_state == "refusing")
             limit_in = vswap.LimitInput(
@@ -470,7 +473,7 @@ class HostCore:
                 old = vm.vswap_previous_limit_pages = vm.vswap_limit_pages
                 vm.vswap_limit_pages, vm.vswap_reason = decision.limit_pages, decision.reason
                 limit_bytes = None if decision.limit_pages is None else decision.limit_pages * PAGE_SIZE_BYTES
-                actions.append((vm.vm_id, vm.cgroup, "limit", limit_bytes))
+                actions.append((vm.vm_id, vm.host_target, "limit", limit_bytes))
                 self.counters["vswap_limit_changes"] += 1
                 self._event(now_ms, "vswap", vm=vm.vm_id, old_limit_pages=old, new_limit_pages=decision.limit_pages,
                             swap_target_pages=vm.swap_target_pages, usage_pages=vm.cgroup_usage_pages,
@@ -483,7 +486,7 @@ class HostCore:
                            if self.config.block_max_ms else (False, "blocking off"))
             if frozen and vm.frozen_since_ms is None:
                 vm.frozen_since_ms = now_ms
-                actions.append((vm.vm_id, vm.cgroup, "freeze", None))
+                actions.append((vm.vm_id, vm.host_target, "freeze", None))
                 self.counters["blocks"] += 1
                 self._event(now_ms, "block", vm=vm.vm_id, reason=why)
             elif not frozen and vm.frozen_since_ms is not None:
@@ -491,7 +494,7 @@ class HostCore:
                     vm.block_cooldown_until_ms = now_ms + self.config.block_max_ms
                 vm.frozen_since_ms = None
                 vm.last_seen_ms = max(vm.last_seen_ms, now_ms)  # its agent gets a full report window again
-                actions.append((vm.vm_id, vm.cgroup, "thaw", None))
+                actions.append((vm.vm_id, vm.host_target, "thaw", None))
                 self._event(now_ms, "unblock", vm=vm.vm_id, reason=why)
         return actions
 
@@ -750,7 +753,7 @@ class HostCore:
                 "swap_current_bytes": stats.get("swap_used_bytes") if vm.has_agent or vm.cgroup_swap_pages is None
                 else vm.cgroup_swap_pages * page,
                 "has_agent": vm.has_agent,
-                "cgroup": vm.cgroup,
+                "host_target": vm.host_target,
                 "cgroup_limit_bytes": None if vm.cgroup_limit_pages is None else vm.cgroup_limit_pages * page,
                 "vswap_limit_bytes": None if vm.vswap_limit_pages is None else vm.vswap_limit_pages * page,
                 "vswap_reason": vm.vswap_reason,

@@ -28,6 +28,8 @@ _VM_GAUGES = (
     ("swap_current_bytes", "balloonlab_vm_swap_bytes", "Guest swap in use: SWCUR"),
     ("swap_target_bytes", "balloonlab_vm_swap_target_bytes", "What the balloon cannot cover: SWTGT"),
     ("shares", "balloonlab_vm_shares", "Shares"),
+    ("vswap_limit_bytes", "balloonlab_vm_host_limit_bytes",
+     "Memory limit hostd imposes on the guest's cgroup to apply SWTGT (absent: the guest's own limit)"),
 )
 _VM_COUNTERS = (
     ("inflated_pages", "balloonlab_vm_inflated_pages", "Pages locked into the balloon (this registration)"),
@@ -71,7 +73,12 @@ def metric_families(snapshot: dict[str, Any]) -> list[Metric]:
     counters = host["counters"]
     for key, name, text in (("agents_lost", "balloonlab_agents_lost", "Agents marked lost (silent too long)"),
                             ("agents_left", "balloonlab_agents_left", "Agents that said bye"),
-                            ("resets", "balloonlab_ledger_resets", "Ledger resets, all guests")):
+                            ("resets", "balloonlab_ledger_resets", "Ledger resets, all guests"),
+                            ("vswap_limit_changes", "balloonlab_host_limit_changes",
+                             "Cgroup limit changes made for host swap"),
+                            ("blocks", "balloonlab_blocks", "Guests frozen in the low state"),
+                            ("host_action_failures", "balloonlab_host_action_failures",
+                             "Cgroup limit or freezer writes that failed")):
         families.append(CounterMetricFamily(name, text, value=counters.get(key, 0)))
 
     vms = snapshot["vms"]
@@ -85,6 +92,12 @@ def metric_families(snapshot: dict[str, Any]) -> list[Metric]:
     for vm in vms:
         alive.add_metric([vm["vm_id"]], 1.0 if vm["alive"] else 0.0)
     families.append(alive)
+    for key, name, text in (("has_agent", "balloonlab_vm_has_agent", "1 while a balloon agent serves the guest"),
+                            ("frozen", "balloonlab_vm_blocked", "1 while hostd keeps the guest frozen (low state)")):
+        flag = GaugeMetricFamily(name, text, labels=["vm"])
+        for vm in vms:
+            flag.add_metric([vm["vm_id"]], 1.0 if vm.get(key) else 0.0)
+        families.append(flag)
     for key, name, text in _VM_COUNTERS:
         counter = CounterMetricFamily(name, text, labels=["vm"])
         for vm in vms:

@@ -1,10 +1,11 @@
-"""hostd's hands on guest cgroups (I/O around the pure decisions of hostd/vswap.py): read each
-configured vm's cgroup, carry out the core's limit / freeze / thaw actions through a host
-backend, and keep a write-ahead record of everything changed, so that neither a clean exit nor
-a crash (kill -9) leaves a guest frozen or squeezed: `recover()` at start-up and
-`restore_all()` at exit put every cgroup back as it was.
+"""hostd's hands on its guests (I/O around the pure decisions of hostd/vswap.py): read each
+configured vm's memory use, carry out the core's limit / freeze / thaw actions through its
+host backend — `cgroupfs` for a cgroup path, `docker` for "docker:NAME" — and keep a
+write-ahead record of everything changed, so that neither a clean exit nor a crash (kill -9)
+leaves a guest frozen or squeezed: `recover()` at start-up and `restore_all()` at exit put
+every guest back as it was.
 
-The record (`vswap_state_file`, JSON): {cgroup: {"own_limit_bytes": int | null, "frozen": bool}}
+The record (`vswap_state_file`, JSON): {target: {"own_limit_bytes": int | null, "frozen": bool}}
 — written before a limit is lowered or a freeze starts, entries dropped once undone.
 """
 
@@ -15,11 +16,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from guestagent.cgroup import CgroupReader
-from guestagent.errors import CgroupError
-from hostd.cgroupfs import BackendError, CgroupfsBackend, memory_hierarchy
+from hostd.cgroupfs import BackendError, CgroupfsBackend
+from hostd.docker_backend import PREFIX as DOCKER_PREFIX
+from hostd.docker_backend import DockerBackend
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,25 @@ class CgroupReading:
     own_limit_bytes: int | None  # the limit before hostd changed anything
 
 
+class HostBackend(Protocol):
+    def usage_bytes(self, target: str) -> tuple[int, int | None]: ...
+    def limit_bytes(self, target: str) -> int | None: ...
+    def set_limit_bytes(self, target: str, limit_bytes: int | None) -> None: ...
+    def set_frozen(self, target: str, frozen: bool) -> None: ...
+
+
 class HostReclaimer:
-    def __init__(self, cgroups: dict[str, str], state_file: Path, backend: CgroupfsBackend) -> None:
-        self.cgroups = cgroups  # vm → cgroup
+    def __init__(self, targets: dict[str, str], state_file: Path, cgroupfs: CgroupfsBackend,
+                 docker: DockerBackend | None = None) -> None:
+        self.targets = targets  # vm → cgroup path or "docker:NAME"
         self.state_file = state_file
-        self.backend = backend
+        self._cgroupfs = cgroupfs
+        self._docker = docker or DockerBackend(cgroupfs.root)
         self._record: dict[str, dict[str, Any]] = {}
         self._own_limits: dict[str, int | None] = {}
+
+    def backend(self, target: str) -> HostBackend:
+        return self._docker if target.startswith(DOCKER_PREFIX) else self._cgroupfs
 
     # ---- the write-ahead record -------------------------------------------------------
     def _save(self) -> None:
@@ -66,10 +79,11 @@ class HostReclaimer:
             if not isinstance(entry, dict):
                 continue
             try:
+                backend = self.backend(cgroup)
                 if entry.get("frozen"):
-                    self.backend.set_frozen(cgroup, False)
+                    backend.set_frozen(cgroup, False)
                 own = entry.get("own_limit_bytes")
-                self.backend.set_limit_bytes(cgroup, own if isinstance(own, int) else None)
+                backend.set_limit_bytes(cgroup, own if isinstance(own, int) else None)
                 done.append(f"{cgroup}: thawed, limit back to {own}")
             except BackendError as exc:
                 log.error("could not restore %s: %s", cgroup, exc)
@@ -84,15 +98,12 @@ class HostReclaimer:
 
     # ---- reading ----------------------------------------------------------------------
     def read(self, vm_id: str) -> CgroupReading:
-        cgroup = self.cgroups[vm_id]
-        path = memory_hierarchy(self.backend.version, self.backend.root) / cgroup.strip("/")
-        try:
-            reading = CgroupReader.for_path(path).read()
-        except (CgroupError, OSError) as exc:
-            raise BackendError(f"cgroup {cgroup}: {exc}") from None
-        if cgroup not in self._record:  # not lowered by us: whatever it is now is its own
-            self._own_limits[cgroup] = self.backend.limit_bytes(cgroup)
-        return CgroupReading(reading.usage_bytes, reading.swap_used_bytes, self._own_limits.get(cgroup))
+        target = self.targets[vm_id]
+        backend = self.backend(target)
+        usage, swap = backend.usage_bytes(target)
+        if target not in self._record:  # not lowered by us: whatever it is now is its own
+            self._own_limits[target] = backend.limit_bytes(target)
+        return CgroupReading(usage, swap, self._own_limits.get(target))
 
     # ---- acting ----------------------------------------------------------------------
     def apply(self, actions: list[tuple[str, str, str, int | None]]) -> list[tuple[str, str, str]]:
@@ -107,15 +118,16 @@ class HostReclaimer:
         return failures
 
     def _apply_one(self, cgroup: str, action: str, limit_bytes: int | None) -> None:
+        backend = self.backend(cgroup)
         entry = self._record.get(cgroup)
         if action == "limit" and limit_bytes is not None:
             if entry is None:
                 self._record[cgroup] = {"own_limit_bytes": self._own_limits.get(cgroup), "frozen": False}
                 self._save()
-            self.backend.set_limit_bytes(cgroup, limit_bytes)
+            backend.set_limit_bytes(cgroup, limit_bytes)
         elif action == "limit":
             own = entry["own_limit_bytes"] if entry is not None else self._own_limits.get(cgroup)
-            self.backend.set_limit_bytes(cgroup, own)
+            backend.set_limit_bytes(cgroup, own)
             if entry is not None and not entry["frozen"]:
                 del self._record[cgroup]
                 self._save()
@@ -126,9 +138,9 @@ class HostReclaimer:
                 entry = self._record[cgroup] = {"own_limit_bytes": self._own_limits.get(cgroup), "frozen": True}
             entry["frozen"] = True
             self._save()
-            self.backend.set_frozen(cgroup, True)
+            backend.set_frozen(cgroup, True)
         elif action == "thaw":
-            self.backend.set_frozen(cgroup, False)
+            backend.set_frozen(cgroup, False)
             if entry is not None:
                 entry["frozen"] = False
                 self._save()
@@ -137,9 +149,10 @@ class HostReclaimer:
         """At exit: thaw every frozen guest and give every lowered one its limit back."""
         for cgroup, entry in list(self._record.items()):
             try:
+                backend = self.backend(cgroup)
                 if entry.get("frozen"):
-                    self.backend.set_frozen(cgroup, False)
-                self.backend.set_limit_bytes(cgroup, entry.get("own_limit_bytes"))
+                    backend.set_frozen(cgroup, False)
+                backend.set_limit_bytes(cgroup, entry.get("own_limit_bytes"))
                 del self._record[cgroup]
             except BackendError as exc:
                 log.error("could not restore %s at exit: %s (kept in %s for the next start)", cgroup, exc,

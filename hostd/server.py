@@ -98,17 +98,18 @@ class HostServer:
         self.timeline = TimelineFile(config.timeline) if config.timeline is not None else None
         self.stop_requested = False
         self._sent_in_pass = 0
+        self._read_errors: dict[str, str] = {}  # vm → the last reason its cgroup could not be read
         self._authenticator: Any = None
         self.agent_socket = self._router(config.agent_endpoint, curve=True, max_frame_bytes=MAX_FRAME_BYTES)
         self.control_socket = self._router(config.control_endpoint, curve=False,
                                            max_frame_bytes=MAX_CONTROL_FRAME_BYTES)
         self.reclaimer: HostReclaimer | None = None
-        if config.vm_cgroups and config.vswap:
-            if os.geteuid() != 0:
+        if config.host_targets and config.vswap:
+            if config.vm_cgroups and os.geteuid() != 0:
                 log.error("vms with a cgroup are configured (%s) but hostd is not root: host swap and blocking "
                           "are off (writing cgroup limits and freezers needs root)", ", ".join(config.vm_cgroups))
             else:
-                self.reclaimer = HostReclaimer(dict(config.vm_cgroups), config.vswap_state_file,
+                self.reclaimer = HostReclaimer(config.host_targets, config.vswap_state_file,
                                                CgroupfsBackend(config.cgroup_root))
         self.http: Any = None
         http_address = parse_http_address(config.http_address)
@@ -189,14 +190,16 @@ class HostServer:
     def _reclaim_step(self) -> None:
         """Read every configured cgroup, then carry out the core's host-swap and block actions."""
         assert self.reclaimer is not None
-        for vm_id in self.reclaimer.cgroups:
+        for vm_id in self.reclaimer.targets:
             try:
                 reading = self.reclaimer.read(vm_id)
             except BackendError as exc:
-                if self.core.vms.get(vm_id) is not None and self.core.vms[vm_id].alive:
-                    log.warning("vm %s: %s", vm_id, exc)
+                if self._read_errors.get(vm_id) != str(exc):  # once per new reason, not every second
+                    log.warning("vm %s: cannot read %s: %s", vm_id, self.reclaimer.targets[vm_id], exc)
+                    self._read_errors[vm_id] = str(exc)
                 self.core.cgroup_gone(vm_id, now_ms(), str(exc))
                 continue
+            self._read_errors.pop(vm_id, None)
             self.core.observe_cgroup(vm_id, reading.usage_bytes, reading.swap_bytes, reading.own_limit_bytes,
                                      now_ms())
         for vm_id, action, detail in self.reclaimer.apply(self.core.host_actions(now_ms())):

@@ -16,7 +16,7 @@ from typing import Any
 from protocol.units import format_bytes
 
 COLUMNS = ("VM", "MEMSZ", "GRANT", "SZTGT", "TCHD", "%ACTV", "%ACTVS", "%ACTVF", "MCTL?", "MCTLSZ", "MCTLTGT",
-           "MCTLMAX", "SWCUR", "SWTGT", "SWR/s", "SWW/s", "SHARES", "TOUCH/s", "STATE")
+           "MCTLMAX", "SWCUR", "SWTGT", "SWR/s", "SWW/s", "HOSTLIM", "SHARES", "TOUCH/s", "STATE")
 SORT_KEYS: dict[str, tuple[str, Callable[[dict[str, Any]], Any]]] = {
     # key: (column, value to sort by, largest first except the name)
     "n": ("VM", lambda vm: vm["vm_id"]),
@@ -41,7 +41,7 @@ def header_line(snapshot: dict[str, Any], unit: str) -> str:
 
 
 SIZE_COLUMNS = {"MEMSZ", "GRANT", "SZTGT", "TCHD", "MCTLSZ", "MCTLTGT", "MCTLMAX", "SWCUR", "SWTGT", "SWR/s",
-                "SWW/s"}
+                "SWW/s", "HOSTLIM"}
 _SHIFT = {"MiB": 20, "GiB": 30}
 
 
@@ -78,10 +78,12 @@ def top_rows(snapshot: dict[str, Any], previous: dict[str, Any] | None, unit: st
         rows.append((
             vm["vm_id"], size(vm["memsz_bytes"]), size(vm["granted_bytes"]), size(vm["alloc_target_bytes"]),
             size(vm["active_bytes"]), f"{100 * vm['active_ratio']:.0f}", f"{100 * vm['active_slow_ratio']:.0f}",
-            f"{100 * vm['active_fast_ratio']:.0f}", "Y" if vm["alive"] else "N", size(vm["balloon_bytes"]),
+            f"{100 * vm['active_fast_ratio']:.0f}", "Y" if vm["alive"] and vm.get("has_agent", True) else "N",
+            size(vm["balloon_bytes"]),
             size(vm["balloon_target_bytes"]), size(vm["balloon_max_bytes"]), size(vm["swap_current_bytes"]),
-            size(vm["swap_target_bytes"]), rate(vm, "swap_in_pages"), rate(vm, "swap_out_pages"), str(vm["shares"]),
-            count(touches), vm["agent_state"],
+            size(vm["swap_target_bytes"]), rate(vm, "swap_in_pages"), rate(vm, "swap_out_pages"),
+            size(vm.get("vswap_limit_bytes")), str(vm["shares"]), count(touches),
+            "frozen" if vm.get("frozen") else vm["agent_state"],
         ))
     return rows
 

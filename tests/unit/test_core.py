@@ -275,7 +275,7 @@ def test_an_agent_lost_hands_its_guest_to_host_swap_and_a_new_agent_takes_it_bac
     [(_, reply)] = h.send("a", status())
     assert reply.code == ErrorCode.NOT_REGISTERED  # a status is no hello
     assert isinstance(h.send("a", hello("a"))[0][1], Welcome)  # not a CONFLICT: nobody else holds it
-    assert h.core.vms["a"].has_agent and h.core.vms["a"].cgroup == "lab/a"
+    assert h.core.vms["a"].has_agent and h.core.vms["a"].host_target == "lab/a"
 
 
 def test_low_state_blocks_the_guest_above_target_and_thaws_it():

@@ -34,6 +34,10 @@ def test_sample_config_in_repo_loads():
         ("[vms.db]\nweight = 3", "unknown keys"),
         ("idle_tax_ratio = ", "config file"),
         ('curve_secret_key = "/x"', "CurveZMQ needs both"),
+        ('[vms.db]\ncgroup = "../etc"', "below the cgroup hierarchy"),
+        ('[vms.db]\ncgroup = "/"', "below the cgroup hierarchy"),
+        ('block_max_ms = "50ms"', "block_max_ms"),
+        ('vswap_step_bytes = "1KiB"', "vswap_step_bytes"),
     ],
 )
 def test_bad_config_is_named(tmp_path, toml, message):
@@ -55,3 +59,12 @@ def test_missing_config_file(tmp_path):
 )
 def test_loopback(endpoint, loopback):
     assert is_loopback_endpoint(endpoint) is loopback
+
+
+def test_vm_cgroups_and_host_swap_settings(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('block_max_ms = "0s"\nvswap_step_bytes = "32MiB"\n'
+                      '[vms.web]\ncgroup = "balloonlab-lab/web"\nshares = "high"\n[vms.db]\nshares = "low"\n')
+    loaded = load_config(["--config", str(config), "--vswap", "false"], {})
+    assert loaded.vm_cgroups == {"web": "balloonlab-lab/web"} and loaded.vms["web"].shares == "high"
+    assert loaded.block_max_ms == 0 and loaded.vswap_step_bytes == 32 << 20 and loaded.vswap is False

@@ -23,8 +23,10 @@ SNAPSHOT = {
     "host": {"host_memory_bytes": 1024 * MiB, "free_bytes": -20 * MiB, "granted_bytes": 1044 * MiB,
              "idle_tax_ratio": 0.75, "vms_alive": 2, "state": "low",
              "thresholds_bytes": {"high": 61 * MiB, "soft": 41 * MiB, "hard": 20 * MiB, "low": 10 * MiB},
-             "protocol_errors": {"MALFORMED": 3}, "counters": {"agents_lost": 1, "resets": 2}},
-    "vms": [vm("web"), vm("batch", alive=False, swap_current_bytes=148 * MiB, workload={})],
+             "protocol_errors": {"MALFORMED": 3},
+             "counters": {"agents_lost": 1, "resets": 2, "blocks": 1, "vswap_limit_changes": 4}},
+    "vms": [vm("web"), vm("batch", alive=False, swap_current_bytes=148 * MiB, workload={}),
+            vm("plain", has_agent=False, frozen=True, vswap_limit_bytes=300 * MiB, balloon_bytes=0, workload={})],
 }
 
 
@@ -70,3 +72,14 @@ def test_no_snapshot_yet_means_no_metrics():
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: None))
     assert generate_latest(registry) == b""
+
+
+def test_host_swap_and_blocking_per_vm():
+    values = samples()
+    assert values[("balloonlab_vm_host_limit_bytes", (("vm", "plain"),))] == 300 * MiB
+    assert ("balloonlab_vm_host_limit_bytes", (("vm", "web"),)) not in values  # its own limit: absent
+    assert values[("balloonlab_vm_has_agent", (("vm", "plain"),))] == 0.0
+    assert values[("balloonlab_vm_blocked", (("vm", "plain"),))] == 1.0
+    assert values[("balloonlab_vm_blocked", (("vm", "web"),))] == 0.0
+    assert values[("balloonlab_blocks_total", ())] == 1
+    assert values[("balloonlab_host_limit_changes_total", ())] == 4

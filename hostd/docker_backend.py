@@ -1,0 +1,99 @@
+"""The `docker` host backend: a guest that is a Docker container, through the Docker Engine API
+(docker-py): its memory limit with `container.update(mem_limit=...)` and blocking with
+pause/unpause, so `docker inspect` and `docker ps` show what hostd did. Usage is read from the
+container's memory cgroup (the stats API takes a second or two per call, too slow for a loop
+that looks every second): under `cgroup_root` at the paths Docker's cgroupfs and systemd
+drivers use, on cgroup v1 or v2. hostd in a container needs the Docker socket and the host's
+/sys/fs/cgroup mounted (docker-compose.yml does both)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hostd.cgroupfs import BackendError, usage_of
+
+PREFIX = "docker:"
+
+
+class DockerBackend:
+    def __init__(self, cgroup_root: Path, client: Any = None) -> None:
+        self.cgroup_root = cgroup_root
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            try:
+                import docker
+            except ImportError:
+                raise BackendError("the docker backend needs the docker Python package (pip install docker, "
+                                   "or Debian's python3-docker)") from None
+            try:
+                self._client = docker.from_env(timeout=10)
+                self._client.ping()
+            except Exception as exc:  # docker.errors.DockerException and the socket's own errors
+                self._client = None
+                raise BackendError(f"cannot reach the Docker engine ({exc}); hostd needs its socket "
+                                   "(/var/run/docker.sock) and the right to use it") from None
+        return self._client
+
+    def _container(self, target: str) -> Any:
+        name = target.removeprefix(PREFIX)
+        try:
+            container = self.client.containers.get(name)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"container {name}: {getattr(exc, 'explanation', None) or exc}") from None
+        return container
+
+    def _call(self, target: str, what: str, action: Any) -> None:
+        try:
+            action()
+        except Exception as exc:
+            detail = getattr(exc, "explanation", None) or exc
+            raise BackendError(f"container {target.removeprefix(PREFIX)}: {what} failed: {detail}") from None
+
+    # ---- the backend's methods ------------------------------------------------------------
+    def usage_bytes(self, target: str) -> tuple[int, int | None]:
+        container = self._container(target)
+        if container.status != "running" and container.status != "paused":
+            raise BackendError(f"container {container.name} is {container.status}")
+        return usage_of(self.cgroup_path(container.id))
+
+    def cgroup_path(self, container_id: str) -> Path:
+        root = self.cgroup_root
+        for path in (root / "memory" / "docker" / container_id,  # v1, cgroupfs driver
+                     root / "memory" / "system.slice" / f"docker-{container_id}.scope",  # v1, systemd
+                     root / "docker" / container_id,  # v2, cgroupfs driver
+                     root / "system.slice" / f"docker-{container_id}.scope"):  # v2, systemd
+            if path.is_dir():
+                return path
+        raise BackendError(f"container {container_id[:12]}: no memory cgroup found under {root} "
+                           "(in a container, mount the host's /sys/fs/cgroup and set cgroup_root)")
+
+    def limit_bytes(self, target: str) -> int | None:
+        memory = self._container(target).attrs["HostConfig"].get("Memory") or 0
+        return int(memory) or None
+
+    def set_limit_bytes(self, target: str, limit_bytes: int | None) -> None:
+        if limit_bytes is None:
+            raise BackendError(f"container {target.removeprefix(PREFIX)}: Docker cannot lift a memory limit "
+                               "once set (and hostd only schedules containers that have one)")
+        container = self._container(target)
+        host_config = container.attrs["HostConfig"]
+        memory_and_swap = int(host_config.get("MemorySwap") or 0)
+        update: dict[str, int] = {"mem_limit": limit_bytes}
+        if 0 < memory_and_swap < limit_bytes:
+            update["memswap_limit"] = limit_bytes  # Docker wants memory ≤ memory+swap
+        self._call(target, f"update to {limit_bytes >> 20} MiB", lambda: container.update(**update))
+
+    def set_frozen(self, target: str, frozen: bool) -> None:
+        container = self._container(target)
+        if (container.status == "paused") == frozen:
+            return
+        self._call(target, "pause" if frozen else "unpause", container.pause if frozen else container.unpause)
+
+    def frozen(self, target: str) -> bool:
+        return bool(self._container(target).status == "paused")
