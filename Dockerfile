@@ -11,9 +11,9 @@ COPY protocol protocol
 COPY guestagent guestagent
 COPY hostd hostd
 COPY lab lab
-RUN if [ "$INSTALL" = pip ]; then pip install --no-cache-dir . ; fi \
- && python3 -c "import zmq, msgpack, psutil, numpy, prometheus_client, rich" \
- || { echo "the base image lacks python3 modules zmq/msgpack/psutil/numpy/prometheus_client/rich: use INSTALL=pip" >&2; exit 1; }
+RUN if [ "$INSTALL" = pip ]; then pip install --no-cache-dir ".[docker]" ; fi \
+ && python3 -c "import zmq, msgpack, psutil, numpy, prometheus_client, rich, docker" \
+ || { echo "the base image lacks python3 modules zmq/msgpack/psutil/numpy/prometheus_client/rich/docker: use INSTALL=pip" >&2; exit 1; }
 ENV PYTHONPATH=/opt/balloonlab PYTHONUNBUFFERED=1
 # hostd: agents, control (balloonctl), HTTP (/metrics)
 EXPOSE 5555 5556 8055

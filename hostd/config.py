@@ -62,6 +62,8 @@ class HostConfig:
     block_max_ms: int = 10_000  # longest freeze in the low state; 0 = never freeze
     vswap_state_file: Path = Path("/run/balloonlab/hostd-vswap.json")  # lowered limits and freezes to undo
     cgroup_root: Path = Path("/sys/fs/cgroup")
+    docker_label: str = ""  # e.g. "balloonlab.vm": containers labelled balloonlab.vm=VM are that vm's
+    docker_label_filter: str = ""  # and, when set, also carry this "key=value" label (one lab of several)
     vms: Mapping[str, VmDefaults] = field(default_factory=dict)
     vm_cgroups: Mapping[str, str] = field(default_factory=dict)  # vm → cgroup path below the hierarchy
     vm_containers: Mapping[str, str] = field(default_factory=dict)  # vm → Docker container name or id
@@ -226,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest freeze in the low state (default 10s; 0 = never freeze)")
     parser.add_argument("--vswap-state-file", help="where lowered limits and freezes are recorded for recovery "
                         "(default /run/balloonlab/hostd-vswap.json)")
+    parser.add_argument("--docker-label", help="containers labelled LABEL=VM_ID are that vm's (e.g. balloonlab.vm)")
+    parser.add_argument("--docker-label-filter", help="and must also carry this key=value label")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     return parser
 

@@ -444,6 +444,13 @@ class HostCore:
             if new_state != self.state:
                 self._change_state(new_state, now_ms)
 
+    def set_host_target(self, vm_id: str, target: str) -> None:
+        """A target found at run time (a container labelled for the vm)."""
+        self._host_targets[vm_id] = target
+        vm = self.vms.get(vm_id)
+        if vm is not None:
+            vm.host_target = target
+
     def cgroup_gone(self, vm_id: str, now_ms: int, reason: str) -> None:
         vm = self.vms.get(vm_id)
         if vm is not None and vm.alive and not vm.has_agent:
@@ -479,7 +486,10 @@ class HostCore:
                             swap_target_pages=vm.swap_target_pages, usage_pages=vm.cgroup_usage_pages,
                             reason=decision.reason)
             granted_now = max(0, vm.cgroup_usage_pages - vm.balloon_pages)
-            block_in = vswap.BlockInput(state=self.state, above_target=granted_now > vm.alloc_target_pages,
+            # Only guests the host is paging out are frozen: one whose balloon can still cover
+            # its gap keeps running, as freezing it would stop its balloon driver too.
+            above = granted_now > vm.alloc_target_pages and vm.swap_target_pages > 0
+            block_in = vswap.BlockInput(state=self.state, above_target=above,
                                         frozen_since_ms=vm.frozen_since_ms,
                                         cooldown_until_ms=vm.block_cooldown_until_ms)
             frozen, why = (vswap.block_decision(block_in, now_ms, self.config.block_max_ms)

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from hostd.cgroupfs import BackendError, usage_of
+from protocol.errors import ProtocolError
+from protocol.messages import check_vm_id
 
 PREFIX = "docker:"
 
@@ -54,6 +56,26 @@ class DockerBackend:
         except Exception as exc:
             detail = getattr(exc, "explanation", None) or exc
             raise BackendError(f"container {target.removeprefix(PREFIX)}: {what} failed: {detail}") from None
+
+    def discover(self, label: str, label_filter: str = "") -> dict[str, str]:
+        """vm → "docker:NAME" for every running or paused container labelled `label=VM_ID`
+        (and `label_filter`, "key=value", when given). Invalid vm ids are skipped."""
+        filters = [label] + ([label_filter] if label_filter else [])
+        try:
+            containers = self.client.containers.list(filters={"label": filters})
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"listing containers labelled {filters}: {exc}") from None
+        found: dict[str, str] = {}
+        for container in containers:
+            vm_id = container.labels.get(label, "")
+            try:
+                check_vm_id(vm_id)
+            except ProtocolError:
+                continue
+            found[vm_id] = PREFIX + container.name
+        return found
 
     # ---- the backend's methods ------------------------------------------------------------
     def usage_bytes(self, target: str) -> tuple[int, int | None]:

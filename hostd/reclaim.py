@@ -42,12 +42,15 @@ class HostBackend(Protocol):
 class HostReclaimer:
     def __init__(self, targets: dict[str, str], state_file: Path, cgroupfs: CgroupfsBackend,
                  docker: DockerBackend | None = None) -> None:
-        self.targets = targets  # vm → cgroup path or "docker:NAME"
+        self.targets = dict(targets)  # vm → cgroup path or "docker:NAME" (discovery adds to it)
         self.state_file = state_file
         self._cgroupfs = cgroupfs
         self._docker = docker or DockerBackend(cgroupfs.root)
         self._record: dict[str, dict[str, Any]] = {}
         self._own_limits: dict[str, int | None] = {}
+
+    def discover(self, label: str, label_filter: str) -> dict[str, str]:
+        return self._docker.discover(label, label_filter)
 
     def backend(self, target: str) -> HostBackend:
         return self._docker if target.startswith(DOCKER_PREFIX) else self._cgroupfs

@@ -29,6 +29,7 @@ from protocol.limits import MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES
 log = logging.getLogger(__name__)
 
 TICK_MS = 100
+DISCOVERY_MS = 5_000  # containers labelled for a vm (docker_label) looked up this often
 RECLAIM_MS = 1_000  # cgroups read and limits stepped once a second (vswap_step_bytes per step)
 PUBLISH_MS = 1_000  # the HTTP port's snapshot and the timeline's samples: as fresh as the agents' reports
 # With thousands of agents a status arrives every few hundred µs, and waking up for each
@@ -104,7 +105,7 @@ class HostServer:
         self.control_socket = self._router(config.control_endpoint, curve=False,
                                            max_frame_bytes=MAX_CONTROL_FRAME_BYTES)
         self.reclaimer: HostReclaimer | None = None
-        if config.host_targets and config.vswap:
+        if (config.host_targets or config.docker_label) and config.vswap:
             if config.vm_cgroups and os.geteuid() != 0:
                 log.error("vms with a cgroup are configured (%s) but hostd is not root: host swap and blocking "
                           "are off (writing cgroup limits and freezers needs root)", ", ".join(config.vm_cgroups))
@@ -187,6 +188,23 @@ class HostServer:
                 self.core.counters["control_reply_failed"] += 1
             self._send(out)
 
+    def _discover(self) -> None:
+        """Containers labelled for a vm join the host targets (the config's own entries win)."""
+        assert self.reclaimer is not None
+        try:
+            found = self.reclaimer.discover(self.config.docker_label, self.config.docker_label_filter)
+        except BackendError as exc:
+            if self._read_errors.get("*discovery*") != str(exc):
+                log.warning("docker discovery: %s", exc)
+                self._read_errors["*discovery*"] = str(exc)
+            return
+        self._read_errors.pop("*discovery*", None)
+        for vm_id, target in found.items():
+            if vm_id not in self.config.host_targets and self.reclaimer.targets.get(vm_id) != target:
+                log.info("vm %s is container %s", vm_id, target.removeprefix("docker:"))
+                self.reclaimer.targets[vm_id] = target
+                self.core.set_host_target(vm_id, target)
+
     def _reclaim_step(self) -> None:
         """Read every configured cgroup, then carry out the core's host-swap and block actions."""
         assert self.reclaimer is not None
@@ -218,7 +236,7 @@ class HostServer:
         poller.register(self.agent_socket, zmq.POLLIN)
         poller.register(self.control_socket, zmq.POLLIN)
         next_tick = now_ms() + TICK_MS
-        next_publish = next_reclaim = 0
+        next_publish = next_reclaim = next_discovery = 0
         if self.reclaimer is not None:
             for line in self.reclaimer.recover():
                 self.core.counters["recovered_cgroups"] += 1
@@ -240,6 +258,9 @@ class HostServer:
                 if now_ms() >= next_tick:
                     next_tick = now_ms() + TICK_MS
                     self._send(self.core.tick(now_ms()))
+                    if self.reclaimer is not None and self.config.docker_label and now_ms() >= next_discovery:
+                        next_discovery = now_ms() + DISCOVERY_MS
+                        self._discover()
                     if self.reclaimer is not None and now_ms() >= next_reclaim:
                         next_reclaim = now_ms() + RECLAIM_MS
                         self._reclaim_step()

@@ -63,6 +63,14 @@ def top_rows(snapshot: dict[str, Any], previous: dict[str, Any] | None, unit: st
     def rate(vm: dict[str, Any], key: str) -> str:
         then = before.get(vm["vm_id"], {}).get(key)
         now = vm.get(key)
+        if then is None and now is None and not vm.get("has_agent", True):
+            # No agent to count swap-ins and -outs: the net change of SWCUR stands in (SWW/s
+            # when it grows, SWR/s when it shrinks; a lower bound of the real traffic).
+            then, now = before.get(vm["vm_id"], {}).get("swap_current_bytes"), vm.get("swap_current_bytes")
+            if then is None or now is None or elapsed_s <= 0:
+                return "" if numeric else "-"
+            delta = (now - then) if key == "swap_out_pages" else (then - now)
+            return size(max(0, delta) / elapsed_s)
         if then is None or now is None or elapsed_s <= 0 or now < then:
             return "" if numeric else "-"
         return size((now - then) * PAGE / elapsed_s)

@@ -77,7 +77,7 @@ def next_limit(inp: LimitInput, step_pages: int) -> LimitDecision:
 @dataclass(frozen=True, slots=True)
 class BlockInput:
     state: State
-    above_target: bool  # the vm holds more than the policy grants it
+    above_target: bool  # the vm holds more than the policy grants it, and host swap is working on it
     frozen_since_ms: int | None
     cooldown_until_ms: int  # after a block ran its full length, no new one before this
 

@@ -7,7 +7,7 @@
 #   scripts/build-base-image.sh [IMAGE_TAG]     (default balloonlab-base:bookworm; needs root)
 set -euo pipefail
 tag="${1:-balloonlab-base:bookworm}"
-modules="zmq, msgpack, psutil, numpy, prometheus_client, rich"
+modules="zmq, msgpack, psutil, numpy, prometheus_client, rich, docker"
 if docker image inspect "$tag" >/dev/null 2>&1; then
     if docker run --rm "$tag" python3 -c "import $modules" >/dev/null 2>&1; then
         echo "build-base-image: $tag already present"
@@ -28,7 +28,7 @@ debootstrap --variant=minbase --include=python3,procps bookworm "$rootfs" "$mirr
 cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
 chroot "$rootfs" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     --no-install-recommends python3-zmq python3-msgpack python3-psutil python3-numpy \
-    python3-prometheus-client python3-rich' >"$rootfs.log" 2>&1 \
+    python3-prometheus-client python3-rich python3-docker' >"$rootfs.log" 2>&1 \
     || { tail -30 "$rootfs.log" >&2; exit 1; }
 rm -f "$rootfs.log" "$rootfs/etc/resolv.conf"
 rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*

@@ -78,6 +78,14 @@ class ComposeLab:
         snapshot: dict[str, Any] = json.loads(result.stdout)
         return snapshot
 
+    def ctl(self, *args: str) -> str:
+        """balloonctl against the lab's hostd (its published control port)."""
+        result = subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint",
+                                 f"tcp://127.0.0.1:{self.control_port}", *args],
+                                capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
+        assert result.returncode == 0, f"balloonctl {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
     def leftovers(self) -> list[str]:
         """Containers and networks of this project still present."""
         label = f"label=com.docker.compose.project={self.project}"

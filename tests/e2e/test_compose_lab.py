@@ -5,6 +5,7 @@ throughput — and a teardown that leaves nothing behind, even on failure."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -104,3 +105,51 @@ def test_compose_lab_balloons_the_idle_guest_more_than_the_active_one(lab: Compo
         workload = vms[vm_id]["workload"]
         assert workload.get("touches_per_s", 0) > 0, f"{vm_id}'s workload reports no throughput: {workload}"
         assert workload.get("latency_p99_us", 0) > 0, workload
+
+    # Host swap through the Docker API: a guest started without an agent, found by its labels,
+    # is paged out by hostd lowering its container's limit, and gets it back after the pressure.
+    plain = f"{lab.project}-plain"
+    subprocess.run(["docker", "rm", "-f", plain], capture_output=True)
+    started = subprocess.run(
+        ["docker", "run", "-d", "--name", plain, "--label", "balloonlab.vm=plain", "--label",
+         f"balloonlab.lab={lab.project}", "--memory", "512m", "--memory-swap", "1024m", f"balloonlab:{lab.project}",
+         "python3", "-m", "guestagent.workload", "--phases", "grow to 320MiB at 256MiB/s, idle"],
+        capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr
+
+    def container_limit() -> int:
+        inspect = subprocess.run(["docker", "inspect", "-f", "{{.HostConfig.Memory}}", plain],
+                                 capture_output=True, text=True)
+        return int(inspect.stdout.strip() or 0)
+
+    def plain_vm() -> dict[str, Any] | None:
+        snapshot = lab.status()
+        vm = by_vm(snapshot).get("plain") if snapshot else None
+        return vm if vm and vm["alive"] and (vm["consumed_bytes"] or 0) > 300 * MiB else None
+
+    try:
+        found = wait_for(plain_vm, timeout_s=60)
+        assert found is not None, f"hostd never found the labelled container:\n{describe(lab.status())}"
+        assert found["has_agent"] is False and found["host_target"] == f"docker:{plain}"
+        pressure_at = time.monotonic()
+        lab.ctl("host", "host_memory=700MiB")
+        seen: dict[str, Any] = {}
+
+        def squeezed() -> bool:
+            vm = plain_vm() or {}
+            seen.update(vm)
+            return container_limit() < 512 * MiB and (vm.get("swap_current_bytes") or 0) >= 32 * MiB
+
+        assert wait_for(squeezed, timeout_s=90), (f"no host swap for the agentless guest: limit "
+                                                  f"{container_limit() // MiB} MiB\n{describe(lab.status())}")
+        print(f"agentless container: limit {container_limit() // MiB} MiB, swap "
+              f"{seen['swap_current_bytes'] // MiB} MiB (SWTGT {seen['swap_target_bytes'] // MiB} MiB) "
+              f"{time.monotonic() - pressure_at:.1f} s after host memory went to 700 MiB")
+        lab.ctl("host", "host_memory=8GiB")
+        eased_at = time.monotonic()
+        assert wait_for(lambda: container_limit() == 512 * MiB, timeout_s=90), "the container's limit never came back"
+        print(f"limit back to 512 MiB {time.monotonic() - eased_at:.1f} s after the pressure ended")
+        status = subprocess.run(["docker", "inspect", "-f", "{{.State.Status}}", plain], capture_output=True, text=True)
+        assert status.stdout.strip() == "running"  # never left paused
+    finally:
+        subprocess.run(["docker", "rm", "-f", plain], capture_output=True)

@@ -39,9 +39,15 @@ class NotFound(Exception):
 
 
 class FakeClient:
-    def __init__(self, container: FakeContainer) -> None:
+    def __init__(self, container: FakeContainer, listed: list | None = None) -> None:
         self.container = container
         self.containers = self
+        self.listed = listed or []
+        self.filters: dict | None = None
+
+    def list(self, filters: dict) -> list:
+        self.filters = filters
+        return self.listed
 
     def get(self, name: str) -> FakeContainer:
         if name != "plain":
@@ -106,3 +112,17 @@ def test_usage_from_the_containers_cgroup_v1_and_v2(tmp_path):
         (200 * MiB, 8 * MiB)
     with pytest.raises(BackendError, match="no memory cgroup found"):
         backend(FakeContainer(512 * MiB, 1024 * MiB), tmp_path / "none").usage_bytes("docker:plain")
+
+
+class Labelled:
+    def __init__(self, name: str, vm_id: str) -> None:
+        self.name, self.labels = name, {"balloonlab.vm": vm_id}
+
+
+def test_containers_labelled_for_a_vm_are_discovered():
+    client = FakeClient(FakeContainer(512 * MiB, 1024 * MiB),
+                        [Labelled("lab-web-1", "web"), Labelled("lab-plain-1", "plain"), Labelled("odd", "no/such id")])
+    docker = DockerBackend(Path("/nonexistent"), client=client)
+    found = docker.discover("balloonlab.vm", "balloonlab.lab=lab")
+    assert found == {"web": "docker:lab-web-1", "plain": "docker:lab-plain-1"}  # an invalid vm id is skipped
+    assert client.filters == {"label": ["balloonlab.vm", "balloonlab.lab=lab"]}

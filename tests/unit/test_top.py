@@ -68,3 +68,12 @@ def test_live_table_renders_every_vm():
     console.print(render_table(AFTER, top_rows(AFTER, BEFORE), "MiB", "b"))
     out = console.export_text()
     assert "MCTLSZ ▼" in out and "batch" in out and "web" in out and "STATE SOFT" in out
+
+
+def test_a_guest_without_an_agent_shows_host_swap_from_its_swap_in_use():
+    plain = {**vm("plain", 0), "has_agent": False, "frozen": True, "vswap_limit_bytes": 300 * MiB}
+    before = snapshot(1_000, [{**plain, "swap_current_bytes": 100 * MiB}])
+    after = snapshot(3_000, [{**plain, "swap_current_bytes": 140 * MiB}])
+    row = dict(zip(COLUMNS, top_rows(after, before)[0], strict=True))
+    assert row["MCTL?"] == "N" and row["STATE"] == "frozen" and row["HOSTLIM"] == "300MiB"
+    assert row["SWW/s"] == "20MiB" and row["SWR/s"] == "0MiB"  # +40 MiB of swap in 2 s
