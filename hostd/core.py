@@ -508,10 +508,16 @@ class HostCore:
                 self._event(now_ms, "unblock", vm=vm.vm_id, reason=why)
         return actions
 
+    def host_actions_succeeded(self, vm_ids: set[str]) -> None:
+        for vm_id in vm_ids:
+            if vm_id in self.vms:
+                self.vms[vm_id].backend_error = None
+
     def host_action_failed(self, vm_id: str, action: str, detail: str, now_ms: int) -> None:
         vm = self.vms.get(vm_id)
         self.counters["host_action_failures"] += 1
-        self._event(now_ms, "host_action_failed", vm=vm_id, action=action, detail=detail)
+        if vm is None or vm.backend_error != f"{action}: {detail}":  # an event per new failure, not per retry
+            self._event(now_ms, "host_action_failed", vm=vm_id, action=action, detail=detail)
         if vm is not None:
             vm.backend_error = f"{action}: {detail}"
             if action == "freeze":

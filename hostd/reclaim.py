@@ -48,6 +48,7 @@ class HostReclaimer:
         self._docker = docker or DockerBackend(cgroupfs.root)
         self._record: dict[str, dict[str, Any]] = {}
         self._own_limits: dict[str, int | None] = {}
+        self._failed: dict[tuple[str, str], str] = {}  # (vm, action) → the last failure
 
     def discover(self, label: str, label_filter: str) -> dict[str, str]:
         return self._docker.discover(label, label_filter)
@@ -115,8 +116,11 @@ class HostReclaimer:
         for vm_id, cgroup, action, limit_bytes in actions:
             try:
                 self._apply_one(cgroup, action, limit_bytes)
+                self._failed.pop((vm_id, action), None)
             except BackendError as exc:
-                log.warning("vm %s: %s failed: %s", vm_id, action, exc)
+                if self._failed.get((vm_id, action)) != str(exc):  # logged once, retried every second
+                    log.warning("vm %s: %s failed: %s", vm_id, action, exc)
+                self._failed[(vm_id, action)] = str(exc)
                 failures.append((vm_id, action, str(exc)))
         return failures
 

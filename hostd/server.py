@@ -220,8 +220,11 @@ class HostServer:
             self._read_errors.pop(vm_id, None)
             self.core.observe_cgroup(vm_id, reading.usage_bytes, reading.swap_bytes, reading.own_limit_bytes,
                                      now_ms())
-        for vm_id, action, detail in self.reclaimer.apply(self.core.host_actions(now_ms())):
+        actions = self.core.host_actions(now_ms())
+        failures = self.reclaimer.apply(actions)
+        for vm_id, action, detail in failures:
             self.core.host_action_failed(vm_id, action, detail, now_ms())
+        self.core.host_actions_succeeded({a[0] for a in actions} - {f[0] for f in failures})
         self._send([])
 
     def run(self) -> None:
