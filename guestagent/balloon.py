@@ -106,6 +106,8 @@ class Pinner:
         self._holes: list[tuple[int, int]] = []  # released (offset, count) below the top
         self._top_pages = 0
         self._held_pages = 0
+        self._dropped: set[int] = set()  # offsets of batches whose memory went back to the host
+        self._dropped_pages = 0
         self._pagemap_fd = os.open("/proc/self/pagemap", os.O_RDONLY)
         self.page_kind = "pfn" if want_pfn and self._probe_pfn() else "vpn"
 
@@ -199,12 +201,33 @@ class Pinner:
         if self._batches.get(batch.offset_pages) != batch:
             raise PinError(errno_module.EINVAL, 0, f"batch at page offset {batch.offset_pages} is not pinned")
         del self._batches[batch.offset_pages]
+        if batch.offset_pages in self._dropped:
+            self._dropped.discard(batch.offset_pages)
+            self._dropped_pages -= batch.page_count
         address = self._base + batch.offset_pages * PAGE_SIZE_BYTES
         length = batch.page_count * PAGE_SIZE_BYTES
         _libc.munlock(address, length)
         _libc.madvise(address, length, _MADV_DONTNEED)
         self._held_pages -= batch.page_count
         self._return_slot(batch.offset_pages, batch.page_count)
+
+    def drop_backing(self, batch: Batch) -> None:
+        """Reclaim mode: the host has the batch's page numbers in its ledger and will lower the
+        guest's limit by them, so the memory itself goes back now (munlock + MADV_DONTNEED):
+        the balloon keeps the pages in its count, the host gets the RAM."""
+        if self._batches.get(batch.offset_pages) != batch or batch.offset_pages in self._dropped:
+            return
+        address = self._base + batch.offset_pages * PAGE_SIZE_BYTES
+        length = batch.page_count * PAGE_SIZE_BYTES
+        _libc.munlock(address, length)
+        _libc.madvise(address, length, _MADV_DONTNEED)
+        self._dropped.add(batch.offset_pages)
+        self._dropped_pages += batch.page_count
+
+    @property
+    def dropped_pages(self) -> int:
+        """Balloon pages whose memory was handed back to the host (reclaim mode)."""
+        return self._dropped_pages
 
     def holds(self, batch: Batch) -> bool:
         return self._batches.get(batch.offset_pages) == batch

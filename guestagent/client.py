@@ -59,8 +59,8 @@ AGENT_VERSION = "0.1.0"
 
 
 # The names of every status's stats array, declared once at hello.
-STATS_KEYS: tuple[str, ...] = (*READING_STATS_KEYS, "givable_bytes", "pressure_deflates", "ws_samples",
-                               "ws_current_ratio", *agent.WORKLOAD_REPORT_FIELDS.values())
+STATS_KEYS: tuple[str, ...] = (*READING_STATS_KEYS, "givable_bytes", "balloon_returned_bytes", "pressure_deflates",
+                               "ws_samples", "ws_current_ratio", *agent.WORKLOAD_REPORT_FIELDS.values())
 
 
 def _now_ms() -> int:
@@ -138,6 +138,7 @@ class AgentLoop:
         self._ws_samples = 0  # completed sampling periods: the host averages each one once
         self._ws_period_ms = cfg.ws_period_ms
         self._movement: tuple[int, int] | None = None  # (started_ms, balloon pages then) toward a target
+        self._reclaim = False  # the host takes the balloon's memory (welcome's settings: "reclaim")
 
     # ---- socket ----------------------------------------------------------------------
     def _open_socket(self) -> None:
@@ -296,6 +297,7 @@ class AgentLoop:
         self._report_interval_ms = welcome.report_interval_ms
         self._host_timeout_ms = welcome.host_timeout_ms
         self._batch_limit = min(self.cfg.batch_pages, welcome.batch_limit_pages)
+        self._reclaim = welcome.settings.get("reclaim") is True
         sample_period = welcome.settings.get("sample_period_ms")
         if isinstance(sample_period, int) and not isinstance(sample_period, bool) and sample_period >= 100:
             self._ws_period_ms = sample_period  # the host's Mem.SamplePeriod governs
@@ -365,6 +367,8 @@ class AgentLoop:
             return  # freed under pressure meanwhile; the unlock sent then settles the ledger
         accepted = (RangeStatus.OK, RangeStatus.DUPLICATE) if pending.adopt else (RangeStatus.OK,)
         if self._results_ok(result.results, accepted):
+            if self._reclaim:
+                self.pinner.drop_backing(pending.batch)
             if not pending.adopt:
                 self.counters.inflated_pages += pending.batch.page_count
                 self._rate_batches = agent.next_rate(self._rate_batches, True, self.pacing)
@@ -454,6 +458,10 @@ class AgentLoop:
         within a second."""
         samples = [s.ratio for s in (self._last_ws, self._ws_current) if s is not None and s.method == "referenced"]
         limit = self._last_reading.limit_bytes if self._last_reading else None
+        if self._reclaim and limit is not None:
+            # The host lowered the limit by the memory the balloon handed back: the guest's
+            # size for this cap is still its own limit (never more than it).
+            limit = min(self.memsz_bytes, limit + self.pinner.dropped_pages * PAGE_SIZE_BYTES)
         return agent.working_set_cap_pages(limit, self.memsz_bytes, max(samples) if samples else None, self.pacing)
 
     def _step(self, now: int) -> bool:
@@ -528,6 +536,7 @@ class AgentLoop:
         reading = self._last_reading
         stats = reading.as_stats() if reading else {}
         stats["givable_bytes"] = self._givable
+        stats["balloon_returned_bytes"] = self.pinner.dropped_pages * PAGE_SIZE_BYTES
         stats["pressure_deflates"] = self.counters.pressure_deflates
         stats["ws_samples"] = self._ws_samples
         current = self.sampler.current(now, reading) if reading else None

@@ -61,6 +61,10 @@ class HostConfig:
     vswap_step_bytes: int = 64 << 20  # per second, down or up
     block_max_ms: int = 10_000  # longest freeze in the low state; 0 = never freeze
     vswap_state_file: Path = Path("/run/balloonlab/hostd-vswap.json")  # lowered limits and freezes to undo
+    # Reclaim mode (off by default): the agent of a vm with a host target hands its balloon's
+    # memory back and hostd lowers the guest's limit by the balloon, so ballooning frees RAM on
+    # the host (not only in the ledger).
+    reclaim_mode: bool = False
     cgroup_root: Path = Path("/sys/fs/cgroup")
     docker_label: str = ""  # e.g. "balloonlab.vm": containers labelled balloonlab.vm=VM are that vm's
     docker_label_filter: str = ""  # and, when set, also carry this "key=value" label (one lab of several)
@@ -228,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest freeze in the low state (default 10s; 0 = never freeze)")
     parser.add_argument("--vswap-state-file", help="where lowered limits and freezes are recorded for recovery "
                         "(default /run/balloonlab/hostd-vswap.json)")
+    parser.add_argument("--reclaim-mode", help="balloons free real host memory: agents of vms with a cgroup or "
+                        "container hand it back, hostd lowers their limit by it (true/false, default false)")
     parser.add_argument("--docker-label", help="containers labelled LABEL=VM_ID are that vm's (e.g. balloonlab.vm)")
     parser.add_argument("--docker-label-filter", help="and must also carry this key=value label")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")

@@ -129,6 +129,7 @@ class VmRecord:
     frozen_since_ms: int | None = None
     block_cooldown_until_ms: int = 0
     backend_error: str | None = None
+    reclaim: bool = False  # its agent hands the balloon's memory back; its limit goes down by the balloon
 
     @property
     def memsz_pages(self) -> int:
@@ -279,6 +280,11 @@ class HostCore:
             self._carry_host_side(existing, vm)
         else:
             vm.host_target = self._host_targets.get(hello.vm_id)
+        # Only where hostd can lower the limit (elsewhere the memory handed back would simply be
+        # the guest's again), and only for virtual page numbers: frames handed back are reused
+        # by the guest's next pins, and a ledger of PFNs would refuse them as duplicates.
+        vm.reclaim = (self.config.reclaim_mode and self.config.vswap and vm.host_target is not None
+                      and hello.page_kind == "vpn")
         # Adopt what the agent still holds: it stays until the policy says otherwise.
         vm.balloon_target_pages = hello.held_pages
         vm.balloon_pages = hello.held_pages
@@ -300,7 +306,8 @@ class HostCore:
             settings={"idle_tax_ratio": self.settings.idle_tax_ratio,
                       "sample_period_ms": self.settings.sample_period_ms,
                       "balance_period_ms": self.settings.balance_period_ms,
-                      "ctl_max_percent": self.settings.ctl_max_percent, "state": self.state},
+                      "ctl_max_percent": self.settings.ctl_max_percent, "state": self.state,
+                      "reclaim": vm.reclaim},
         )
         self._request_recompute(f"{hello.vm_id} joined")
         return [(identity, self._frame(welcome, seq))]
@@ -470,12 +477,18 @@ class HostCore:
             if vm.host_target is None or vm.cgroup_limit_pages is None or not vm.alive:
                 continue
             agent_usable = vm.has_agent and not (vm.status is not None and vm.status.agent_state == "refusing")
+            # Reclaim mode: the balloon's memory is the host's (the agent let it go once the
+            # ledger had it), so the guest's ceiling is its own limit less the balloon, at once.
+            returned = self.ledger.held_pages(vm.vm_id) if vm.reclaim and vm.has_agent else 0
+            ceiling = vm.cgroup_limit_pages - returned
             limit_in = vswap.LimitInput(
-                memsz_pages=vm.cgroup_limit_pages, applied_limit_pages=vm.vswap_limit_pages,
-                usage_pages=vm.cgroup_usage_pages, balloon_pages=vm.balloon_pages,
+                memsz_pages=ceiling, applied_limit_pages=vm.vswap_limit_pages,
+                usage_pages=vm.cgroup_usage_pages, balloon_pages=0 if vm.reclaim else vm.balloon_pages,
                 reservation_pages=vm.params.reservation_bytes // PAGE_SIZE_BYTES,
                 swap_target_pages=vm.swap_target_pages, swap_due=vswap.swap_due(self.state, agent_usable))
             decision = vswap.next_limit(limit_in, step)
+            if returned and decision.limit_pages is None:
+                decision = vswap.LimitDecision(ceiling, f"reclaim: balloon of {returned} pages returned to the host")
             if decision.limit_pages != vm.vswap_limit_pages:
                 old = vm.vswap_previous_limit_pages = vm.vswap_limit_pages
                 vm.vswap_limit_pages, vm.vswap_reason = decision.limit_pages, decision.reason

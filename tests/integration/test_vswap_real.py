@@ -210,3 +210,56 @@ def test_balloon_at_mctlmax_leaves_the_rest_to_host_swap(make_cgroup, tmp_path):
     finally:
         hostd.stop()
     assert backend.limit_bytes(relative) == 512 * MiB  # a clean exit gives the limit back
+
+
+def _mem_available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
+def test_reclaim_mode_gives_the_balloons_memory_to_the_host(make_cgroup, tmp_path):
+    cgroup = make_cgroup(512 * MiB, 512 * MiB)
+    start_workload(cgroup, "--phases", "grow to 100MiB at 256MiB/s, idle")
+    backend = CgroupfsBackend()
+    config = tmp_path / "hostd.toml"
+    config.write_text(f'[vms.rec]\ncgroup = "{cgroup.path.name}"\n')
+    figures = {}
+    for reclaim in ("false", "true"):
+        hostd = HostdProcess(tmp_path, "--config", str(config), "--vswap-state-file", str(tmp_path / "vswap.json"),
+                             "--host-memory", "8GiB", "--report-interval", "500ms", "--reclaim-mode", reclaim)
+        agent = None
+        try:
+            with (tmp_path / f"agent-{reclaim}.log").open("w") as log:
+                agent = cgroup.python("-m", "guestagent", "--vm-id", "rec", "--host-endpoint", hostd.agent_endpoint,
+                                      "--cgroup-path", str(cgroup.path), "--report-interval", "500ms",
+                                      "--want-pfn", "false", stderr=log)  # reclaim mode needs VPNs
+            hostd.wait_until(lambda s: any(v["vm_id"] == "rec" and v["alive"] for v in s["vms"]), 20, "the agent")
+            time.sleep(1)
+            usage_before, available_before = cgroup.usage_bytes(), _mem_available_bytes()
+            hostd.ctl("target", "rec", "256MiB")
+            hostd.wait_until(lambda s: vm(s, "rec")["balloon_bytes"] == 256 * MiB, 60, "the balloon at 256 MiB")
+            if reclaim == "true":
+                _wait(lambda: backend.limit_bytes(cgroup.path.name) == 256 * MiB, 10,
+                      "the limit lowered by the balloon")
+            time.sleep(1)
+            figures[reclaim] = {"usage": cgroup.usage_bytes() - usage_before,
+                                "available": available_before - _mem_available_bytes(),
+                                "limit": backend.limit_bytes(cgroup.path.name)}
+            assert agent.poll() is None
+        finally:
+            if agent is not None:
+                agent.terminate()  # deflates and says bye
+                agent.wait(timeout=30)
+            hostd.stop()
+        assert backend.limit_bytes(cgroup.path.name) == 512 * MiB  # given back at exit
+    off, on = figures["false"], figures["true"]
+    print(f"256 MiB balloon: guest cgroup grew {off['usage'] // MiB} MiB without reclaim mode, "
+          f"{on['usage'] // MiB} MiB with it (limit {on['limit'] // MiB} MiB); host MemAvailable fell "
+          f"{off['available'] // MiB} vs {on['available'] // MiB} MiB")
+    assert off["limit"] == 512 * MiB and on["limit"] == 256 * MiB  # the guest cannot take it back
+    assert off["usage"] >= 200 * MiB  # pinned: charged to the guest, held on the host (v1 usage is
+    # batched per CPU and the guest may drop some cache meanwhile, so not the full 256 MiB)
+    assert on["usage"] <= 32 * MiB  # handed back: the host has it
+    assert off["usage"] - on["usage"] >= 200 * MiB

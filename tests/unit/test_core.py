@@ -302,3 +302,18 @@ def test_a_failed_backend_action_is_reported_and_undone_in_the_record():
     vm = h.core.vms["plain"]
     assert vm.vswap_limit_pages is None and "permission denied" in vm.backend_error
     assert h.core.counters["host_action_failures"] == 1
+
+
+def test_reclaim_mode_lowers_the_limit_by_the_balloon_and_gives_it_back():
+    h = Harness(vm_cgroups={"rec": "lab/rec"}, reclaim_mode=True)
+    [(_, welcome)] = h.send("rec", hello("rec", memsz=512 * MiB))  # vpn page numbers
+    assert welcome.settings["reclaim"] is True
+    [(_, other)] = h.send("plain", hello("plain"))
+    assert other.settings["reclaim"] is False  # no cgroup to lower: its memory would stay the guest's
+    h.core.observe_cgroup("rec", 200 * MiB, 0, 512 * MiB, h.now)
+    h.core.vms["rec"].balloon_target_pages = 64 * PAGES_PER_MiB  # as a set_target would allow
+    h.send("rec", Lock(pages=PageRanges(((0, 64 * PAGES_PER_MiB),)), adopt=False))
+    limits = [a[3] for a in h.core.host_actions(h.now) if a[2] == "limit"]
+    assert limits == [448 * MiB]  # its own 512 MiB less the 64 MiB balloon, at once
+    h.send("rec", Unlock(pages=PageRanges(((0, 64 * PAGES_PER_MiB),))))
+    assert [a[3] for a in h.core.host_actions(h.now) if a[2] == "limit"] == [None]  # all back
