@@ -1,4 +1,5 @@
-"""The wire boundary: the only module that imports msgpack.
+"""The wire boundary: the only module that imports msgpack (protocol.fast_status, its
+compiled shortcut for `status` frames, imports msgspec).
 
     encode(message, seq) -> bytes      one ZeroMQ frame
     decode(frame) -> Envelope          or ProtocolError, never any other exception
@@ -20,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import msgpack
 
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.fast_status import decode_status
 from protocol.limits import (
     MAX_FRAME_BYTES,
     MAX_KEY_CHARS,
@@ -60,7 +62,15 @@ def encode(message: Message, seq: int, max_frame_bytes: int = MAX_FRAME_BYTES) -
 
 
 def decode(frame: bytes, max_frame_bytes: int = MAX_FRAME_BYTES) -> Envelope:
-    """Parse and validate one frame."""
+    """Parse and validate one frame (a `status` through msgspec when installed: same result)."""
+    fast = decode_status(frame) if len(frame) <= max_frame_bytes else None
+    if fast is not None:
+        return Envelope(seq=fast[0], message=fast[1])
+    return decode_reference(frame, max_frame_bytes)
+
+
+def decode_reference(frame: bytes, max_frame_bytes: int = MAX_FRAME_BYTES) -> Envelope:
+    """`decode` without the compiled fast path: the definition every frame is held to."""
     if len(frame) > max_frame_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"frame is {len(frame)} bytes (limit {max_frame_bytes})")
     try:
