@@ -110,6 +110,9 @@ def test_compose_lab_balloons_the_idle_guest_more_than_the_active_one(lab: Compo
     # is paged out by hostd lowering its container's limit, and gets it back after the pressure.
     plain = f"{lab.project}-plain"
     subprocess.run(["docker", "rm", "-f", plain], capture_output=True)
+    # No pressure while it grows: in the lab's low state hostd would page it out as soon as it
+    # found it, and the squeeze below would measure nothing.
+    lab.ctl("host", "host_memory=8GiB")
     started = subprocess.run(
         ["docker", "run", "-d", "--name", plain, "--label", "balloonlab.vm=plain", "--label",
          f"balloonlab.lab={lab.project}", "--memory", "512m", "--memory-swap", "1024m", f"balloonlab:{lab.project}",
