@@ -128,8 +128,7 @@ class Pinner:
             entry = self._read_pfns(self._vpn(0), 1)[0]
             return bool(entry & _PRESENT_BIT) and (entry & _PFN_MASK) != 0
         finally:
-            _libc.munlock(self._base, PAGE_SIZE_BYTES)
-            _libc.madvise(self._base, PAGE_SIZE_BYTES, _MADV_DONTNEED)
+            self._unpin_memory(0, 1)
 
     def _page_numbers(self, offset_pages: int, count: int) -> PageRanges:
         first = self._vpn(offset_pages)
@@ -186,8 +185,7 @@ class Pinner:
         length = page_count * PAGE_SIZE_BYTES
         if _libc.mlock(address, length):
             err = ctypes.get_errno()
-            _libc.munlock(address, length)
-            _libc.madvise(address, length, _MADV_DONTNEED)
+            self._unpin_memory(offset, page_count)
             self._return_slot(offset, page_count)
             hint = memlock_problem(length) if err in (errno_module.EPERM, errno_module.ENOMEM) else None
             raise PinError(err, length, hint or f"mlock of {length >> 10} KiB failed: {os.strerror(err)}")
@@ -195,6 +193,14 @@ class Pinner:
         self._batches[offset] = batch
         self._held_pages += page_count
         return batch
+
+    def _unpin_memory(self, offset_pages: int, page_count: int) -> None:
+        """munlock + MADV_DONTNEED: the pages' memory goes back to the kernel now, not when
+        it next needs some (the address range stays mapped for the next pin)."""
+        address = self._base + offset_pages * PAGE_SIZE_BYTES
+        length = page_count * PAGE_SIZE_BYTES
+        _libc.munlock(address, length)
+        _libc.madvise(address, length, _MADV_DONTNEED)
 
     def release(self, batch: Batch) -> None:
         """Unpin a batch and give its pages back to the guest at once."""
@@ -204,10 +210,7 @@ class Pinner:
         if batch.offset_pages in self._dropped:
             self._dropped.discard(batch.offset_pages)
             self._dropped_pages -= batch.page_count
-        address = self._base + batch.offset_pages * PAGE_SIZE_BYTES
-        length = batch.page_count * PAGE_SIZE_BYTES
-        _libc.munlock(address, length)
-        _libc.madvise(address, length, _MADV_DONTNEED)
+        self._unpin_memory(batch.offset_pages, batch.page_count)
         self._held_pages -= batch.page_count
         self._return_slot(batch.offset_pages, batch.page_count)
 
@@ -217,10 +220,7 @@ class Pinner:
         the balloon keeps the pages in its count, the host gets the RAM."""
         if self._batches.get(batch.offset_pages) != batch or batch.offset_pages in self._dropped:
             return
-        address = self._base + batch.offset_pages * PAGE_SIZE_BYTES
-        length = batch.page_count * PAGE_SIZE_BYTES
-        _libc.munlock(address, length)
-        _libc.madvise(address, length, _MADV_DONTNEED)
+        self._unpin_memory(batch.offset_pages, batch.page_count)
         self._dropped.add(batch.offset_pages)
         self._dropped_pages += batch.page_count
 

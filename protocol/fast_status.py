@@ -35,8 +35,6 @@ except ImportError:  # optional: the reference decoder handles everything withou
 FAST_MAX_FRAME_BYTES = 7 * (MAX_MAP_ENTRIES + 1) - 1
 _FIXMAP_4 = 0x84  # the envelope {v, kind, seq, body}: exactly four entries, so no repeated keys
 
-AVAILABLE = msgspec is not None
-
 if msgspec is not None:
 
     class _StatusBody(msgspec.Struct, forbid_unknown_fields=True):

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hostd.cgroupfs import CgroupfsBackend
@@ -212,13 +213,6 @@ def test_balloon_at_mctlmax_leaves_the_rest_to_host_swap(make_cgroup, tmp_path):
     assert backend.limit_bytes(relative) == 512 * MiB  # a clean exit gives the limit back
 
 
-def _mem_available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no MemAvailable in /proc/meminfo")
-
-
 def test_reclaim_mode_gives_the_balloons_memory_to_the_host(make_cgroup, tmp_path):
     cgroup = make_cgroup(512 * MiB, 512 * MiB)
     start_workload(cgroup, "--phases", "grow to 100MiB at 256MiB/s, idle")
@@ -237,7 +231,7 @@ def test_reclaim_mode_gives_the_balloons_memory_to_the_host(make_cgroup, tmp_pat
                                       "--want-pfn", "false", stderr=log)  # reclaim mode needs VPNs
             hostd.wait_until(lambda s: any(v["vm_id"] == "rec" and v["alive"] for v in s["vms"]), 20, "the agent")
             time.sleep(1)
-            usage_before, available_before = cgroup.usage_bytes(), _mem_available_bytes()
+            usage_before, available_before = cgroup.usage_bytes(), psutil.virtual_memory().available
             hostd.ctl("target", "rec", "256MiB")
             hostd.wait_until(lambda s: vm(s, "rec")["balloon_bytes"] == 256 * MiB, 60, "the balloon at 256 MiB")
             if reclaim == "true":
@@ -245,7 +239,7 @@ def test_reclaim_mode_gives_the_balloons_memory_to_the_host(make_cgroup, tmp_pat
                       "the limit lowered by the balloon")
             time.sleep(1)
             figures[reclaim] = {"usage": cgroup.usage_bytes() - usage_before,
-                                "available": available_before - _mem_available_bytes(),
+                                "available": available_before - psutil.virtual_memory().available,
                                 "limit": backend.limit_bytes(cgroup.path.name)}
             assert agent.poll() is None
         finally:

@@ -119,12 +119,17 @@ def _packed_map(entries: list[tuple[str, object]]) -> bytes:
     return header + b"".join(msgpack.packb(k) + msgpack.packb(v, use_bin_type=True) for k, v in entries)
 
 
+def _status_frame(body_entries: list[tuple[str, object]]) -> bytes:
+    """A status envelope {v, kind, seq, body} whose body map is written entry by entry."""
+    envelope = [("v", PROTOCOL_VERSION), ("kind", "status"), ("seq", 1)]
+    return (b"\x84" + b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in envelope)
+            + msgpack.packb("body") + _packed_map(body_entries))
+
+
 def test_repeated_keys_mean_the_same_on_both_paths():
     body = msgpack.unpackb(encode(SAMPLES["status"], 1))["body"]
     entries = [("balloon_pages", 5), *body.items()]  # repeated: the last one counts on both
-    envelope = b"\x84" + b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in
-                                  [("v", PROTOCOL_VERSION), ("kind", "status"), ("seq", 1)])
-    frame = envelope + msgpack.packb("body") + _packed_map(entries)
+    frame = _status_frame(entries)
     assert _assert_agrees(frame)
     assert decode(frame).message.balloon_pages == body["balloon_pages"]
 
@@ -134,9 +139,7 @@ def test_a_body_too_big_for_the_reference_is_never_taken():
     # longer than FAST_MAX_FRAME_BYTES, so the fast path never sees it.
     body = msgpack.unpackb(encode(SAMPLES["status"], 1))["body"]
     entries = [("ws_period_ms", 1)] * 300 + list(body.items())
-    envelope = b"\x84" + b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in
-                                  [("v", PROTOCOL_VERSION), ("kind", "status"), ("seq", 1)])
-    frame = envelope + msgpack.packb("body") + _packed_map(entries)
+    frame = _status_frame(entries)
     assert len(frame) > FAST_MAX_FRAME_BYTES and decode_status(frame) is None
     with pytest.raises(ProtocolError):
         decode(frame)
