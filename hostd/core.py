@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,6 +130,7 @@ class VmRecord:
     frozen_since_ms: int | None = None
     block_cooldown_until_ms: int = 0
     backend_error: str | None = None
+    vm_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # proves a re-hello is this agent
     reclaim: bool = False  # its agent hands the balloon's memory back; its limit goes down by the balloon
 
     @property
@@ -308,6 +310,7 @@ class HostCore:
                       "balance_period_ms": self.settings.balance_period_ms,
                       "ctl_max_percent": self.settings.ctl_max_percent, "state": self.state,
                       "reclaim": vm.reclaim},
+            vm_secret=vm.vm_secret,
         )
         self._request_recompute(f"{hello.vm_id} joined")
         return [(identity, self._frame(welcome, seq))]

@@ -6,7 +6,7 @@ dropped by libzmq before Python sees it.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 2  # 2: stats as an array named once by hello.stats_keys
+PROTOCOL_VERSION = 3  # 2: stats as an array named once by hello.stats_keys; 3: vm secrets, control tokens
 
 PAGE_SIZE_BYTES = 4096
 HUGE_PAGE_PAGES = 512  # one 2 MiB page = 512 base pages
@@ -21,6 +21,7 @@ MAX_RANGES_PER_MESSAGE = 32_768  # a lock/unlock batch: ≤ 32 768 (start, count
 MAX_PAGES_PER_MESSAGE = 1 << 20  # and ≤ 4 GiB of pages
 DEFAULT_BATCH_LIMIT_PAGES = 512  # vmw_balloon's batch: one page of 512 u64 entries
 MAX_VM_ID_CHARS = 64
+MAX_SECRET_CHARS = 128  # vm secrets and control tokens (url-safe base64)
 MAX_TEXT_CHARS = 1024  # detail, reason, version strings
 MAX_MAP_ENTRIES = 256  # stats, settings and parameter maps
 MAX_KEY_CHARS = 64

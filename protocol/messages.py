@@ -26,6 +26,7 @@ from protocol.limits import (
     MAX_PAGE_NUMBER,
     MAX_PAGES,
     MAX_PAGES_PER_MESSAGE,
+    MAX_SECRET_CHARS,
     MAX_SEQ,
     MAX_SNAPSHOT_DEPTH,
     MAX_SNAPSHOT_ITEMS,
@@ -39,6 +40,7 @@ Scalar = int | float | str | bool | None
 PlainData = Any  # nested maps/lists of scalars, validated by check_plain_data
 
 _VM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 
 VM_PARAM_KEYS = frozenset({"shares", "reservation_bytes", "limit_bytes", "maxmemctl_bytes"})
 HOST_PARAM_KEYS = frozenset(
@@ -68,6 +70,11 @@ def check_vm_id(vm_id: str) -> None:
         raise _invalid(
             f"vm_id {vm_id[:80]!r} must be 1..{MAX_VM_ID_CHARS} chars of letters, digits, '_', '.', '-'"
         )
+
+
+def check_secret(name: str, value: str) -> None:
+    if not 16 <= len(value) <= MAX_SECRET_CHARS or not _SECRET_PATTERN.fullmatch(value):
+        raise _invalid(f"{name} must be 16..{MAX_SECRET_CHARS} chars of letters, digits, '_', '-'")
 
 
 def check_plain_data(value: Any, depth: int = 0, budget: list[int] | None = None) -> None:
@@ -167,7 +174,10 @@ class Hello(Message):
     those pages with `lock(adopt=True)` instead of inflating again). last_host_session_id:
     the session it was registered with before, or None. stats_keys: the names of the values
     every `status.stats` array carries, in order (declared once here: names in every status
-    made the status map most of the host's decoding cost).
+    made the status map most of the host's decoding cost). vm_secret: the secret the last
+    welcome of `last_host_session_id` gave this vm, or None; a hello for a vm that a live
+    agent holds is accepted only with that secret (a reconnect of the same agent), every
+    other claim gets CONFLICT.
     Reply: welcome, or error (CONFLICT, ADMISSION_REFUSED, UNAUTHORIZED, INVALID_FIELD).
     """
 
@@ -183,9 +193,12 @@ class Hello(Message):
     held_pages: int
     last_host_session_id: str | None
     stats_keys: tuple[str, ...]
+    vm_secret: str | None = None
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
+        if self.vm_secret is not None:
+            check_secret("vm_secret", self.vm_secret)
         check_stats_keys(self.stats_keys)
         _check_range("memsz_bytes", self.memsz_bytes, PAGE_SIZE_BYTES, MAX_MEMSZ_BYTES)
         if self.memsz_bytes % PAGE_SIZE_BYTES:
@@ -203,6 +216,9 @@ class Welcome(Message):
     report_interval_ms: how often to send status. host_timeout_ms: the agent treats the host
     as gone after this long without any message. batch_limit_pages: max pages per lock/unlock.
     settings: informational host settings (idle tax, periods...) for the agent's log.
+    vm_secret: a fresh random secret for this registration: the agent presents it in its
+    next hello (after a reconnect) to show it is the same agent. Only this agent's
+    connection ever sees it; it appears in no status output.
     Reply: none.
     """
 
@@ -213,10 +229,12 @@ class Welcome(Message):
     host_timeout_ms: int
     batch_limit_pages: int
     settings: dict[str, Scalar]
+    vm_secret: str
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.host_session_id) <= MAX_VM_ID_CHARS:
             raise _invalid("host_session_id must be 1..64 chars")
+        check_secret("vm_secret", self.vm_secret)
         _check_range("report_interval_ms", self.report_interval_ms, 10, MAX_INTERVAL_MS)
         _check_range("host_timeout_ms", self.host_timeout_ms, 10, MAX_INTERVAL_MS)
         _check_range("batch_limit_pages", self.batch_limit_pages, 1, MAX_PAGES_PER_MESSAGE)
@@ -419,7 +437,7 @@ def _check_params(params: dict[str, Scalar], allowed: frozenset[str]) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SetVmParams(Message):
-    """ctl → host: change a vm's shares (int ≥ 0 or "low"/"normal"/"high"), reservation_bytes,
+    """ctl → host (needs authority: a control_token, or a CURVE operator key or an ipc socket; see protocol/README.md): change a vm's shares (int ≥ 0 or "low"/"normal"/"high"), reservation_bytes,
     limit_bytes, maxmemctl_bytes; None resets a key to its default. All-or-nothing: an invalid
     value changes nothing. Reply: control_ok or error."""
 
@@ -427,9 +445,12 @@ class SetVmParams(Message):
     plane: ClassVar[Literal["agent", "control"]] = "control"
     vm_id: str
     params: dict[str, Scalar]
+    control_token: str | None = None
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
+        if self.control_token is not None:
+            check_secret("control_token", self.control_token)
         _check_params(self.params, VM_PARAM_KEYS)
         for key, value in self.params.items():
             if value is None:
@@ -450,15 +471,18 @@ class SetVmParams(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SetHostParams(Message):
-    """ctl → host: change idle_tax_ratio (0 ≤ τ < 1), sample_period_ms, balance_period_ms,
+    """ctl → host (needs authority): change idle_tax_ratio (0 ≤ τ < 1), sample_period_ms, balance_period_ms,
     host_memory_bytes, ctl_max_percent (0..99). None resets to default. Reply: control_ok."""
 
     kind: ClassVar[str] = "set_host_params"
     plane: ClassVar[Literal["agent", "control"]] = "control"
     params: dict[str, Scalar]
+    control_token: str | None = None
 
     def __post_init__(self) -> None:
         _check_params(self.params, HOST_PARAM_KEYS)
+        if self.control_token is not None:
+            check_secret("control_token", self.control_token)
         for key, value in self.params.items():
             if value is None:
                 continue
@@ -479,16 +503,19 @@ class SetHostParams(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SetManualTarget(Message):
-    """ctl → host: pin vm's balloon target to `balloon_target_pages` (like `virsh setmem`
+    """ctl → host (needs authority): pin vm's balloon target to `balloon_target_pages` (like `virsh setmem`
     pins a guest's size), or None to return to automatic targets. Reply: control_ok."""
 
     kind: ClassVar[str] = "set_manual_target"
     plane: ClassVar[Literal["agent", "control"]] = "control"
     vm_id: str
     balloon_target_pages: int | None
+    control_token: str | None = None
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
+        if self.control_token is not None:
+            check_secret("control_token", self.control_token)
         if self.balloon_target_pages is not None:
             _check_range("balloon_target_pages", self.balloon_target_pages, 0, MAX_PAGES)
 

@@ -39,6 +39,7 @@ SAMPLES: dict[str, Message] = {
         held_pages=2048,
         last_host_session_id="h-5f3a",
         stats_keys=("usage_bytes", "swap_used_bytes", "psi_full_avg10", "pgmajfault"),
+        vm_secret="Zm9vYmFyYmF6cXV1eDEyMzQ",
     ),
     "welcome": Welcome(
         host_session_id="h-5f3a",
@@ -46,6 +47,7 @@ SAMPLES: dict[str, Message] = {
         host_timeout_ms=5000,
         batch_limit_pages=512,
         settings={"idle_tax_ratio": 0.75, "balance_period_ms": 15000, "state": "high", "curve": False},
+        vm_secret="Zm9vYmFyYmF6cXV1eDEyMzQ",
     ),
     "set_target": SetTarget(target_pages=65536, target_seq=7),
     "lock": Lock(pages=PageRanges(((4096, 512), (9000, 3))), adopt=False),
@@ -79,7 +81,8 @@ SAMPLES: dict[str, Message] = {
         snapshot={"host": {"state": "soft", "free_bytes": 1 << 30}, "vms": [{"vm_id": "web-1", "balloon_pages": 5}]}
     ),
     "set_vm_params": SetVmParams(vm_id="db", params={"shares": "high", "reservation_bytes": 128 << 20}),
-    "set_host_params": SetHostParams(params={"idle_tax_ratio": 0.5, "sample_period_ms": 10000}),
+    "set_host_params": SetHostParams(params={"idle_tax_ratio": 0.5, "sample_period_ms": 10000},
+                                     control_token="c2VjcmV0LXRva2VuLWZvci10ZXN0cw"),
     "set_manual_target": SetManualTarget(vm_id="web-1", balloon_target_pages=None),
     "control_ok": ControlOk(detail="idle_tax_ratio 0.75 -> 0.5", data={"idle_tax_ratio": 0.5}),
 }

@@ -81,7 +81,7 @@ def _hello_body(**overrides):
     body = {
         "vm_id": "web", "memsz_bytes": 1 << 29, "agent_version": "x", "page_kind": "vpn",
         "supports_2m": False, "cgroup_version": 1, "max_batch_pages": 512, "held_pages": 0,
-        "last_host_session_id": None, "stats_keys": ["usage_bytes"],
+        "last_host_session_id": None, "stats_keys": ["usage_bytes"], "vm_secret": None,
     }
     body.update(overrides)
     return body
@@ -93,7 +93,9 @@ def _hello_body(**overrides):
         (b"", ErrorCode.MALFORMED),
         (b"\xc1", ErrorCode.MALFORMED),
         (_frame("hello", _hello_body(), v=1), ErrorCode.UNSUPPORTED_VERSION),  # stats as a map
-        (_frame("hello", _hello_body(), v=3), ErrorCode.UNSUPPORTED_VERSION),
+        (_frame("hello", _hello_body(), v=2), ErrorCode.UNSUPPORTED_VERSION),  # no vm secrets
+        (_frame("hello", _hello_body(), v=PROTOCOL_VERSION + 1), ErrorCode.UNSUPPORTED_VERSION),
+        (_frame("hello", _hello_body(vm_secret="short")), ErrorCode.INVALID_FIELD),
         (_frame("hello", _hello_body(), v="1"), ErrorCode.UNSUPPORTED_VERSION),
         (_frame("nope", {}), ErrorCode.UNKNOWN_KIND),
         (_frame("hello", _hello_body(), seq=-1), ErrorCode.MALFORMED),
