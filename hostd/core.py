@@ -13,6 +13,7 @@ peer input can raise out of here: every failure becomes an `error` reply and a c
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import logging
 import secrets
 from collections import Counter
@@ -130,6 +131,7 @@ class VmRecord:
     frozen_since_ms: int | None = None
     block_cooldown_until_ms: int = 0
     backend_error: str | None = None
+    route: bytes = b""  # the ROUTER routing id of its agent's connection (b"": none)
     vm_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # proves a re-hello is this agent
     reclaim: bool = False  # its agent hands the balloon's memory back; its limit goes down by the balloon
 
@@ -189,6 +191,7 @@ class HostCore:
         self._last_result_index: dict[str, int] = {}
         self._reasons: dict[str, str] = {}  # vm → reason under the last result
         self._host_targets = config.host_targets
+        self._routes: dict[bytes, str] = {}  # agent connection → the vm it registered
 
     # ---- helpers ----------------------------------------------------------------------
     def _frame(self, message: Message, seq: int | None = None, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
@@ -227,38 +230,64 @@ class HostCore:
             self.protocol_errors[exc.code.name] += 1
             return [(identity, self._error(exc.code, exc.detail, seq))]
 
-    def _dispatch_agent(self, identity: bytes, seq: int, message: Message, now_ms: int) -> Outgoing:
+    def _dispatch_agent(self, route: bytes, seq: int, message: Message, now_ms: int) -> Outgoing:
         if message.plane != "agent" or isinstance(message, Welcome | SetTarget | LockResult | UnlockResult):
             raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not sent by agents")
         if isinstance(message, Hello):
-            return self._on_hello(identity, seq, message, now_ms)
-        vm_id = identity.decode("utf-8", "replace")
-        vm = self.vms.get(vm_id)
-        if vm is None or not vm.alive or not vm.has_agent:
+            return self._on_hello(route, seq, message, now_ms)
+        # A connection speaks for the vm its hello registered, never for the vm it names:
+        # routing ids are the ROUTER's, one per connection, and bound at welcome.
+        vm_id = self._routes.get(route)
+        vm = None if vm_id is None else self.vms.get(vm_id)
+        if vm is None or not vm.alive or not vm.has_agent or vm.route != route:
             raise ProtocolError(ErrorCode.NOT_REGISTERED, "not registered with this host session: say hello")
         vm.last_seen_ms = now_ms
         if isinstance(message, Lock):
-            return self._on_lock(identity, seq, vm, message)
+            return self._on_lock(route, seq, vm, message)
         if isinstance(message, Unlock):
-            return self._on_unlock(identity, seq, vm, message)
+            return self._on_unlock(route, seq, vm, message)
         if isinstance(message, Status):
-            return self._on_status(identity, vm, message, now_ms)
+            return self._on_status(route, vm, message, now_ms)
         if isinstance(message, Bye):
             self._drop(vm, now_ms, "bye", message.reason)
-            self._request_recompute(f"{vm_id} left")
+            self._request_recompute(f"{vm.vm_id} left")
             return []
         if isinstance(message, Heartbeat):
             return []
         raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not handled on the agent plane")
 
-    def _on_hello(self, identity: bytes, seq: int, hello: Hello, now_ms: int) -> Outgoing:
-        if identity != hello.vm_id.encode():
-            raise ProtocolError(ErrorCode.INVALID_FIELD,
-                                f"routing id {identity[:40]!r} must equal vm_id {hello.vm_id!r} (set ZMQ_IDENTITY)")
+    def _proves_identity(self, existing: VmRecord | None, hello: Hello) -> bool:
+        """A hello comes from the agent that holds this vm's registration: it presents the
+        secret that only that agent's welcome carried, for this host session."""
+        return (existing is not None and hello.vm_secret is not None and existing.has_agent
+                and hello.last_host_session_id == self.session_id
+                and hmac.compare_digest(hello.vm_secret, existing.vm_secret))
+
+    def _bind_route(self, vm: VmRecord, route: bytes) -> None:
+        if vm.route and self._routes.get(vm.route) == vm.vm_id:
+            del self._routes[vm.route]
+        vm.route = route
+        self._routes[route] = vm.vm_id
+
+    def _unbind_route(self, vm: VmRecord) -> None:
+        if vm.route and self._routes.get(vm.route) == vm.vm_id:
+            del self._routes[vm.route]
+
+    def _on_hello(self, route: bytes, seq: int, hello: Hello, now_ms: int) -> Outgoing:
+        bound = self._routes.get(route)
+        if bound is not None and bound != hello.vm_id and self.vms[bound].alive:
+            self.counters["identity_conflicts"] += 1
+            raise ProtocolError(ErrorCode.CONFLICT, f"this connection is registered as {bound}; "
+                                "one connection speaks for one vm")
         existing = self.vms.get(hello.vm_id)
-        same_session = existing is not None and hello.last_host_session_id == self.session_id
-        if existing is not None and existing.alive and existing.has_agent and not same_session:
+        proven = self._proves_identity(existing, hello)
+        if existing is not None and existing.alive and existing.has_agent and not proven:
+            # Whoever else claims a live vm's id gets nothing: the live agent keeps its
+            # registration, its ledger and its traffic.
+            self.counters["identity_conflicts"] += 1
+            self._event(now_ms, "identity_conflict", vm=hello.vm_id)
             raise ProtocolError(ErrorCode.CONFLICT, f"vm {hello.vm_id} is already registered by a live agent")
+        same_session = proven
         params = existing.params if existing is not None else self.config.vms.get(hello.vm_id, VmDefaults())
         reservation = params.reservation_bytes // PAGE_SIZE_BYTES
         others = [v.params.reservation_bytes // PAGE_SIZE_BYTES for v in self.vms.values()
@@ -275,6 +304,10 @@ class HostCore:
         self.ledger.register(hello.vm_id, hello.page_kind)
         vm = VmRecord(vm_id=hello.vm_id, hello=hello, params=params, registered_ms=now_ms, last_seen_ms=now_ms,
                       stat_index={name: index for index, name in enumerate(hello.stats_keys)})
+        if proven:
+            assert existing is not None
+            vm.vm_secret = existing.vm_secret  # the same agent keeps its secret across reconnects
+        self._bind_route(vm, route)
         if existing is not None:
             vm.manual_balloon_pages = existing.manual_balloon_pages
             vm.working_set = existing.working_set
@@ -313,7 +346,7 @@ class HostCore:
             vm_secret=vm.vm_secret,
         )
         self._request_recompute(f"{hello.vm_id} joined")
-        return [(identity, self._frame(welcome, seq))]
+        return [(route, self._frame(welcome, seq))]
 
     def _lock_cap(self, vm: VmRecord) -> int:
         return max(vm.balloon_max_pages, vm.balloon_target_pages, vm.manual_balloon_pages or 0)
@@ -380,6 +413,7 @@ class HostCore:
         self.ledger.pop(vm.vm_id)
         self._granted_total -= vm.granted_pages
         vm.alive = False
+        self._unbind_route(vm)
         vm.resets += 1
         self.counters["resets"] += 1
         detail = f"ledger reset: host holds {ledger_pages} pages, agent reports {agent_pages}; say hello"
@@ -388,6 +422,7 @@ class HostCore:
         return [(identity, self._error(ErrorCode.NOT_REGISTERED, detail, None))]
 
     def _drop(self, vm: VmRecord, now_ms: int, kind: str, reason: str) -> None:
+        self._unbind_route(vm)
         self._granted_total -= vm.granted_pages
         popped = self.ledger.pop(vm.vm_id)
         self.counters["agents_lost" if kind == "lost" else "agents_left"] += 1
@@ -594,7 +629,7 @@ class HostCore:
             old_target = vm.balloon_target_pages
             self._target_seq += 1
             vm.balloon_target_pages, vm.target_seq, vm.reason = new_target, self._target_seq, decision.reason
-            out.append((vm.vm_id.encode(), self._frame(SetTarget(target_pages=new_target, target_seq=vm.target_seq))))
+            out.append((vm.route, self._frame(SetTarget(target_pages=new_target, target_seq=vm.target_seq))))
             if new_target != old_target:
                 self._event(now_ms, "target", vm=vm.vm_id, old_balloon_target_pages=old_target,
                             new_balloon_target_pages=new_target, alloc_target_pages=vm.alloc_target_pages,

@@ -124,7 +124,9 @@ class HostServer:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises, never silently drops
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting agent takes its routing id back
+        # No ROUTER_HANDOVER: a second connection that presents a live peer's routing id is
+        # refused by libzmq instead of taking the pipe over (hostd binds vms to connections,
+        # and a handover silently cut the live agent off).
         sock.setsockopt(zmq.SNDHWM, 10_000)
         if curve and self.config.curve_secret_key is not None:
             from protocol.keys import load_keypair

@@ -89,12 +89,16 @@ def test_hello_welcome_and_adoption():
     assert [r.status for r in lock[0][1].results] == [RangeStatus.OK]
 
 
-def test_not_registered_and_bad_identity():
+def test_not_registered_and_bound_to_the_connection():
     h = Harness()
     [(_, reply)] = h.send("ghost", status())
     assert isinstance(reply, Error) and reply.code == ErrorCode.NOT_REGISTERED
-    out = h.core.handle_agent(b"other", encode(hello("a"), 1), 0)
-    assert decode(out[0][1]).message.code == ErrorCode.INVALID_FIELD
+    out = h.core.handle_agent(b"\x00conn1", encode(hello("a"), 1), 0)  # routing ids are the ROUTER's
+    assert isinstance(decode(out[0][1]).message, Welcome)
+    [(_, reply)] = h.send("a", status())  # a routing id that names the vm is not its connection
+    assert isinstance(reply, Error) and reply.code == ErrorCode.NOT_REGISTERED
+    out = h.core.handle_agent(b"\x00conn1", encode(status(), 2), 0)
+    assert out == [] and h.core.vms["a"].status is not None
 
 
 def test_conflict_then_accepted_after_loss():
