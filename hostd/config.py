@@ -53,8 +53,20 @@ class HostConfig:
     event_log: Path | None = None
     timeline: Path | None = None  # JSON Lines of every sample (1/s) and decision, for balloonctl plot
     curve_secret_key: Path | None = None
-    curve_allowlist: Path | None = None
+    curve_allowlist: Path | None = None  # agents' public keys, each bound to the vm ids it may register
+    # The control plane's own authority (every change needs one; reading status does not):
+    # CURVE operators' public keys on the control socket, or else the token in this file
+    # (created 0600 at start when missing), or an ipc:// control endpoint (its file mode).
+    control_allowlist: Path | None = None
+    control_token_file: Path = Path("/run/balloonlab/control.token")
+    control_socket_mode: int = 0o600  # an ipc:// control endpoint's file mode (0o660 with a group)
+    control_socket_group: str = ""  # and its group, e.g. "balloonlab"
+    settings_file: Path | None = Path("/run/balloonlab/hostd-settings.json")  # balloonctl changes, kept across restarts
     allow_plain_remote: bool = False
+    # Bounded state: whatever peers send, hostd's tables stay this small.
+    max_vms: int = 10_000  # registered vms, alive or waiting to expire
+    dead_vm_ttl_ms: int = 120_000  # a vm that left or was lost is forgotten after this long
+    max_joins_per_s: int = 500  # new vm ids per second (re-registrations of known vms are not counted)
     log_level: str = "INFO"
     # Host-level reclamation (hostd/vswap.py): vms whose cgroup hostd may limit and freeze.
     vswap: bool = True  # apply swap targets to vms with a `cgroup` by lowering its limit
@@ -98,6 +110,22 @@ class HostConfig:
             raise ConfigError("batch_limit_pages must be 1..1048576")
         if (self.curve_secret_key is None) != (self.curve_allowlist is None):
             raise ConfigError("CurveZMQ needs both curve_secret_key and curve_allowlist")
+        if self.control_allowlist is not None and self.curve_secret_key is None:
+            raise ConfigError("control_allowlist (CURVE operators) needs curve_secret_key and curve_allowlist")
+        if self.control_allowlist is None and not is_loopback_endpoint(self.control_endpoint):
+            # Whatever else is configured: a plain control socket off loopback is reachable by
+            # the guests it controls.
+            raise ConfigError(f"control_endpoint={self.control_endpoint}: a plain control endpoint must be on "
+                              "loopback or ipc://; for remote control set control_allowlist (CURVE operators)")
+        if not 0 <= self.control_socket_mode <= 0o777 or self.control_socket_mode & 0o007:
+            raise ConfigError(f"control_socket_mode={oct(self.control_socket_mode)}: owner/group bits only "
+                              "(e.g. 0o600 or 0o660)")
+        if not 1 <= self.max_vms <= 1_000_000:
+            raise ConfigError("max_vms must be 1..1000000")
+        if not 1_000 <= self.dead_vm_ttl_ms <= 86_400_000:
+            raise ConfigError("dead_vm_ttl_ms must be 1 s .. 1 day")
+        if not 1 <= self.max_joins_per_s <= 1_000_000:
+            raise ConfigError("max_joins_per_s must be 1..1000000")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level {self.log_level!r}: DEBUG, INFO, WARNING or ERROR")
         try:
@@ -107,12 +135,11 @@ class HostConfig:
         if http is not None and not self.allow_plain_remote and not _is_loopback_host(http[0]):
             raise ConfigError(f"http_address={self.http_address}: only loopback unless allow_plain_remote = true "
                               "(the port shows every guest's figures)")
-        if self.curve_secret_key is None and not self.allow_plain_remote:
-            for name in ("agent_endpoint", "control_endpoint"):
-                if not is_loopback_endpoint(getattr(self, name)):
-                    raise ConfigError(
-                        f"{name}={getattr(self, name)}: plain TCP is only allowed on loopback; configure CurveZMQ "
-                        "(curve_secret_key + curve_allowlist) or set allow_plain_remote = true")
+        if self.curve_secret_key is None and not self.allow_plain_remote and not is_loopback_endpoint(
+                self.agent_endpoint):
+            raise ConfigError(
+                f"agent_endpoint={self.agent_endpoint}: plain TCP is only allowed on loopback; configure CurveZMQ "
+                "(curve_secret_key + curve_allowlist) or set allow_plain_remote = true")
 
     @property
     def host_targets(self) -> dict[str, str]:
@@ -152,8 +179,10 @@ def is_loopback_endpoint(endpoint: str) -> bool:
 
 
 _SIZE_KEYS = {"host_memory_bytes", "vswap_step_bytes"}
-_DURATION_KEYS = {"sample_period_ms", "balance_period_ms", "report_interval_ms", "block_max_ms"}
-_PATH_KEYS = {"event_log", "timeline", "curve_secret_key", "curve_allowlist", "vswap_state_file", "cgroup_root"}
+_DURATION_KEYS = {"sample_period_ms", "balance_period_ms", "report_interval_ms", "block_max_ms", "dead_vm_ttl_ms"}
+_PATH_KEYS = {"event_log", "timeline", "curve_secret_key", "curve_allowlist", "vswap_state_file", "cgroup_root",
+              "control_allowlist", "control_token_file"}
+_OPTIONAL_PATH_KEYS = {"settings_file"}  # "" or "off" = none
 
 
 def _convert(name: str, value: Any) -> Any:
@@ -165,6 +194,10 @@ def _convert(name: str, value: Any) -> Any:
             return value if isinstance(value, int) else parse_duration_ms(str(value))
         if name in _PATH_KEYS:
             return Path(str(value))
+        if name in _OPTIONAL_PATH_KEYS:
+            return None if str(value).strip().lower() in ("", "off", "none") else Path(str(value))
+        if name == "control_socket_mode":
+            return value if isinstance(value, int) else int(str(value), 8)
         if kind == "bool":
             return value if isinstance(value, bool) else parse_bool(str(value))
         if kind == "float":
@@ -225,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeline", help="JSON Lines file of every sample and decision (balloonctl plot)")
     parser.add_argument("--curve-secret-key", help="hostd's .key_secret file (enables CurveZMQ)")
     parser.add_argument("--curve-allowlist", help="directory of allowed agent public keys")
+    parser.add_argument("--control-allowlist", help="directory of operators' public keys (CURVE on the control "
+                        "socket; needs --curve-secret-key)")
+    parser.add_argument("--control-token-file", help="the control token balloonctl must present for changes "
+                        "(created 0600 when missing; default /run/balloonlab/control.token)")
+    parser.add_argument("--settings-file", help="balloonctl changes kept across restarts "
+                        "(default /run/balloonlab/hostd-settings.json; off for none)")
+    parser.add_argument("--max-vms", help="most vms hostd keeps (default 10000)")
+    parser.add_argument("--dead-vm-ttl", dest="dead_vm_ttl_ms", help="forget vms that left after (default 120s)")
+    parser.add_argument("--max-joins-per-s", help="new vm ids accepted per second (default 500)")
     parser.add_argument("--allow-plain-remote", help="allow plain TCP on non-loopback addresses (true/false)")
     parser.add_argument("--vswap", help="apply swap targets to vms with a cgroup (true/false, default true)")
     parser.add_argument("--vswap-step", dest="vswap_step_bytes", help="limit change per second (default 64MiB)")

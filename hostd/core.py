@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import math
 import secrets
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,12 +51,41 @@ from protocol import (
     encode,
     stats_map,
 )
-from protocol.limits import MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES
+from protocol.limits import MAX_CONTROL_FRAME_BYTES, MAX_CONTROL_REQUEST_BYTES, MAX_FRAME_BYTES, MAX_PAGES
+from protocol.messages import VM_PARAM_KEYS, check_vm_id
 
 log = logging.getLogger(__name__)
 
 Outgoing = list[tuple[bytes, bytes]]
 MISMATCH_REPORTS_BEFORE_RESET = 3
+MIN_HOST_MEMORY_BYTES = 16 << 20  # below this no vm can be allocated anything (ρ would be infinite)
+MAX_STAT_VALUE = 1 << 53  # no guest figure is larger (bytes of a 1 PiB guest, or counters); beyond: unknown
+
+
+def checked_stat(value: int | float | None) -> int | float | None:
+    """A stat as hostd keeps it: finite, non-negative and bounded, else unknown (None)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value <= MAX_STAT_VALUE else None
+    return value if math.isfinite(value) and 0.0 <= value <= MAX_STAT_VALUE else None
+
+
+class JoinBucket:
+    """New vm ids per second: a token bucket (burst = one second's worth)."""
+
+    def __init__(self, per_s: int, now_ms: int) -> None:
+        self.per_s = per_s
+        self.tokens = float(per_s)
+        self.updated_ms = now_ms
+
+    def take(self, now_ms: int) -> bool:
+        self.tokens = min(float(self.per_s), self.tokens + (now_ms - self.updated_ms) * self.per_s / 1000)
+        self.updated_ms = now_ms
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 @dataclass
@@ -132,20 +163,27 @@ class VmRecord:
     block_cooldown_until_ms: int = 0
     backend_error: str | None = None
     route: bytes = b""  # the ROUTER routing id of its agent's connection (b"": none)
+    key_name: str | None = None  # CURVE: the allowlisted key that registered it (the ZAP User-Id)
+    memsz_cap_pages: int = MAX_PAGES  # what hostd can see: host memory, and the cgroup's own limit
+    stat_values: tuple[int | float | None, ...] = ()  # the latest status's stats, range-checked
+    left_ms: int | None = None  # when it left or was lost (it is forgotten dead_vm_ttl_ms later)
+    left_reason: str = ""
+    cgroup_read_ms: int | None = None  # when hostd last read its cgroup (its own figures win)
     vm_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # proves a re-hello is this agent
     reclaim: bool = False  # its agent hands the balloon's memory back; its limit goes down by the balloon
 
     @property
     def memsz_pages(self) -> int:
-        return self.hello.memsz_bytes // PAGE_SIZE_BYTES
+        """The claimed memsz, capped by what hostd can check: an agent's figures are hints."""
+        return min(self.hello.memsz_bytes // PAGE_SIZE_BYTES, self.memsz_cap_pages)
 
     def stat(self, name: str) -> int | float | None:
         """One value of the latest status's stats, by the name the hello gave it."""
         index = self.stat_index.get(name)
-        return None if index is None or self.status is None else self.status.stats[index]
+        return None if index is None or self.status is None else self.stat_values[index]
 
     def stats(self) -> dict[str, int | float | None]:
-        return stats_map(self.hello.stats_keys, self.status.stats) if self.status is not None else {}
+        return stats_map(self.hello.stats_keys, self.stat_values) if self.status is not None else {}
 
     @property
     def granted_pages(self) -> int:
@@ -164,8 +202,15 @@ class VmRecord:
 
 
 class HostCore:
-    def __init__(self, config: HostConfig, session_id: str, now_ms: int) -> None:
+    def __init__(self, config: HostConfig, session_id: str, now_ms: int, control_token: str | None = None,
+                 persisted: Mapping[str, Any] | None = None) -> None:
         self.config = config
+        # Authority for control changes without CURVE: the token in control_token_file.
+        self.control_token = control_token
+        # CURVE: key name (ZAP User-Id) → the vm ids it may register; None = no CURVE.
+        self.agent_vm_ids: dict[str, frozenset[str]] | None = None
+        self._joins = JoinBucket(config.max_joins_per_s, now_ms)
+        self._reserved_alive_pages: int | None = None  # Σ reservations of live vms (None: count again)
         self.session_id = session_id
         self.settings = HostSettings.from_config(config)
         self.gains = policy.EwmaGains()
@@ -191,7 +236,56 @@ class HostCore:
         self._last_result_index: dict[str, int] = {}
         self._reasons: dict[str, str] = {}  # vm → reason under the last result
         self._host_targets = config.host_targets
+        # balloonctl's changes, kept across restarts by the server (settings_file): host keys
+        # changed from the config, and per-vm settings and manual targets.
+        self._host_overrides: dict[str, Any] = {}
+        self._vm_overrides: dict[str, dict[str, Any]] = {}
+        self.settings_dirty = False
         self._routes: dict[bytes, str] = {}  # agent connection → the vm it registered
+
+    # ---- settings kept across restarts -------------------------------------------------
+    def restore_settings(self, document: Mapping[str, Any], now_ms: int) -> list[str]:
+        """Apply what `settings_document()` saved before a restart; what no longer passes
+        validation is skipped with a reason (returned for the log)."""
+        skipped = []
+        host = document.get("host")
+        if isinstance(host, dict) and host:
+            try:
+                self._set_host_params(SetHostParams(params=host), now_ms)
+            except (ProtocolError, TypeError, ValueError) as exc:
+                skipped.append(f"host settings {host}: {exc}")
+        vms = document.get("vms")
+        for vm_id, entry in (vms.items() if isinstance(vms, dict) else ()):
+            try:
+                check_vm_id(vm_id)
+                params = {k: v for k, v in entry.get("params", {}).items() if k in VM_PARAM_KEYS}
+                if params:
+                    SetVmParams(vm_id=vm_id, params=params)  # validates every value
+                manual = entry.get("manual_balloon_pages")
+                if manual is not None and (isinstance(manual, bool) or not isinstance(manual, int)
+                                           or not 0 <= manual <= MAX_PAGES):
+                    raise ValueError(f"manual_balloon_pages {manual!r}")
+                self._vm_overrides[vm_id] = {"params": params, "manual_balloon_pages": manual}
+            except (ProtocolError, AttributeError, TypeError, ValueError) as exc:
+                skipped.append(f"vm {vm_id!r}: {exc}")
+        self.settings_dirty = False
+        return skipped
+
+    def settings_document(self) -> dict[str, Any]:
+        return {"host": dict(self._host_overrides), "vms": {k: dict(v) for k, v in self._vm_overrides.items()}}
+
+    def _initial_params(self, vm_id: str) -> VmDefaults:
+        params = self.config.vms.get(vm_id, VmDefaults())
+        saved = self._vm_overrides.get(vm_id, {}).get("params")
+        if saved:
+            values = {"shares": params.shares, "reservation_bytes": params.reservation_bytes,
+                      "limit_bytes": params.limit_bytes, "maxmemctl_bytes": params.maxmemctl_bytes, **saved}
+            params = VmDefaults(**values)
+        return params
+
+    def _initial_manual_target(self, vm_id: str) -> int | None:
+        value = self._vm_overrides.get(vm_id, {}).get("manual_balloon_pages")
+        return value if isinstance(value, int) else None
 
     # ---- helpers ----------------------------------------------------------------------
     def _frame(self, message: Message, seq: int | None = None, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
@@ -217,30 +311,42 @@ class HostCore:
         return self._frame(Error(code=int(code), detail=detail[:1000], in_reply_to=in_reply_to), in_reply_to)
 
     # ---- agent plane ------------------------------------------------------------------
-    def handle_agent(self, identity: bytes, frame: bytes, now_ms: int) -> Outgoing:
+    def handle_agent(self, identity: bytes, frame: bytes, now_ms: int, user_id: str | None = None) -> Outgoing:
+        """`user_id`: the ZAP User-Id of the connection (the allowlisted key's name) under CURVE."""
+        seq: int | None = None
         try:
             envelope = decode(frame)
-        except ProtocolError as exc:
-            self.protocol_errors[exc.code.name] += 1
-            return [(identity, self._error(exc.code, exc.detail, None))]
-        message, seq = envelope.message, envelope.seq
-        try:
-            return self._dispatch_agent(identity, seq, message, now_ms)
+            message, seq = envelope.message, envelope.seq
+            return self._dispatch_agent(identity, seq, message, now_ms, user_id)
         except ProtocolError as exc:
             self.protocol_errors[exc.code.name] += 1
             return [(identity, self._error(exc.code, exc.detail, seq))]
+        except Exception:  # a bug, never the peer's fault to crash us for: log it, answer, go on
+            self.protocol_errors["INTERNAL"] += 1
+            log.exception("internal error on an agent frame (%d bytes)", len(frame))
+            return [(identity, self._error(ErrorCode.INTERNAL, "internal error; see hostd's log", seq))]
 
-    def _dispatch_agent(self, route: bytes, seq: int, message: Message, now_ms: int) -> Outgoing:
+    def _dispatch_agent(self, route: bytes, seq: int, message: Message, now_ms: int,
+                        user_id: str | None) -> Outgoing:
         if message.plane != "agent" or isinstance(message, Welcome | SetTarget | LockResult | UnlockResult):
             raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not sent by agents")
         if isinstance(message, Hello):
-            return self._on_hello(route, seq, message, now_ms)
+            if self.agent_vm_ids is not None and message.vm_id not in self.agent_vm_ids.get(user_id or "", ()):
+                self.counters["identity_refused"] += 1
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, f"key {user_id!r} may not register vm {message.vm_id}")
+            return self._on_hello(route, seq, message, now_ms, user_id)
         # A connection speaks for the vm its hello registered, never for the vm it names:
         # routing ids are the ROUTER's, one per connection, and bound at welcome.
         vm_id = self._routes.get(route)
         vm = None if vm_id is None else self.vms.get(vm_id)
         if vm is None or not vm.alive or not vm.has_agent or vm.route != route:
             raise ProtocolError(ErrorCode.NOT_REGISTERED, "not registered with this host session: say hello")
+        if self.agent_vm_ids is not None and (user_id != vm.key_name
+                                              or vm.vm_id not in self.agent_vm_ids.get(user_id or "", ())):
+            # Checked on every frame, not only at hello: a key removed from the allowlist
+            # stops working at once, even on a connection it had already opened.
+            self.counters["identity_refused"] += 1
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, f"key {user_id!r} may not speak for vm {vm.vm_id}")
         vm.last_seen_ms = now_ms
         if isinstance(message, Lock):
             return self._on_lock(route, seq, vm, message)
@@ -256,12 +362,44 @@ class HostCore:
             return []
         raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not handled on the agent plane")
 
-    def _proves_identity(self, existing: VmRecord | None, hello: Hello) -> bool:
+    def _proves_identity(self, existing: VmRecord | None, hello: Hello, user_id: str | None) -> bool:
         """A hello comes from the agent that holds this vm's registration: it presents the
-        secret that only that agent's welcome carried, for this host session."""
-        return (existing is not None and hello.vm_secret is not None and existing.has_agent
-                and hello.last_host_session_id == self.session_id
+        secret that only that agent's welcome carried, for this host session (or, under
+        CURVE, it comes with the key the vm is bound to)."""
+        if existing is None or not existing.has_agent:
+            return False
+        if self.agent_vm_ids is not None and user_id is not None and user_id == existing.key_name:
+            return True
+        return (hello.vm_secret is not None and hello.last_host_session_id == self.session_id
                 and hmac.compare_digest(hello.vm_secret, existing.vm_secret))
+
+    def _reserved_pages(self, except_vm: str) -> int:
+        """Σ reservations of the live vms other than `except_vm` (kept, not counted per hello)."""
+        if self._reserved_alive_pages is None:
+            self._reserved_alive_pages = sum(v.params.reservation_bytes // PAGE_SIZE_BYTES
+                                             for v in self.vms.values() if v.alive)
+        own = self.vms.get(except_vm)
+        mine = own.params.reservation_bytes // PAGE_SIZE_BYTES if own is not None and own.alive else 0
+        return self._reserved_alive_pages - mine
+
+    def _memsz_cap(self, vm: VmRecord) -> int:
+        """What hostd can see of a vm's size: host memory, and its cgroup's own limit if known."""
+        cap = self.settings.host_memory_pages
+        return cap if vm.cgroup_limit_pages is None else min(cap, vm.cgroup_limit_pages)
+
+    def _make_room(self, now_ms: int) -> None:
+        """A new vm id: within the join rate, and within max_vms (forgetting the oldest dead)."""
+        if not self._joins.take(now_ms):
+            self.counters["joins_refused_rate"] += 1
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"more than {self.config.max_joins_per_s} new vms per "
+                                "second: try again shortly")
+        if len(self.vms) < self.config.max_vms:
+            return
+        dead = [vm for vm in self.vms.values() if not vm.alive]
+        if not dead:
+            self.counters["joins_refused_full"] += 1
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"hostd keeps at most {self.config.max_vms} vms")
+        self._forget(min(dead, key=lambda v: v.left_ms or 0))
 
     def _bind_route(self, vm: VmRecord, route: bytes) -> None:
         if vm.route and self._routes.get(vm.route) == vm.vm_id:
@@ -273,14 +411,14 @@ class HostCore:
         if vm.route and self._routes.get(vm.route) == vm.vm_id:
             del self._routes[vm.route]
 
-    def _on_hello(self, route: bytes, seq: int, hello: Hello, now_ms: int) -> Outgoing:
+    def _on_hello(self, route: bytes, seq: int, hello: Hello, now_ms: int, user_id: str | None = None) -> Outgoing:
         bound = self._routes.get(route)
         if bound is not None and bound != hello.vm_id and self.vms[bound].alive:
             self.counters["identity_conflicts"] += 1
             raise ProtocolError(ErrorCode.CONFLICT, f"this connection is registered as {bound}; "
                                 "one connection speaks for one vm")
         existing = self.vms.get(hello.vm_id)
-        proven = self._proves_identity(existing, hello)
+        proven = self._proves_identity(existing, hello, user_id)
         if existing is not None and existing.alive and existing.has_agent and not proven:
             # Whoever else claims a live vm's id gets nothing: the live agent keeps its
             # registration, its ledger and its traffic.
@@ -288,12 +426,12 @@ class HostCore:
             self._event(now_ms, "identity_conflict", vm=hello.vm_id)
             raise ProtocolError(ErrorCode.CONFLICT, f"vm {hello.vm_id} is already registered by a live agent")
         same_session = proven
-        params = existing.params if existing is not None else self.config.vms.get(hello.vm_id, VmDefaults())
+        if existing is None:
+            self._make_room(now_ms)
+        params = existing.params if existing is not None else self._initial_params(hello.vm_id)
         reservation = params.reservation_bytes // PAGE_SIZE_BYTES
-        others = [v.params.reservation_bytes // PAGE_SIZE_BYTES for v in self.vms.values()
-                  if v.alive and v.vm_id != hello.vm_id]
-        refusal = policy.admission_check(others, reservation, self.settings.host_memory_pages,
-                                         self.settings.sliding_min_free)
+        refusal = policy.admission_check([self._reserved_pages(hello.vm_id)], reservation,
+                                         self.settings.host_memory_pages, self.settings.sliding_min_free)
         if refusal:
             self._event(now_ms, "admission_refused", vm=hello.vm_id, reason=refusal)
             raise ProtocolError(ErrorCode.ADMISSION_REFUSED, f"vm {hello.vm_id}: {refusal}")
@@ -303,7 +441,7 @@ class HostCore:
             self.ledger.pop(hello.vm_id)
         self.ledger.register(hello.vm_id, hello.page_kind)
         vm = VmRecord(vm_id=hello.vm_id, hello=hello, params=params, registered_ms=now_ms, last_seen_ms=now_ms,
-                      stat_index={name: index for index, name in enumerate(hello.stats_keys)})
+                      stat_index={name: index for index, name in enumerate(hello.stats_keys)}, key_name=user_id)
         if proven:
             assert existing is not None
             vm.vm_secret = existing.vm_secret  # the same agent keeps its secret across reconnects
@@ -315,25 +453,30 @@ class HostCore:
             self._carry_host_side(existing, vm)
         else:
             vm.host_target = self._host_targets.get(hello.vm_id)
+            vm.manual_balloon_pages = self._initial_manual_target(hello.vm_id)
+        vm.memsz_cap_pages = self._memsz_cap(vm)
         # Only where hostd can lower the limit (elsewhere the memory handed back would simply be
         # the guest's again), and only for virtual page numbers: frames handed back are reused
         # by the guest's next pins, and a ledger of PFNs would refuse them as duplicates.
         vm.reclaim = (self.config.reclaim_mode and self.config.vswap and vm.host_target is not None
                       and hello.page_kind == "vpn")
         # Adopt what the agent still holds: it stays until the policy says otherwise.
-        vm.balloon_target_pages = hello.held_pages
-        vm.balloon_pages = hello.held_pages
+        held = min(hello.held_pages, vm.memsz_pages)
+        vm.balloon_target_pages = held
+        vm.balloon_pages = held
         # A restarted host knows nothing of the vm's working set: deflating the adopted
         # balloon now would undo the previous host's decision. The first status brings the
         # agent's latest sample; the policy decides after that.
-        vm.adopted_awaiting_report = hello.held_pages > 0 and not same_session
+        vm.adopted_awaiting_report = held > 0 and not same_session
         vm.balloon_max_pages = policy.balloon_max_pages(vm.memsz_pages, self.settings.ctl_max_percent,
                                                         vm.maxmemctl_pages)
         self.vms[hello.vm_id] = vm
-        self._event(now_ms, "join", vm=hello.vm_id, memsz_bytes=hello.memsz_bytes, page_kind=hello.page_kind,
-                    held_pages=hello.held_pages, reregistration=existing is not None)
-        log.info("vm %s joined: memsz %d MiB, %s page numbers, holding %d pages", hello.vm_id,
-                 hello.memsz_bytes >> 20, hello.page_kind, hello.held_pages)
+        self._reserved_alive_pages = None
+        self._event(now_ms, "join", vm=hello.vm_id, memsz_bytes=vm.memsz_pages * PAGE_SIZE_BYTES,
+                    claimed_memsz_bytes=hello.memsz_bytes, page_kind=hello.page_kind,
+                    held_pages=held, reregistration=existing is not None)
+        log.info("vm %s joined: memsz %d MiB (claimed %d MiB), %s page numbers, holding %d pages", hello.vm_id,
+                 vm.memsz_pages >> 8, hello.memsz_bytes >> 20, hello.page_kind, held)
         welcome = Welcome(
             host_session_id=self.session_id, report_interval_ms=self.config.report_interval_ms,
             host_timeout_ms=(self.config.lost_after_reports + 2) * self.config.report_interval_ms,
@@ -351,7 +494,14 @@ class HostCore:
     def _lock_cap(self, vm: VmRecord) -> int:
         return max(vm.balloon_max_pages, vm.balloon_target_pages, vm.manual_balloon_pages or 0)
 
+    def _check_batch(self, kind: str, page_count: int) -> None:
+        """The welcome's batch_limit_pages, enforced before the ledger does any work."""
+        if page_count > self.config.batch_limit_pages:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"{kind} of {page_count} pages: the batch limit is "
+                                f"{self.config.batch_limit_pages} pages")
+
     def _on_lock(self, identity: bytes, seq: int, vm: VmRecord, lock: Lock) -> Outgoing:
+        self._check_batch("lock", lock.pages.page_count)
         cap = vm.memsz_pages if lock.adopt else self._lock_cap(vm)
         results = self.ledger.lock(vm.vm_id, lock.pages, cap, lock.adopt)
         vm.lock_batches += 1
@@ -364,6 +514,7 @@ class HostCore:
         return [(identity, self._frame(reply, seq))]
 
     def _on_unlock(self, identity: bytes, seq: int, vm: VmRecord, unlock: Unlock) -> Outgoing:
+        self._check_batch("unlock", unlock.pages.page_count)
         results = self.ledger.unlock(vm.vm_id, unlock.pages)
         vm.unlock_batches += 1
         vm.unlocked_pages += sum(r.count for r in results if r.status == 0)
@@ -380,10 +531,12 @@ class HostCore:
                                 f"named {len(vm.hello.stats_keys)}")
         old_granted = vm.granted_pages
         vm.status = status
-        vm.balloon_pages = status.balloon_pages
+        vm.stat_values = tuple(checked_stat(value) for value in status.stats)
+        vm.balloon_pages = min(status.balloon_pages, vm.memsz_pages)
         usage = vm.stat("usage_bytes")
-        if isinstance(usage, int):
-            vm.consumed_pages = usage // PAGE_SIZE_BYTES
+        if vm.cgroup_read_ms is None and isinstance(usage, int):
+            # Where hostd reads the vm's cgroup itself, that reading wins (observe_cgroup).
+            vm.consumed_pages = min(usage // PAGE_SIZE_BYTES, vm.memsz_pages)
         self._granted_total += vm.granted_pages - old_granted
         samples = vm.stat("ws_samples")
         if status.ws_touched_ratio is not None and isinstance(samples, int) and samples > vm.ws_samples_seen:
@@ -413,6 +566,8 @@ class HostCore:
         self.ledger.pop(vm.vm_id)
         self._granted_total -= vm.granted_pages
         vm.alive = False
+        vm.left_ms, vm.left_reason = now_ms, "ledger reset"
+        self._reserved_alive_pages = None
         self._unbind_route(vm)
         vm.resets += 1
         self.counters["resets"] += 1
@@ -438,12 +593,32 @@ class HostCore:
                      popped)
             return
         vm.alive = False
+        vm.left_ms, vm.left_reason = now_ms, f"{kind}: {reason}"[:200]
+        self._reserved_alive_pages = None
         self._event(now_ms, kind, vm=vm.vm_id, reason=reason, ledger_pages=popped)
         log.info("vm %s %s (%s); its ledger of %d pages dropped", vm.vm_id, kind, reason, popped)
 
+    def _forget(self, vm: VmRecord) -> None:
+        """A dead vm leaves the table (its settings stay in the config and settings_file)."""
+        self._unbind_route(vm)
+        self.ledger.pop(vm.vm_id)
+        del self.vms[vm.vm_id]
+        self._last_result_index.pop(vm.vm_id, None)
+        self.counters["vms_forgotten"] += 1
+
+    def set_agent_keys(self, vm_ids_by_key: dict[str, frozenset[str]], now_ms: int) -> None:
+        """CURVE's allowlist as it is now: vms whose key no longer binds them are dropped."""
+        self.agent_vm_ids = vm_ids_by_key
+        revoked = [vm for vm in self.vms.values() if vm.alive and vm.has_agent and vm.key_name is not None
+                   and vm.vm_id not in vm_ids_by_key.get(vm.key_name, ())]
+        for vm in revoked:
+            self._drop(vm, now_ms, "revoked", f"key {vm.key_name} is no longer allowed for it")
+        if revoked:
+            self._request_recompute(f"keys revoked for {', '.join(vm.vm_id for vm in revoked)}")
+
     @staticmethod
     def _carry_host_side(old: VmRecord, new: VmRecord) -> None:
-        for name in ("host_target", "cgroup_limit_pages", "cgroup_usage_pages", "cgroup_swap_pages",
+        for name in ("host_target", "cgroup_limit_pages", "cgroup_usage_pages", "cgroup_swap_pages", "cgroup_read_ms",
                      "vswap_limit_pages", "vswap_reason", "frozen_since_ms", "block_cooldown_until_ms",
                      "backend_error"):
             setattr(new, name, getattr(old, name))
@@ -480,14 +655,17 @@ class HostCore:
             vm.cgroup_limit_pages = own_limit_bytes // PAGE_SIZE_BYTES
         vm.cgroup_usage_pages = usage_bytes // PAGE_SIZE_BYTES
         vm.cgroup_swap_pages = None if swap_bytes is None else swap_bytes // PAGE_SIZE_BYTES
+        vm.cgroup_read_ms = now_ms
+        vm.memsz_cap_pages = self._memsz_cap(vm)
         if not vm.has_agent:
             vm.last_seen_ms = now_ms
-            old_granted = vm.granted_pages
-            vm.consumed_pages = vm.cgroup_usage_pages
-            self._granted_total += vm.granted_pages - old_granted
-            new_state = policy.next_state(self.state, self.free_pages(), self.thresholds())
-            if new_state != self.state:
-                self._change_state(new_state, now_ms)
+        # hostd's own reading of the cgroup, not the agent's report, is what the vm holds.
+        old_granted = vm.granted_pages
+        vm.consumed_pages = min(vm.cgroup_usage_pages, vm.memsz_pages)
+        self._granted_total += vm.granted_pages - old_granted
+        new_state = policy.next_state(self.state, self.free_pages(), self.thresholds())
+        if new_state != self.state:
+            self._change_state(new_state, now_ms)
 
     def set_host_target(self, vm_id: str, target: str) -> None:
         """A target found at run time (a container labelled for the vm)."""
@@ -501,6 +679,8 @@ class HostCore:
         if vm is not None and vm.alive and not vm.has_agent:
             self._granted_total -= vm.granted_pages
             vm.alive = False
+            vm.left_ms, vm.left_reason = now_ms, f"cgroup gone: {reason}"[:200]
+            self._reserved_alive_pages = None
             self._event(now_ms, "left", vm=vm_id, reason=reason)
 
     def host_actions(self, now_ms: int) -> list[tuple[str, str, str, int | None]]:
@@ -633,7 +813,8 @@ class HostCore:
             if new_target != old_target:
                 self._event(now_ms, "target", vm=vm.vm_id, old_balloon_target_pages=old_target,
                             new_balloon_target_pages=new_target, alloc_target_pages=vm.alloc_target_pages,
-                            swap_target_pages=vm.swap_target_pages, rho=round(vm.rho, 6),
+                            swap_target_pages=vm.swap_target_pages,
+                            rho=round(vm.rho, 6) if math.isfinite(vm.rho) else None,
                             active_pages=vm.active_pages, reason=decision.reason, trigger=trigger)
                 log.info("vm %s balloon target %d → %d pages (%s; %s)", vm.vm_id, old_target, new_target,
                          decision.reason, trigger)
@@ -656,6 +837,10 @@ class HostCore:
             self._drop(vm, now_ms, "lost", f"silent for {now_ms - vm.last_seen_ms} ms")
         if lost:
             self._request_recompute(f"lost {', '.join(vm.vm_id for vm in lost)}")
+        expired = [vm for vm in self.vms.values() if not vm.alive and vm.left_ms is not None
+                   and now_ms - vm.left_ms >= self.config.dead_vm_ttl_ms]
+        for vm in expired:
+            self._forget(vm)
         new_state = policy.next_state(self.state, self.free_pages(), self.thresholds())
         if new_state != self.state:
             self._change_state(new_state, now_ms)
@@ -669,34 +854,56 @@ class HostCore:
         return out
 
     # ---- control plane ----------------------------------------------------------------
-    def handle_control(self, frame: bytes, now_ms: int) -> tuple[bytes, Outgoing]:
-        """The reply to balloonctl, and any frames to agents that the change caused."""
+    def handle_control(self, frame: bytes, now_ms: int, operator: bool = False) -> tuple[bytes, Outgoing]:
+        """The reply to balloonctl, and any frames to agents that the change caused.
+        `operator`: the connection itself is an authority (a CURVE operator key, or an
+        ipc:// socket whose file mode let only the owner in); else a change needs the token."""
+        seq: int | None = None
         try:
-            envelope = decode(frame, MAX_CONTROL_FRAME_BYTES)
-        except ProtocolError as exc:
-            self.protocol_errors[exc.code.name] += 1
-            return self._error(exc.code, exc.detail, None), []
-        message, seq = envelope.message, envelope.seq
-        try:
-            if message.plane != "control" or isinstance(message, StatusReply | ControlOk):
-                raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not a control request")
-            if isinstance(message, GetStatus):
-                return self._frame(StatusReply(snapshot=self.snapshot(now_ms)), seq, MAX_CONTROL_FRAME_BYTES), []
-            if isinstance(message, SetVmParams):
-                detail, data = self._set_vm_params(message, now_ms)
-                out = self.recompute(now_ms, f"{message.vm_id} settings changed")
-            elif isinstance(message, SetHostParams):
-                detail, data = self._set_host_params(message, now_ms)
-                out = self.recompute(now_ms, "host settings changed")
-            elif isinstance(message, SetManualTarget):
-                detail, data = self._set_manual_target(message, now_ms)
-                out = self.recompute(now_ms, f"{message.vm_id} manual target")
-            else:
-                raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not handled")
-            return self._frame(ControlOk(detail=detail, data=data), seq), out
+            envelope = decode(frame, MAX_CONTROL_REQUEST_BYTES)
+            message, seq = envelope.message, envelope.seq
+            return self._dispatch_control(message, seq, now_ms, operator)
         except ProtocolError as exc:
             self.protocol_errors[exc.code.name] += 1
             return self._error(exc.code, exc.detail, seq), []
+        except Exception:  # a bug: logged and answered, never the end of the daemon
+            self.protocol_errors["INTERNAL"] += 1
+            log.exception("internal error on a control request (%d bytes)", len(frame))
+            return self._error(ErrorCode.INTERNAL, "internal error; see hostd's log", seq), []
+
+    def _authorize(self, message: SetVmParams | SetHostParams | SetManualTarget, operator: bool) -> None:
+        if operator:
+            return
+        token = message.control_token
+        if self.control_token is None or token is None or not hmac.compare_digest(token, self.control_token):
+            self.counters["control_refused"] += 1
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "changes need hostd's control token (balloonctl reads it "
+                                "from /run/balloonlab/control.token, --token-file or BALLOONLAB_CONTROL_TOKEN_FILE)"
+                                if self.control_token is not None else
+                                "changes need an operator key (CURVE) or the ipc:// control socket; "
+                                "hostd has no control token")
+
+    def _dispatch_control(self, message: Message, seq: int, now_ms: int, operator: bool) -> tuple[bytes, Outgoing]:
+        if message.plane != "control" or isinstance(message, StatusReply | ControlOk):
+            raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not a control request")
+        if isinstance(message, GetStatus):
+            return self._frame(StatusReply(snapshot=self.snapshot(now_ms)), seq, MAX_CONTROL_FRAME_BYTES), []
+        if isinstance(message, SetVmParams):
+            self._authorize(message, operator)
+            detail, data = self._set_vm_params(message, now_ms)
+            out = self.recompute(now_ms, f"{message.vm_id} settings changed")
+        elif isinstance(message, SetHostParams):
+            self._authorize(message, operator)
+            detail, data = self._set_host_params(message, now_ms)
+            out = self.recompute(now_ms, "host settings changed")
+        elif isinstance(message, SetManualTarget):
+            self._authorize(message, operator)
+            detail, data = self._set_manual_target(message, now_ms)
+            out = self.recompute(now_ms, f"{message.vm_id} manual target")
+        else:
+            raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not handled")
+        self.settings_dirty = True
+        return self._frame(ControlOk(detail=detail, data=data), seq), out
 
     def _vm(self, vm_id: str) -> VmRecord:
         vm = self.vms.get(vm_id)
@@ -725,14 +932,15 @@ class HostCore:
                                 "(a vm never gets more than its memory size)")
         if isinstance(limit, int) and limit < reservation:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "limit is below the reservation")
-        others = [v.params.reservation_bytes // PAGE_SIZE_BYTES for v in self.vms.values()
-                  if v.alive and v.vm_id != vm.vm_id]
-        refusal = policy.admission_check(others, reservation // PAGE_SIZE_BYTES, self.settings.host_memory_pages,
-                                         self.settings.sliding_min_free)
+        refusal = policy.admission_check([self._reserved_pages(vm.vm_id)], reservation // PAGE_SIZE_BYTES,
+                                         self.settings.host_memory_pages, self.settings.sliding_min_free)
         if refusal:
             raise ProtocolError(ErrorCode.ADMISSION_REFUSED, refusal)
         old = vm.params
         vm.params = VmDefaults(**values)
+        self._reserved_alive_pages = None
+        saved = self._vm_overrides.setdefault(vm.vm_id, {"params": {}, "manual_balloon_pages": None})
+        saved["params"] = {**saved["params"], **request.params}
         changes = {k: (getattr(old, k), getattr(vm.params, k)) for k in request.params}
         detail = "; ".join(f"{k} {a} → {b}" for k, (a, b) in changes.items())
         self._event(now_ms, "vm_params", vm=vm.vm_id, changes={k: [a, b] for k, (a, b) in changes.items()})
@@ -745,8 +953,10 @@ class HostCore:
         for key, value in request.params.items():
             if key == "host_memory_bytes":
                 pages = defaults.host_memory_pages if value is None else int(value) // PAGE_SIZE_BYTES
-                reserved = [v.params.reservation_bytes // PAGE_SIZE_BYTES for v in self.vms.values() if v.alive]
-                refusal = policy.admission_check(reserved, 0, pages, staged.sliding_min_free)
+                if pages * PAGE_SIZE_BYTES < MIN_HOST_MEMORY_BYTES:
+                    raise ProtocolError(ErrorCode.INVALID_FIELD, f"host_memory_bytes: at least "
+                                        f"{MIN_HOST_MEMORY_BYTES >> 20} MiB (minFree alone is 6 % of it)")
+                refusal = policy.admission_check([self._reserved_pages("")], 0, pages, staged.sliding_min_free)
                 if refusal:
                     raise ProtocolError(ErrorCode.ADMISSION_REFUSED, f"host_memory_bytes: {refusal}")
                 changes[key] = (staged.host_memory_pages * PAGE_SIZE_BYTES, pages * PAGE_SIZE_BYTES)
@@ -758,6 +968,14 @@ class HostCore:
                 changes[key] = (getattr(staged, key), new_value)
                 setattr(staged, key, new_value)
         self.settings = staged
+        for key, value in request.params.items():
+            if value is None:
+                self._host_overrides.pop(key, None)
+            else:
+                self._host_overrides[key] = value
+        if "host_memory_bytes" in request.params:
+            for vm in self.vms.values():
+                vm.memsz_cap_pages = self._memsz_cap(vm)
         self._event(now_ms, "host_params", changes={k: [a, b] for k, (a, b) in changes.items()})
         log.info("host settings changed: %s", changes)
         detail = "; ".join(f"{k} {a} → {b}" for k, (a, b) in changes.items())
@@ -771,6 +989,8 @@ class HostCore:
                                 f"{vm.memsz_pages} pages")
         old = vm.manual_balloon_pages
         vm.manual_balloon_pages = pages
+        saved = self._vm_overrides.setdefault(vm.vm_id, {"params": {}, "manual_balloon_pages": None})
+        saved["manual_balloon_pages"] = pages
         self._event(now_ms, "manual_target", vm=vm.vm_id, old=old, new=pages)
         shown = "auto" if pages is None else f"{pages} pages"
         return f"{vm.vm_id}: balloon target {shown}", {"balloon_target_pages": pages}
@@ -790,7 +1010,12 @@ class HostCore:
         limits = self.thresholds()
         page = PAGE_SIZE_BYTES
         vms = []
+        departed = []
         for vm in sorted(self.vms.values(), key=lambda v: v.vm_id):
+            if not vm.alive:  # listed apart until dead_vm_ttl_ms forgets them
+                departed.append({"vm_id": vm.vm_id, "reason": vm.left_reason,
+                                 "left_ms_ago": None if vm.left_ms is None else now_ms - vm.left_ms})
+                continue
             stats = vm.stats()
             ws = vm.working_set
             vms.append({
@@ -800,7 +1025,8 @@ class HostCore:
                 "page_kind": vm.hello.page_kind,
                 "cgroup_version": vm.hello.cgroup_version,
                 "last_seen_ms_ago": now_ms - vm.last_seen_ms,
-                "memsz_bytes": vm.hello.memsz_bytes,
+                "memsz_bytes": vm.memsz_pages * page,
+                "claimed_memsz_bytes": vm.hello.memsz_bytes,
                 "consumed_bytes": vm.consumed_pages * page,
                 "granted_bytes": vm.granted_pages * page,
                 "alloc_target_bytes": vm.alloc_target_pages * page,
@@ -835,7 +1061,7 @@ class HostCore:
                 "reservation_bytes": vm.params.reservation_bytes,
                 "limit_bytes": vm.params.limit_bytes,
                 "maxmemctl_bytes": vm.params.maxmemctl_bytes,
-                "rho": vm.rho,
+                "rho": vm.rho if math.isfinite(vm.rho) else None,  # infinite when allocated nothing
                 "reason": self._current_reason(vm),
                 "refused_pages": vm.refused_pages,
                 "inflated_pages": vm.locked_pages,
@@ -861,4 +1087,5 @@ class HostCore:
                 "counters": dict(self.counters),
             },
             "vms": vms,
+            "departed": departed,
         }

@@ -5,7 +5,7 @@
     balloonctl set VM shares=high reservation=128MiB limit=768MiB maxmemctl=256MiB  (value "default" resets)
     balloonctl host idle_tax=0.5 sample_period=10s balance_period=5s host_memory=1GiB ctl_max_percent=50
     balloonctl target VM 200MiB | auto        pin the balloon target (MCTLTGT), or back to the policy
-    balloonctl keys generate NAME [--dir DIR] | allow PUBLIC_KEY_FILE --name NAME --allowlist DIR
+    balloonctl keys generate NAME [--dir DIR] | allow PUBLIC_KEY_FILE --name NAME --allowlist DIR [--vm VM]
               | list --allowlist DIR | remove NAME --allowlist DIR
     balloonctl plot TIMELINE -o out.png      hostd --timeline file as charts
     balloonctl lab up|down|status            the lab without Docker (root; lab/lab.toml)
@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,47 @@ from protocol.limits import MAX_CONTROL_FRAME_BYTES, PAGE_SIZE_BYTES
 from protocol.units import format_bytes, parse_duration_ms, parse_size_bytes
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
+DEFAULT_TOKEN_FILE = Path("/run/balloonlab/control.token")
+
+
+@dataclass(frozen=True, slots=True)
+class ControlCredentials:
+    """How balloonctl shows hostd it may change things: the control token (read from the file
+    hostd made), or a CURVE operator key with hostd's public key. Found by default: flags, else
+    BALLOONLAB_CONTROL_TOKEN_FILE / BALLOONLAB_CONTROL_KEY / BALLOONLAB_CONTROL_SERVER_KEY, else
+    the default token file."""
+
+    token_file: Path | None = None
+    key_file: Path | None = None  # the operator's .key_secret
+    server_key_file: Path | None = None  # hostd's public .key
+
+    @classmethod
+    def from_environment(cls, token_file: str | None = None, key_file: str | None = None,
+                         server_key_file: str | None = None) -> ControlCredentials:
+        def pick(flag: str | None, env: str) -> Path | None:
+            value = flag or os.environ.get(env)
+            return Path(value) if value else None
+
+        return cls(pick(token_file, "BALLOONLAB_CONTROL_TOKEN_FILE") or DEFAULT_TOKEN_FILE,
+                   pick(key_file, "BALLOONLAB_CONTROL_KEY"), pick(server_key_file, "BALLOONLAB_CONTROL_SERVER_KEY"))
+
+    def token(self) -> str | None:
+        """The token if its file is readable here (hostd refuses changes without one)."""
+        from hostd.auth import ControlTokenError, read_control_token
+
+        if self.token_file is None:
+            return None
+        try:
+            return read_control_token(self.token_file)
+        except ControlTokenError:
+            return None
+
+    def authorize(self, message: Message) -> Message:
+        if isinstance(message, SetVmParams | SetHostParams | SetManualTarget) and message.control_token is None:
+            token = self.token()
+            if token is not None:
+                return dataclasses.replace(message, control_token=token)
+        return message
 
 
 class CtlError(Exception):
@@ -51,14 +94,31 @@ class CtlError(Exception):
         self.exit_code = exit_code
 
 
-def request(endpoint: str, message: Message, timeout_ms: int = 3000) -> Message:
-    """One request/reply over a DEALER. Raises CtlError if hostd does not answer in time."""
+def request(endpoint: str, message: Message, timeout_ms: int = 3000,
+            credentials: ControlCredentials | None = None) -> Message:
+    """One request/reply over a DEALER. Raises CtlError if hostd does not answer in time.
+    Changes carry the credentials (by default: found as balloonctl finds them)."""
     import zmq
 
+    credentials = credentials or ControlCredentials.from_environment()
+    message = credentials.authorize(message)
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME_BYTES)
+        if credentials.key_file is not None:
+            from protocol.keys import KeyFileError, load_keypair
+
+            if credentials.server_key_file is None:
+                raise CtlError("--key needs --server-key (hostd's public key) too")
+            try:
+                own, server = load_keypair(credentials.key_file), load_keypair(credentials.server_key_file)
+            except KeyFileError as exc:
+                raise CtlError(str(exc)) from None
+            if own.secret_key is None:
+                raise CtlError(f"{credentials.key_file} holds no secret key (give the .key_secret file)")
+            sock.curve_publickey, sock.curve_secretkey = own.public_key, own.secret_key
+            sock.curve_serverkey = server.public_key
         sock.connect(endpoint)
         sock.send(encode(message, 1))
         if not sock.poll(timeout_ms):
@@ -188,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--endpoint", default=os.environ.get("BALLOONLAB_CONTROL_ENDPOINT", DEFAULT_ENDPOINT),
                         help=f"hostd control endpoint (default {DEFAULT_ENDPOINT})")
     parser.add_argument("--timeout", default="3s", help="how long to wait for hostd (default 3s)")
+    parser.add_argument("--token-file", help="hostd's control token, needed for changes (default "
+                        f"$BALLOONLAB_CONTROL_TOKEN_FILE or {DEFAULT_TOKEN_FILE})")
+    parser.add_argument("--key", help="an operator's .key_secret when hostd's control socket uses CURVE "
+                        "(default $BALLOONLAB_CONTROL_KEY)")
+    parser.add_argument("--server-key", help="hostd's public .key for --key (default $BALLOONLAB_CONTROL_SERVER_KEY)")
     commands = parser.add_subparsers(dest="command", required=True)
     status = commands.add_parser("status", help="host and per-vm memory figures")
     status.add_argument("--json", action="store_true", help="the full document (stable field names)")
@@ -223,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     allow.add_argument("public_key_file")
     allow.add_argument("--name", required=True)
     allow.add_argument("--allowlist", required=True)
+    allow.add_argument("--vm", action="append", default=[], metavar="VM_ID",
+                       help="a vm id this key may register (repeat for several; default: the vm called NAME); "
+                       "ignored in an operator allowlist")
     listing = key_commands.add_parser("list", help="list allowed agent keys")
     listing.add_argument("--allowlist", required=True)
     remove = key_commands.add_parser("remove", help="remove an agent from the allowlist")
@@ -248,7 +316,7 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "plot":
         return run_plot(args)
     if args.command == "status":
-        reply = _checked(request(args.endpoint, GetStatus(), timeout_ms))
+        reply = _checked(request(args.endpoint, GetStatus(), timeout_ms, _credentials(args)))
         assert isinstance(reply, StatusReply)
         return json.dumps(reply.snapshot, indent=2) if args.json else render_status(reply.snapshot, args.unit)
     message: Message
@@ -259,9 +327,13 @@ def run(args: argparse.Namespace) -> str:
     else:
         pages = None if args.size == "auto" else _size("size", args.size) // PAGE_SIZE_BYTES
         message = SetManualTarget(vm_id=args.vm, balloon_target_pages=pages)
-    reply = _checked(request(args.endpoint, message, timeout_ms))
+    reply = _checked(request(args.endpoint, message, timeout_ms, _credentials(args)))
     assert isinstance(reply, ControlOk)
     return reply.detail
+
+
+def _credentials(args: argparse.Namespace) -> ControlCredentials:
+    return ControlCredentials.from_environment(args.token_file, args.key, args.server_key)
 
 
 def run_top_command(args: argparse.Namespace, timeout_ms: int) -> str:
@@ -272,7 +344,7 @@ def run_top_command(args: argparse.Namespace, timeout_ms: int) -> str:
     sort_key = {"name": "n", "memsz": "m", "mctlsz": "b", "swcur": "s", "actv": "a", "touch": "t"}[args.sort]
 
     def fetch() -> dict[str, Any]:
-        reply = _checked(request(args.endpoint, GetStatus(), timeout_ms))
+        reply = _checked(request(args.endpoint, GetStatus(), timeout_ms, _credentials(args)))
         assert isinstance(reply, StatusReply)
         return reply.snapshot
 
@@ -310,13 +382,15 @@ def run_keys(args: argparse.Namespace) -> str:
             public, secret = keys.generate_keypair(Path(args.dir), args.name)
             return f"wrote {public} (public: give it to the peer) and {secret} (secret: keep it, mode 0600)"
         if args.keys_command == "allow":
-            target = keys.allowlist_add(Path(args.allowlist), Path(args.public_key_file), args.name)
-            return f"allowed {args.name}: {target}"
+            target = keys.allowlist_add(Path(args.allowlist), Path(args.public_key_file), args.name,
+                                        tuple(args.vm))
+            return f"allowed {args.name} for vm {', '.join(args.vm or [args.name])}: {target}"
         if args.keys_command == "remove":
             keys.allowlist_remove(Path(args.allowlist), args.name)
             return f"removed {args.name}"
-        allowed = keys.allowlist_public_keys(Path(args.allowlist))
-        return "\n".join(f"{name}  {key.decode()}" for name, key in allowed.items()) or "(allowlist is empty)"
+        allowed = keys.allowlist_entries(Path(args.allowlist))
+        return "\n".join(f"{name}  {entry.public_key.decode()}  vm {','.join(sorted(entry.vm_ids))}"
+                         for name, entry in allowed.items()) or "(allowlist is empty)"
     except keys.KeyFileError as exc:
         raise CtlError(str(exc)) from None
 

@@ -1,30 +1,38 @@
 """hostd's I/O: two ROUTER sockets, the clock and the event log, around `HostCore`.
 
 One thread: a zmq.Poller loop over the agent and control ROUTERs that also runs the core's
-tick (liveness, balance period) every 100 ms. Each wakeup handles every queued frame and
-answers it without blocking. The core is synchronous and never touches a socket; an
-exception out of it stops the daemon (the supervisor restarts it).
+tick (liveness, balance period) every 100 ms. Each wakeup handles a bounded batch of queued
+frames per socket and answers them without blocking, so neither plane can starve the other
+or the tick. The core is synchronous, never touches a socket and answers every frame (a
+failure becomes an INTERNAL error reply); a failing periodic step is logged and retried.
+
+Authentication (hostd/auth.py) is in place before any socket binds: the ZAP handler for
+CURVE, the control token file, and the ipc:// control socket's file mode.
 """
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import json
 import logging
 import os
 import resource
 import secrets
+import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any
 
 import zmq
 
+from hostd.auth import AGENT_DOMAIN, CONTROL_DOMAIN, ControlTokenError, CurveGate, enforce_zap, ensure_control_token
 from hostd.cgroupfs import BackendError, CgroupfsBackend
 from hostd.config import HostConfig, parse_http_address
 from hostd.core import HostCore, Outgoing
 from hostd.reclaim import HostReclaimer
 from hostd.timeline import event_record, sample_record
-from protocol.limits import MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES
+from protocol.limits import MAX_CONTROL_REQUEST_BYTES, MAX_FRAME_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,10 @@ PUBLISH_MS = 1_000  # the HTTP port's snapshot and the timeline's samples: as fr
 # and handles them in one pass. Any wakeup that sent a reply (lock results, welcomes,
 # control answers) polls again at once, so ballooning round trips are never slowed.
 COALESCE_S = 0.010
+AGENT_FRAMES_PER_PASS = 512  # then the control socket and the tick get their turn
+CONTROL_FRAMES_PER_PASS = 32
+CONTROL_SNDHWM = 64  # replies queued for one control client; a client that never reads loses them
+KEYS_RELOAD_MS = 1_000  # allowlists re-read this often (a removed key stops working within it)
 
 
 def now_ms() -> int:
@@ -89,21 +101,74 @@ class TimelineFile:
         self._file.close()
 
 
+def _load_settings(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.error("settings file %s not used: %s", path, exc)
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def write_private_json(path: Path, document: dict[str, Any]) -> None:
+    """Atomically (a fresh temp name, fsync of file and directory), mode 0600."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(document, allow_nan=False, indent=1))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 class HostServer:
     def __init__(self, config: HostConfig, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
         self.config = config
         self.session_id = f"h-{secrets.token_hex(4)}"
-        self.core = HostCore(config, self.session_id, now_ms())
+        self.control_is_ipc = config.control_endpoint.startswith("ipc://")
+        control_token: str | None = None
+        try:
+            control_token = ensure_control_token(config.control_token_file)
+        except (OSError, ControlTokenError) as exc:
+            log.error("no control token (%s): balloonctl changes need %s", exc,
+                      "the ipc:// control socket" if self.control_is_ipc else
+                      "an operator key (control_allowlist) or the ipc:// control socket")
+        self.core = HostCore(config, self.session_id, now_ms(), control_token)
+        for line in self.core.restore_settings(_load_settings(config.settings_file), now_ms()):
+            log.warning("saved setting skipped: %s", line)
         self.context = context or zmq.Context()
+        # CURVE's ZAP handler before any bind: no handshake is ever accepted without it.
+        self.gate: CurveGate | None = None
+        if config.curve_allowlist is not None:
+            self.gate = CurveGate(self.context, config.curve_allowlist, config.control_allowlist)
+            self.core.agent_vm_ids = self.gate.agent_vm_ids()
         self.events = EventLog(config.event_log, self.session_id)
         self.timeline = TimelineFile(config.timeline) if config.timeline is not None else None
         self.stop_requested = False
         self._sent_in_pass = 0
         self._read_errors: dict[str, str] = {}  # vm → the last reason its cgroup could not be read
-        self._authenticator: Any = None
-        self.agent_socket = self._router(config.agent_endpoint, curve=True, max_frame_bytes=MAX_FRAME_BYTES)
-        self.control_socket = self._router(config.control_endpoint, curve=False,
-                                           max_frame_bytes=MAX_CONTROL_FRAME_BYTES)
+        self.agent_socket = self._router(config.agent_endpoint, AGENT_DOMAIN if self.gate else None,
+                                         max_frame_bytes=MAX_FRAME_BYTES)
+        self.control_socket = self._router(
+            config.control_endpoint, CONTROL_DOMAIN if self.gate and config.control_allowlist else None,
+            max_frame_bytes=MAX_CONTROL_REQUEST_BYTES, sndhwm=CONTROL_SNDHWM)
+        # A connection to the control socket is an operator when CURVE let only operators in,
+        # or when the ipc:// socket's file mode let only its owner (and group) in.
+        self.control_operator = config.control_allowlist is not None or self.control_is_ipc
+        if self.control_is_ipc:
+            self._secure_ipc(config.control_endpoint.removeprefix("ipc://"))
         self.reclaimer: HostReclaimer | None = None
         if (config.host_targets or config.docker_label) and config.vswap:
             if config.vm_cgroups and os.geteuid() != 0:
@@ -119,7 +184,13 @@ class HostServer:
 
             self.http = HttpPort(http_address)
 
-    def _router(self, endpoint: str, curve: bool, max_frame_bytes: int) -> zmq.Socket[bytes]:
+    def _secure_ipc(self, path: str) -> None:
+        os.chmod(path, self.config.control_socket_mode)
+        if self.config.control_socket_group:
+            os.chown(path, -1, grp.getgrnam(self.config.control_socket_group).gr_gid)
+
+    def _router(self, endpoint: str, curve_domain: str | None, max_frame_bytes: int,
+                sndhwm: int = 10_000) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
@@ -127,8 +198,8 @@ class HostServer:
         # No ROUTER_HANDOVER: a second connection that presents a live peer's routing id is
         # refused by libzmq instead of taking the pipe over (hostd binds vms to connections,
         # and a handover silently cut the live agent off).
-        sock.setsockopt(zmq.SNDHWM, 10_000)
-        if curve and self.config.curve_secret_key is not None:
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+        if curve_domain is not None and self.config.curve_secret_key is not None:
             from protocol.keys import load_keypair
 
             pair = load_keypair(self.config.curve_secret_key)
@@ -137,19 +208,9 @@ class HostServer:
             sock.curve_secretkey = pair.secret_key
             sock.curve_publickey = pair.public_key
             sock.curve_server = True
+            enforce_zap(sock, curve_domain)
         sock.bind(endpoint)
         return sock
-
-    def _start_authenticator(self) -> None:
-        if self.config.curve_allowlist is None:
-            return
-        from zmq.auth.thread import ThreadAuthenticator
-
-        # ZAP answers in its own thread, so handshakes never wait for the main loop.
-        self._authenticator = ThreadAuthenticator(self.context)
-        self._authenticator.start()
-        self._authenticator.configure_curve(domain="*", location=str(self.config.curve_allowlist))
-        log.info("CurveZMQ on; agents allowed from %s", self.config.curve_allowlist)
 
     def _send(self, out: Outgoing) -> None:
         self._sent_in_pass += len(out)
@@ -166,29 +227,65 @@ class HostServer:
             if self.http is not None:
                 self.http.publish_events(events)
 
-    def _on_agent_readable(self) -> None:
-        while True:
+    def _on_agent_readable(self) -> bool:
+        """One bounded batch; True if frames are left for the next pass."""
+        curve = self.gate is not None
+        for _ in range(AGENT_FRAMES_PER_PASS):
+            user_id: str | None = None
             try:
-                parts = self.agent_socket.recv_multipart(zmq.NOBLOCK)
+                if curve:  # the ZAP User-Id travels with every frame of the connection
+                    frames = self.agent_socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    parts = [frame.bytes for frame in frames]
+                    found = frames[-1].get("User-Id")
+                    user_id = found if isinstance(found, str) and found else None
+                else:
+                    parts = self.agent_socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
-            if len(parts) != 2:
-                self.core.protocol_errors["MALFORMED"] += 1
-                parts = [parts[0], b""]
-            self._send(self.core.handle_agent(parts[0], parts[1], now_ms()))
+                return False
+            # A multipart frame is malformed: the core counts it once, from the empty body.
+            body = parts[1] if len(parts) == 2 else b""
+            self._send(self.core.handle_agent(parts[0], body, now_ms(), user_id))
+        return True
 
-    def _on_control_readable(self) -> None:
-        while True:
+    def _on_control_readable(self) -> bool:
+        for _ in range(CONTROL_FRAMES_PER_PASS):
             try:
                 parts = self.control_socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
-            reply, out = self.core.handle_control(parts[-1] if len(parts) == 2 else b"", now_ms())
+                return False
+            reply, out = self.core.handle_control(parts[-1] if len(parts) == 2 else b"", now_ms(),
+                                                  self.control_operator)
             try:
                 self.control_socket.send_multipart([parts[0], reply], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
+            except zmq.ZMQError:  # a client that does not read: its reply is dropped, not queued
                 self.core.counters["control_reply_failed"] += 1
             self._send(out)
+            self._save_settings()
+        return True
+
+    def _save_settings(self) -> None:
+        if not self.core.settings_dirty or self.config.settings_file is None:
+            return
+        self.core.settings_dirty = False
+        try:
+            write_private_json(self.config.settings_file, self.core.settings_document())
+        except (OSError, ValueError) as exc:
+            self.core.counters["settings_write_failed"] += 1
+            log.error("balloonctl's changes are in force but not saved to %s: %s", self.config.settings_file, exc)
+
+    def _reload_keys(self) -> None:
+        if self.gate is not None and self.gate.reload_if_changed():
+            self.core.set_agent_keys(self.gate.agent_vm_ids(), now_ms())
+
+    def _periodic(self, name: str, step: Any) -> None:
+        """A periodic step that fails is logged (once per new reason) and tried again next time."""
+        try:
+            step()
+        except Exception as exc:
+            self.core.counters[f"{name}_failed"] += 1
+            if self._read_errors.get(f"*{name}*") != repr(exc):
+                self._read_errors[f"*{name}*"] = repr(exc)
+                log.exception("%s failed; hostd goes on", name)
 
     def _discover(self) -> None:
         """Containers labelled for a vm join the host targets (the config's own entries win)."""
@@ -232,7 +329,6 @@ class HostServer:
     def run(self) -> None:
         """Until `stop()` (from a signal handler)."""
         raise_fd_limit()
-        self._start_authenticator()
         log.info("hostd session %s: agents on %s, control on %s, host memory %d MiB, τ=%g, balance every %d ms",
                  self.session_id, self.config.agent_endpoint, self.config.control_endpoint,
                  self.core.settings.host_memory_pages >> 8, self.core.settings.idle_tax_ratio,
@@ -241,7 +337,7 @@ class HostServer:
         poller.register(self.agent_socket, zmq.POLLIN)
         poller.register(self.control_socket, zmq.POLLIN)
         next_tick = now_ms() + TICK_MS
-        next_publish = next_reclaim = next_discovery = 0
+        next_publish = next_reclaim = next_discovery = next_keys = 0
         if self.reclaimer is not None:
             for line in self.reclaimer.recover():
                 self.core.counters["recovered_cgroups"] += 1
@@ -253,34 +349,41 @@ class HostServer:
             while not self.stop_requested:
                 ready = dict(poller.poll(max(0, next_tick - now_ms())))
                 self._sent_in_pass = 0
+                backlog = False  # a batch was cut short: poll again at once, no coalescing
                 if self.agent_socket in ready:
-                    self._on_agent_readable()
+                    backlog |= self._on_agent_readable()
                 if self.control_socket in ready:
-                    self._on_control_readable()
+                    backlog |= self._on_control_readable()
                     self._sent_in_pass += 1
-                if ready and not self._sent_in_pass and not self.stop_requested:
+                if ready and not self._sent_in_pass and not backlog and not self.stop_requested:
                     time.sleep(COALESCE_S)
-                if now_ms() >= next_tick:
+                if now_ms() >= next_tick:  # on its deadline, whatever the sockets bring
                     next_tick = now_ms() + TICK_MS
-                    self._send(self.core.tick(now_ms()))
+                    self._periodic("tick", lambda: self._send(self.core.tick(now_ms())))
+                    if now_ms() >= next_keys:
+                        next_keys = now_ms() + KEYS_RELOAD_MS
+                        self._periodic("keys", self._reload_keys)
                     if self.reclaimer is not None and self.config.docker_label and now_ms() >= next_discovery:
                         next_discovery = now_ms() + DISCOVERY_MS
-                        self._discover()
+                        self._periodic("discovery", self._discover)
                     if self.reclaimer is not None and now_ms() >= next_reclaim:
                         next_reclaim = now_ms() + RECLAIM_MS
-                        self._reclaim_step()
+                        self._periodic("reclaim", self._reclaim_step)
                     if now_ms() >= next_publish and (self.timeline is not None or (
                             self.http is not None and self.http.wants_snapshot(len(self.core.vms)))):
                         next_publish = now_ms() + PUBLISH_MS
-                        snapshot = self.core.snapshot(now_ms())
-                        sample = None
-                        if self.timeline is not None:
-                            sample = sample_record(snapshot)
-                            self.timeline.write([sample])
-                        if self.http is not None:
-                            self.http.publish(snapshot, sample)
+                        self._periodic("publish", self._publish)
         finally:
             self.close()
+
+    def _publish(self) -> None:
+        snapshot = self.core.snapshot(now_ms())
+        sample = None
+        if self.timeline is not None:
+            sample = sample_record(snapshot)
+            self.timeline.write([sample])
+        if self.http is not None:
+            self.http.publish(snapshot, sample)
 
     def stop(self) -> None:
         self.stop_requested = True
@@ -296,7 +399,10 @@ class HostServer:
         if self.timeline is not None:
             self.timeline.write([event_record(event) for event in events])
             self.timeline.close()
-        if self._authenticator is not None:
-            self._authenticator.stop()
         self.agent_socket.close(linger=0)
         self.control_socket.close(linger=0)
+        if self.gate is not None:
+            self.gate.stop()
+        if self.control_is_ipc:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.control_endpoint.removeprefix("ipc://"))

@@ -96,8 +96,11 @@ class Endpoints:
 
 
 def hostd_argv(python: str, config_path: Path, endpoints: Endpoints, event_log: Path) -> list[str]:
+    # balloonctl's changes are kept for this lab's hostd only (a new lab starts from its config);
+    # the control token stays at its default path, where balloonctl looks for it.
     return [python, "-m", "hostd", "--config", str(config_path), "--agent-endpoint", endpoints.agent,
-            "--control-endpoint", endpoints.control, "--event-log", str(event_log)]
+            "--control-endpoint", endpoints.control, "--event-log", str(event_log),
+            "--settings-file", str(event_log.parent / "hostd-settings.json")]
 
 
 def guest_argv(python: str, guest: GuestSpec) -> list[str]:

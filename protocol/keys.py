@@ -4,7 +4,8 @@ The one module of `protocol` that touches files (and zmq, lazily, for key genera
 sockets that use these keys live in hostd and guestagent. Files use ZeroMQ's own
 certificate format (zmq.auth), so `NAME.key` (public) and `NAME.key_secret` (both halves)
 interoperate with other ZeroMQ tooling. The allowlist is a directory of `*.key` files:
-hostd accepts an agent whose public key matches one of them.
+hostd accepts an agent whose public key matches one of them, and lets that key register only
+the vm ids its file names (metadata `vm_ids = "web,db"`; without it, the vm named like the key).
 """
 
 from __future__ import annotations
@@ -66,16 +67,32 @@ def load_keypair(path: Path) -> KeyPair:
     return KeyPair(public_key=public, secret_key=secret)
 
 
-def allowlist_add(allowlist_dir: Path, public_key_file: Path, name: str) -> Path:
-    """Copy an agent's public key into the allowlist as NAME.key (public part only)."""
+@dataclass(frozen=True, slots=True)
+class AllowEntry:
+    """One allowlisted key: its name (the ZAP User-Id hostd sees) and the vm ids it may register."""
+
+    name: str
+    public_key: bytes
+    vm_ids: frozenset[str]
+
+
+def allowlist_add(allowlist_dir: Path, public_key_file: Path, name: str, vm_ids: tuple[str, ...] = ()) -> Path:
+    """Copy a public key into the allowlist as NAME.key (public part only), bound to `vm_ids`
+    (default: the vm called NAME). An operator allowlist ignores the binding."""
     _check_name(name)
+    for vm_id in vm_ids:
+        _check_name(vm_id)
     pair = load_keypair(public_key_file)
     allowlist_dir.mkdir(parents=True, exist_ok=True)
     target = allowlist_dir / f"{name}.key"
-    target.write_text(
+    bound = ",".join(vm_ids or (name,))
+    temporary = allowlist_dir / f".{name}.key.tmp"
+    temporary.write_text(
         "#   ZeroMQ CURVE Public Certificate (balloonlab allowlist)\n"
-        f"metadata\n    name = \"{name}\"\ncurve\n    public-key = \"{pair.public_key.decode()}\"\n"
+        f"metadata\n    name = \"{name}\"\n    vm_ids = \"{bound}\"\n"
+        f"curve\n    public-key = \"{pair.public_key.decode()}\"\n"
     )
+    temporary.replace(target)  # hostd reloads the directory while it runs: never a half-written file
     return target
 
 
@@ -89,6 +106,23 @@ def allowlist_remove(allowlist_dir: Path, name: str) -> None:
 
 def allowlist_public_keys(allowlist_dir: Path) -> dict[str, bytes]:
     """name → Z85 public key for every `*.key` file in the allowlist directory."""
+    return {name: entry.public_key for name, entry in allowlist_entries(allowlist_dir).items()}
+
+
+_VM_IDS_LINE = re.compile(r'^\s+vm_ids\s*=\s*"([^"]*)"\s*$', re.MULTILINE)
+
+
+def allowlist_entries(allowlist_dir: Path) -> dict[str, AllowEntry]:
+    """name → entry for every `*.key` file in the allowlist directory."""
     if not allowlist_dir.is_dir():
         raise KeyFileError(f"allowlist directory {allowlist_dir} not found")
-    return {path.stem: load_keypair(path).public_key for path in sorted(allowlist_dir.glob("*.key"))}
+    entries = {}
+    for path in sorted(allowlist_dir.glob("*.key")):
+        public_key = load_keypair(path).public_key
+        try:
+            match = _VM_IDS_LINE.search(path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeyFileError(f"key file {path}: {exc}") from None
+        vm_ids = frozenset(v.strip() for v in match.group(1).split(",") if v.strip()) if match else frozenset()
+        entries[path.stem] = AllowEntry(path.stem, public_key, vm_ids or frozenset({path.stem}))
+    return entries

@@ -12,7 +12,8 @@ PAGE_SIZE_BYTES = 4096
 HUGE_PAGE_PAGES = 512  # one 2 MiB page = 512 base pages
 
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB per message on the agent plane
-MAX_CONTROL_FRAME_BYTES = 32 << 20  # the control plane carries whole-host status documents
+MAX_CONTROL_FRAME_BYTES = 32 << 20  # the control plane carries whole-host status documents (replies)
+MAX_CONTROL_REQUEST_BYTES = 64 << 10  # and small requests: hostd's control socket takes no more
 MAX_SEQ = (1 << 63) - 1
 MAX_PAGE_NUMBER = 1 << 52  # 64-bit address space / 4 KiB: PFNs and VPNs both fit
 MAX_MEMSZ_BYTES = 1 << 50  # 1 PiB: no guest is larger; anything above is a bug or an attack

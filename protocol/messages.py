@@ -437,9 +437,10 @@ def _check_params(params: dict[str, Scalar], allowed: frozenset[str]) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SetVmParams(Message):
-    """ctl → host (needs authority: a control_token, or a CURVE operator key or an ipc socket; see protocol/README.md): change a vm's shares (int ≥ 0 or "low"/"normal"/"high"), reservation_bytes,
+    """ctl → host: change a vm's shares (int ≥ 0 or "low"/"normal"/"high"), reservation_bytes,
     limit_bytes, maxmemctl_bytes; None resets a key to its default. All-or-nothing: an invalid
-    value changes nothing. Reply: control_ok or error."""
+    value changes nothing. Needs authority (control_token, unless the connection is an
+    operator's: protocol/README.md). Reply: control_ok or error."""
 
     kind: ClassVar[str] = "set_vm_params"
     plane: ClassVar[Literal["agent", "control"]] = "control"

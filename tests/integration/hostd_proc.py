@@ -24,11 +24,15 @@ class HostdProcess:
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = workdir / f"hostd-{self.agent_port}-{time.monotonic_ns()}.log"
         self.event_log = workdir / "events.jsonl"
+        # Each test's hostd has its own credential and saved settings: nothing leaks between tests.
+        self.token_file = workdir / f"control-{self.control_port}.token"
+        self.settings_file = workdir / f"settings-{self.control_port}.json"
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hostd", "--agent-endpoint", self.agent_endpoint,
              "--control-endpoint", self.control_endpoint, "--event-log", str(self.event_log),
-             "--http", f"127.0.0.1:{self.http_port}", *flags],
+             "--http", f"127.0.0.1:{self.http_port}", "--control-token-file", str(self.token_file),
+             "--settings-file", str(self.settings_file), *flags],
             stderr=self._log, text=True,
         )
         self.wait_until(lambda s: True, 10, "hostd to answer")
@@ -39,7 +43,8 @@ class HostdProcess:
         return reply.snapshot
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint", self.control_endpoint, *args],
+        return subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint", self.control_endpoint,
+                               "--token-file", str(self.token_file), *args],
                               capture_output=True, text=True, timeout=30)
 
     def wait_until(self, predicate, timeout_s: float, what: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ PAGES_PER_MiB = 256
 
 
 STATS_KEYS = ("usage_bytes", "ws_samples", "ws_current_ratio")
+CONTROL_TOKEN = "t0ken-for-unit-tests-0123456789"
 
 
 def hello(vm_id, memsz=256 * MiB, held=0, session=None):
@@ -49,7 +50,8 @@ class Harness:
         config.setdefault("host_memory_bytes", 400 * MiB)
         config.setdefault("report_interval_ms", 10)  # settle window (7 reports) ends at once
         config.setdefault("balance_period_ms", 15_000)
-        self.core = HostCore(HostConfig(**config), "sess", now_ms=0)
+        config.setdefault("batch_limit_pages", 1 << 20)  # whole balloons in one lock, for short tests
+        self.core = HostCore(HostConfig(**config), "sess", now_ms=0, control_token=CONTROL_TOKEN)
         self.now = 0
         self.seq = 0
 
@@ -58,8 +60,8 @@ class Harness:
         out = self.core.handle_agent(vm_id.encode(), encode(message, self.seq), self.now)
         return [(identity.decode(), decode(frame).message) for identity, frame in out]
 
-    def control(self, message):
-        reply, out = self.core.handle_control(encode(message, 1), self.now)
+    def control(self, message, operator=True):
+        reply, out = self.core.handle_control(encode(message, 1), self.now, operator)
         return decode(reply).message, [(i.decode(), decode(f).message) for i, f in out]
 
     def tick(self):

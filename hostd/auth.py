@@ -1,0 +1,166 @@
+"""Who may talk to hostd: CURVE keys (agents bound to vm ids, operators) and the control token.
+
+    gate = CurveGate(context, agent_dir, operator_dir)   # before any socket binds
+    gate.reload_if_changed()   -> True when the allowlists changed (main loop, once a second)
+    gate.agent_vm_ids()        -> {key name: vm ids it may register}, for HostCore
+    ensure_control_token(path) -> the token balloonctl must present for a change, or None
+
+The ZAP handler runs in its own thread (pyzmq's ThreadAuthenticator) and reads the current
+key ring, which the main loop swaps as a whole when a file in an allowlist changes: a
+removed key cannot open a connection from then on, and HostCore refuses the frames of
+connections it had already opened (the ZAP User-Id travels with every frame).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from protocol.keys import AllowEntry, KeyFileError, allowlist_entries
+from protocol.messages import check_secret
+
+log = logging.getLogger(__name__)
+
+AGENT_DOMAIN = "agents"
+CONTROL_DOMAIN = "control"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRing:
+    """Z85 public key → allowlist entry, for agents and operators."""
+
+    agents: dict[bytes, AllowEntry] = field(default_factory=dict)
+    operators: dict[bytes, AllowEntry] = field(default_factory=dict)
+
+
+def load_keyring(agent_dir: Path | None, operator_dir: Path | None) -> KeyRing:
+    def by_key(directory: Path | None) -> dict[bytes, AllowEntry]:
+        if directory is None:
+            return {}
+        return {entry.public_key: entry for entry in allowlist_entries(directory).values()}
+
+    return KeyRing(agents=by_key(agent_dir), operators=by_key(operator_dir))
+
+
+def _directory_stamp(directory: Path | None) -> tuple[Any, ...]:
+    if directory is None:
+        return ()
+    try:
+        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in directory.glob("*.key")))
+    except OSError:
+        return ("unreadable",)
+
+
+class _Authenticator(ThreadAuthenticator):
+    def __init__(self, context: zmq.Context[Any], gate: CurveGate) -> None:
+        super().__init__(context)
+        self._gate = gate
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        """The ZAP User-Id hostd sees on every frame: the key's name in its allowlist."""
+        key = z85.encode(client_public_key)
+        ring = self._gate.ring
+        entry = ring.agents.get(key) or ring.operators.get(key)
+        return entry.name if entry is not None else ""
+
+
+class CurveGate:
+    """The ZAP handler over the current key ring. Start it before binding any CURVE socket
+    (and set `zap_enforce_domain` on them), so that no handshake is ever accepted without it."""
+
+    def __init__(self, context: zmq.Context[Any], agent_dir: Path, operator_dir: Path | None) -> None:
+        self._agent_dir = agent_dir
+        self._operator_dir = operator_dir
+        self.ring = load_keyring(agent_dir, operator_dir)
+        self._stamp = (_directory_stamp(agent_dir), _directory_stamp(operator_dir))
+        self._authenticator = _Authenticator(context, self)
+        self._authenticator.start()
+        self._authenticator.configure_curve_callback(AGENT_DOMAIN, self)
+        if operator_dir is not None:
+            self._authenticator.configure_curve_callback(CONTROL_DOMAIN, self)
+        log.info("CurveZMQ on: %d agent keys from %s, %d operator keys from %s", len(self.ring.agents), agent_dir,
+                 len(self.ring.operators), operator_dir or "(none: control changes need the token)")
+
+    def callback(self, domain: str, z85_client_key: bytes) -> bool:
+        """ZAP thread: may this key open a connection in this domain?"""
+        ring = self.ring
+        return z85_client_key in (ring.agents if domain == AGENT_DOMAIN else ring.operators)
+
+    def reload_if_changed(self) -> bool:
+        stamp = (_directory_stamp(self._agent_dir), _directory_stamp(self._operator_dir))
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            ring = load_keyring(self._agent_dir, self._operator_dir)
+        except KeyFileError as exc:
+            log.error("allowlist not reloaded, the previous keys stay in force: %s", exc)
+            return False
+        self.ring = ring
+        log.info("allowlists reloaded: %d agent keys, %d operator keys", len(ring.agents), len(ring.operators))
+        return True
+
+    def agent_vm_ids(self) -> dict[str, frozenset[str]]:
+        return {entry.name: entry.vm_ids for entry in self.ring.agents.values()}
+
+    def stop(self) -> None:
+        self._authenticator.stop()
+
+
+def enforce_zap(sock: zmq.Socket[bytes], domain: str) -> None:
+    """Make a missing or silent ZAP handler mean refusal (libzmq otherwise accepts every key)."""
+    sock.zap_domain = domain.encode()
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+
+class ControlTokenError(Exception):
+    """The token file exists but cannot be trusted or read."""
+
+
+def ensure_control_token(path: Path) -> str:
+    """The token in `path`, made (0600, in a 0700 directory when it creates one) if missing.
+    Refuses a file that is a symlink, not ours, or readable by others."""
+    directory = path.parent
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return read_control_token(path, must_be_private=True)
+    token = secrets.token_urlsafe(32)
+    try:
+        os.write(fd, (token + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return token
+
+
+def read_control_token(path: Path, must_be_private: bool = False) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ControlTokenError(f"control token {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if must_be_private and (not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid()
+                                or info.st_mode & 0o077):
+            raise ControlTokenError(f"control token {path} must be a regular file of uid {os.geteuid()} with mode "
+                                    f"0600 (it is {oct(info.st_mode & 0o777)}, uid {info.st_uid})")
+        token = os.read(fd, 4096).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    try:
+        check_secret("control token", token)
+    except Exception:
+        raise ControlTokenError(f"control token {path} does not hold a token") from None
+    return token
