@@ -30,7 +30,7 @@ from protocol import (
     decode,
     encode,
 )
-from tests.unit.test_core import CONTROL_TOKEN, STATS_KEYS, MiB, Harness, hello, status
+from tests.unit.test_core import CONTROL_TOKEN, STATS_KEYS, Harness, MiB, hello, status
 
 VICTIM, INTRUDER = b"\x00victim", b"\x00intruder"
 
