@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,10 +38,8 @@ class ComposeLab:
         assert command is not None, "no docker compose / docker-compose"
         self.command = command
         self.project = project
-        self.control_port = free_loopback_port()
         self.http_port = free_loopback_port()
         self.environ = {**os.environ, "COMPOSE_PROJECT_NAME": project, "BALLOONLAB_IMAGE_TAG": project,
-                        "BALLOONLAB_CONTROL_PORT": str(self.control_port),
                         "BALLOONLAB_HTTP_PORT": str(self.http_port), **overrides}
         if image_exists(OFFLINE_BASE_IMAGE):  # no registry here: the image scripts/build-base-image.sh makes
             self.environ.setdefault("BASE_IMAGE", OFFLINE_BASE_IMAGE)
@@ -68,23 +65,32 @@ class ComposeLab:
         result = self.run("logs", "--no-color", "--tail", str(tail_lines), timeout_s=60, check=False)
         return result.stdout + result.stderr
 
+    def balloonctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """balloonctl inside hostd's container: the control endpoint is on its loopback only
+        (unreachable from the guests), and the token it needs is in its state volume."""
+        return self.run("exec", "-T", "hostd", "python3", "-m", "hostd.ctl", "--endpoint", "tcp://127.0.0.1:5556",
+                        *args, timeout_s=60, check=False)
+
     def status(self) -> dict[str, Any] | None:
-        """hostd's snapshot through the published control port (None while it is not up)."""
-        result = subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint",
-                                 f"tcp://127.0.0.1:{self.control_port}", "status", "--json"],
-                                capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
+        """hostd's snapshot (None while it is not up)."""
+        result = self.balloonctl("status", "--json")
         if result.returncode != 0:
             return None
-        snapshot: dict[str, Any] = json.loads(result.stdout)
+        try:
+            snapshot: dict[str, Any] = json.loads(result.stdout)
+        except ValueError:
+            return None
         return snapshot
 
     def ctl(self, *args: str) -> str:
-        """balloonctl against the lab's hostd (its published control port)."""
-        result = subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint",
-                                 f"tcp://127.0.0.1:{self.control_port}", *args],
-                                capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
+        result = self.balloonctl(*args)
         assert result.returncode == 0, f"balloonctl {' '.join(args)}: {result.stderr}"
         return result.stdout
+
+    def guest_python(self, service: str, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """A python3 program run inside a guest, as its workload could."""
+        return subprocess.run([*self.command, "exec", "-T", service, "python3", "-", *args], input=script,
+                              cwd=REPO_ROOT, env=self.environ, capture_output=True, text=True, timeout=60)
 
     def leftovers(self) -> list[str]:
         """Containers and networks of this project still present."""

@@ -5,13 +5,16 @@ throughput — and a teardown that leaves nothing behind, even on failure."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from protocol import ErrorCode
 from tests.conftest import require, require_docker, require_root, require_swap
 from tests.e2e.compose import ComposeLab, compose_command, wait_for
 
@@ -80,7 +83,20 @@ def test_compose_lab_balloons_the_idle_guest_more_than_the_active_one(lab: Compo
         return bool(snapshot) and sum(vm["balloon_bytes"] for vm in snapshot["vms"]) > 32 * MiB
 
     assert wait_for(balloons_moving, timeout_s=60), f"no balloon moved within 60 s:\n{describe(lab.status())}"
-    print(f"balloons moving {time.monotonic() - up_done:.1f} s after compose up")
+    print(f"balloons moving {time.monotonic() - up_done:.1f} s after compose up (CURVE on, control on loopback)")
+
+    # Secure by default: a workload in a guest can neither change host settings nor speak for
+    # another guest; the guests it tried to impersonate keep their registration.
+    probe = lab.guest_python("web", (Path(__file__).parent / "guest_probe.py").read_text(), "db")
+    assert probe.returncode == 0, probe.stderr
+    tried = json.loads(probe.stdout.strip().splitlines()[-1])
+    print(f"from inside web: {tried}")
+    assert tried["control_change"] == "no answer", tried  # not even reachable
+    assert tried["hello_as_other"] == f"Error {int(ErrorCode.UNAUTHORIZED)}", tried
+    assert tried["hello_plain"] == "no answer", tried  # no CURVE handshake, no hello
+    after = lab.status()
+    assert after is not None and by_vm(after)["db"]["alive"] and by_vm(after)["db"]["claimed_memsz_bytes"] < 1 << 30
+    assert after["host"]["counters"].get("identity_refused", 0) >= 1
 
     latest: dict[str, Any] = {}
 
