@@ -68,3 +68,21 @@ def test_vm_cgroups_and_host_swap_settings(tmp_path):
     loaded = load_config(["--config", str(config), "--vswap", "false"], {})
     assert loaded.vm_cgroups == {"web": "balloonlab-lab/web"} and loaded.vms["web"].shares == "high"
     assert loaded.block_max_ms == 0 and loaded.vswap_step_bytes == 32 << 20 and loaded.vswap is False
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--control-endpoint", "tcp://0.0.0.0:5556"], "plain control endpoint must be on loopback"),
+    (["--control-endpoint", "tcp://0.0.0.0:5556", "--allow-plain-remote", "true"], "must be on loopback"),
+    (["--control-allowlist", "/tmp/ops"], "needs curve_secret_key"),
+    (["--max-vms", "0"], "max_vms"),
+    (["--dead-vm-ttl", "10ms"], "dead_vm_ttl_ms"),
+])
+def test_control_plane_and_bounds_are_checked_at_start(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv, {})
+
+
+def test_ipc_control_and_settings_file_off():
+    config = load_config(["--control-endpoint", "ipc:///run/x.sock", "--settings-file", "off"],
+                         {"BALLOONLAB_CONTROL_SOCKET_MODE": "660"})
+    assert config.settings_file is None and config.control_socket_mode == 0o660
