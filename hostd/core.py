@@ -383,9 +383,9 @@ class HostCore:
         return self._reserved_alive_pages - mine
 
     def _memsz_cap(self, vm: VmRecord) -> int:
-        """What hostd can see of a vm's size: host memory, and its cgroup's own limit if known."""
-        cap = self.settings.host_memory_pages
-        return cap if vm.cgroup_limit_pages is None else min(cap, vm.cgroup_limit_pages)
+        """What hostd can see of a vm's size: its cgroup's own limit where hostd reads it (a
+        guest may be larger than the host: that is overcommit), else host memory."""
+        return self.settings.host_memory_pages if vm.cgroup_limit_pages is None else vm.cgroup_limit_pages
 
     def _make_room(self, now_ms: int) -> None:
         """A new vm id: within the join rate, and within max_vms (forgetting the oldest dead)."""
