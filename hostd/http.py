@@ -71,8 +71,11 @@ _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset
 
 class HttpPort:
     def __init__(self, address: tuple[str, int], allowed_hosts: Iterable[str] = (),
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS, request_timeout_s: float = REQUEST_TIMEOUT_S,
+                 write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
         """`allowed_hosts`: more names `Host:` may carry (e.g. the name Prometheus scrapes by)."""
+        self.request_timeout_s = request_timeout_s
+        self.write_timeout_s = write_timeout_s
         self._snapshot: dict[str, Any] | None = None
         self._changed = threading.Condition()
         self._version = 0  # bumped by every publish: streams wait for the next one
@@ -90,24 +93,23 @@ class HttpPort:
         self.wrong_host = 0  # requests refused for their Host header
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(lambda: self._snapshot))
-        self._allowed_names = LOCAL_NAMES | {_host_name(name) for name in allowed_hosts}
         self._any_ip_literal = address[0] in WILDCARD_ADDRESSES
-        if not self._any_ip_literal:
-            self._allowed_names |= {_host_name(address[0])}
+        self._allowed_names = LOCAL_NAMES | {_host_name(name) for name in allowed_hosts} | (
+            frozenset() if self._any_ip_literal else {_host_name(address[0])})
         port = self
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = REQUEST_TIMEOUT_S
+            timeout = request_timeout_s
 
             def setup(self) -> None:
                 super().setup()
                 self.rfile.close()  # unread; closed so that the socket's last close is real
                 # every read until the headers are in shares one deadline
                 self.rfile = io.BufferedReader(_DeadlineReader(self.connection,
-                                                               time.monotonic() + REQUEST_TIMEOUT_S))
+                                                               time.monotonic() + port.request_timeout_s))
 
             def do_GET(self) -> None:
-                self.connection.settimeout(WRITE_TIMEOUT_S)
+                self.connection.settimeout(port.write_timeout_s)
                 if not port._host_allowed(self.headers.get("Host")):
                     port.wrong_host += 1
                     missing = not self.headers.get("Host")
@@ -148,28 +150,7 @@ class HttpPort:
         return self.server.refused
 
     def _host_allowed(self, header: str | None) -> bool:
-        if not header:
-            return False
-        text = header.strip().lower()
-        if text.startswith("["):  # [v6]:port
-            name, bracket, rest = text[1:].partition("]")
-            if not bracket:
-                return False
-        else:
-            name, _, rest = text.partition(":")
-            rest = ":" + rest if _ else ""
-        if rest and not (rest.startswith(":") and rest[1:].isdigit() and len(rest) <= 6):
-            return False
-        name = name.rstrip(".")
-        if name in self._allowed_names:
-            return True
-        if not self._any_ip_literal:
-            return False
-        try:
-            ipaddress.ip_address(name)
-        except ValueError:
-            return False
-        return True
+        return host_allowed(header, self._allowed_names, self._any_ip_literal)
 
     def wants_snapshot(self, vm_count: int) -> bool:
         """Whether the main loop should make and publish a snapshot now."""
@@ -245,7 +226,7 @@ class HttpPort:
             # the client stopped reading: drop it (reset: nothing more is worth delivering)
             self.streams_dropped += 1
             log.info("http: dropped an event stream from %s: an update waited %g s to be taken",
-                     handler.client_address[0], WRITE_TIMEOUT_S)
+                     handler.client_address[0], self.write_timeout_s)
             handler.close_connection = True
             handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
@@ -365,6 +346,33 @@ class _DeadlineReader(io.RawIOBase):
             raise TimeoutError("request not received in time")
         self._connection.settimeout(remaining)
         return self._connection.recv_into(buffer)
+
+
+def host_allowed(header: str | None, names: frozenset[str], any_ip_literal: bool) -> bool:
+    """Whether a `Host:` header value names this port: one of `names` (lower case, IPv6
+    without brackets) or, with `any_ip_literal`, any IP address; with or without a port."""
+    if not header:
+        return False
+    text = header.strip().lower()
+    if text.startswith("["):  # [v6] or [v6]:port
+        name, bracket, port = text[1:].partition("]")
+        if not bracket:
+            return False
+    else:
+        name, colon, port = text.partition(":")
+        port = colon + port
+    if port and not (port.startswith(":") and port[1:].isdigit() and len(port) <= 6):
+        return False
+    name = name.rstrip(".")
+    if name in names:
+        return True
+    if not any_ip_literal or not name:
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _host_name(text: str) -> str:
