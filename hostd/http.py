@@ -28,6 +28,7 @@ Read-only (POST, PUT and the rest get 501), and bounded against clients that mis
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import io
 import ipaddress
@@ -228,7 +229,8 @@ class HttpPort:
             log.info("http: dropped an event stream from %s: an update waited %g s to be taken",
                      handler.client_address[0], self.write_timeout_s)
             handler.close_connection = True
-            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with contextlib.suppress(OSError):
+                handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             handler.close_connection = True  # the dashboard went away
         finally:
