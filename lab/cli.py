@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from hostd.jsonout import dumps
 from lab.runner import DEFAULT_CGROUP_NAME, DEFAULT_STATE_DIR, LabError, LabOptions
 from lab.spec import DEFAULT_HOSTD_CONFIG, DEFAULT_LAB_FILE, Endpoints, LabSpecError, load_lab
 from protocol.units import format_bytes, parse_duration_ms
@@ -60,7 +60,7 @@ def run_lab(args: argparse.Namespace) -> str:
             runner.down(options, progress)
             return ""
         report = runner.status(options)
-        return json.dumps(report, indent=2) if args.json else render_lab_status(report)
+        return dumps(report, indent=2) if args.json else render_lab_status(report)
     except (LabError, LabSpecError) as exc:
         from hostd.ctl import CtlError
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 
+from hostd.jsonout import dumps
 from lab import cgroups
 from lab.spec import Endpoints, LabSpec, guest_argv, guest_environment, hostd_argv
 
@@ -106,7 +107,7 @@ def read_state(options: LabOptions) -> dict[str, Any] | None:
 def _write_state(options: LabOptions, state: dict[str, Any]) -> None:
     path = _state_path(options)
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(state, indent=2))
+    temporary.write_text(dumps(state, indent=2))
     temporary.replace(path)
 
 

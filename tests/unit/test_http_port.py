@@ -7,7 +7,7 @@ import threading
 import time
 import urllib.request
 
-from hostd.http import HISTORY_MAX_VMS, HttpPort
+from hostd.http import HISTORY_MAX_VMS, HttpPort, host_allowed
 from tests.conftest import free_loopback_port
 
 
@@ -50,3 +50,32 @@ def test_a_request_on_a_big_host_waits_for_a_fresh_snapshot_and_keeps_them_comin
         assert port.wants_snapshot(big)  # a scraper keeps them coming for the demand window
     finally:
         port.close()
+
+
+LOCAL = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def test_host_header_must_name_this_port_against_dns_rebinding():
+    for good in ("localhost", "LOCALHOST:8055", "127.0.0.1", "127.0.0.1:18055", "[::1]", "[::1]:8055",
+                 "localhost.", " localhost:80 "):
+        assert host_allowed(good, LOCAL, any_ip_literal=False), good
+    for bad in ("evil.example", "evil.example:8055", "localhost.evil.example", "127.0.0.2:8055", "10.0.0.5",
+                "localhost:http", "localhost:", "localhost:123456", "[::1", "[::1]x", "::1", "", None,
+                "127.0.0.1:8055@evil.example", "127.0.0.1 evil.example"):
+        assert not host_allowed(bad, LOCAL, any_ip_literal=False), bad
+
+
+def test_on_a_wildcard_bind_any_ip_literal_is_this_port_but_no_other_name_is():
+    for good in ("172.18.0.2:8055", "[fe80::1]:8055", "localhost"):
+        assert host_allowed(good, LOCAL, any_ip_literal=True), good
+    for bad in ("hostd:8055", "evil.example", "[evil]", "300.1.1.1"):
+        assert not host_allowed(bad, LOCAL, any_ip_literal=True), bad
+
+
+def test_the_bind_address_and_configured_names_are_allowed_too():
+    port = HttpPort(("127.0.0.1", free_loopback_port()), allowed_hosts=["Prometheus.Lab"])
+    try:
+        assert port._host_allowed("prometheus.lab:8055") and port._host_allowed("127.0.0.1")
+        assert not port._host_allowed("evil.example")
+    finally:
+        port.server.server_close()
