@@ -24,6 +24,7 @@ from typing import Any
 
 from hostd import policy, vswap
 from hostd.config import HostConfig, VmDefaults
+from hostd.eventlog import printable
 from hostd.ledger import Ledger
 from protocol import (
     PAGE_SIZE_BYTES,
@@ -355,7 +356,7 @@ class HostCore:
         if isinstance(message, Status):
             return self._on_status(route, vm, message, now_ms)
         if isinstance(message, Bye):
-            self._drop(vm, now_ms, "bye", message.reason)
+            self._drop(vm, now_ms, "bye", printable(message.reason))  # peer text: escaped before any log
             self._request_recompute(f"{vm.vm_id} left")
             return []
         if isinstance(message, Heartbeat):

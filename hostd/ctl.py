@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hostd.jsonout import dumps
 from protocol import (
     ControlOk,
     Error,
@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "status":
         reply = _checked(request(args.endpoint, GetStatus(), timeout_ms, _credentials(args)))
         assert isinstance(reply, StatusReply)
-        return json.dumps(reply.snapshot, indent=2) if args.json else render_status(reply.snapshot, args.unit)
+        return dumps(reply.snapshot, indent=2) if args.json else render_status(reply.snapshot, args.unit)
     message: Message
     if args.command == "set":
         message = SetVmParams(vm_id=args.vm, params=parse_vm_params(args.settings))

@@ -22,7 +22,7 @@ import secrets
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import zmq
 
@@ -30,6 +30,8 @@ from hostd.auth import AGENT_DOMAIN, CONTROL_DOMAIN, ControlTokenError, CurveGat
 from hostd.cgroupfs import BackendError, CgroupfsBackend
 from hostd.config import HostConfig, parse_http_address
 from hostd.core import HostCore, Outgoing
+from hostd.eventlog import EventLog, TimelineFile, printable
+from hostd.jsonout import dumps
 from hostd.reclaim import HostReclaimer
 from hostd.timeline import event_record, sample_record
 from protocol.limits import MAX_CONTROL_REQUEST_BYTES, MAX_FRAME_BYTES
@@ -63,44 +65,6 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-class EventLog:
-    """Appends one JSON line per event; also logs it at DEBUG."""
-
-    def __init__(self, path: Path | None, session_id: str) -> None:
-        self._file: IO[str] | None = None
-        self._session_id = session_id
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("a", buffering=1)
-
-    def write(self, events: list[dict[str, Any]]) -> None:
-        for event in events:
-            line = json.dumps({"ts": round(time.time(), 3), "session": self._session_id, **event},
-                              separators=(",", ":"))
-            log.debug("event %s", line)
-            if self._file is not None:
-                self._file.write(line + "\n")
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-class TimelineFile:
-    """`--timeline`: a sample per second and every decision, appended as JSON Lines."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", buffering=1)
-
-    def write(self, records: list[dict[str, Any]]) -> None:
-        for record in records:
-            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-
-    def close(self) -> None:
-        self._file.close()
-
-
 def _load_settings(path: Path | None) -> dict[str, Any]:
     if path is None or not path.exists():
         return {}
@@ -118,7 +82,7 @@ def write_private_json(path: Path, document: dict[str, Any]) -> None:
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as out:
-            out.write(json.dumps(document, allow_nan=False, indent=1))
+            out.write(dumps(document, indent=1))
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
@@ -294,13 +258,13 @@ class HostServer:
             found = self.reclaimer.discover(self.config.docker_label, self.config.docker_label_filter)
         except BackendError as exc:
             if self._read_errors.get("*discovery*") != str(exc):
-                log.warning("docker discovery: %s", exc)
+                log.warning("docker discovery: %s", printable(str(exc)))
                 self._read_errors["*discovery*"] = str(exc)
             return
         self._read_errors.pop("*discovery*", None)
         for vm_id, target in found.items():
             if vm_id not in self.config.host_targets and self.reclaimer.targets.get(vm_id) != target:
-                log.info("vm %s is container %s", vm_id, target.removeprefix("docker:"))
+                log.info("vm %s is container %s", vm_id, printable(target.removeprefix("docker:")))
                 self.reclaimer.targets[vm_id] = target
                 self.core.set_host_target(vm_id, target)
 
@@ -312,7 +276,8 @@ class HostServer:
                 reading = self.reclaimer.read(vm_id)
             except BackendError as exc:
                 if self._read_errors.get(vm_id) != str(exc):  # once per new reason, not every second
-                    log.warning("vm %s: cannot read %s: %s", vm_id, self.reclaimer.targets[vm_id], exc)
+                    log.warning("vm %s: cannot read %s: %s", vm_id, printable(self.reclaimer.targets[vm_id]),
+                                printable(str(exc)))
                     self._read_errors[vm_id] = str(exc)
                 self.core.cgroup_gone(vm_id, now_ms(), str(exc))
                 continue

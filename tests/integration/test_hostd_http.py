@@ -161,14 +161,17 @@ def strict_loads(text: bytes) -> Any:
 
 
 def test_a_vm_allocated_nothing_leaves_status_json_and_the_stream_strict_json(tmp_path: Path) -> None:
-    """`balloonctl host host_memory=4KiB` (legal) allocates the vms 0 pages: ρ = ∞ (review S15).
-    /status.json and every pushed update must stay JSON that JSON.parse and jq accept."""
+    """`balloonctl host host_memory=4KiB` allocated the vms 0 pages: ρ = ∞ (review S15). Now it is
+    refused, and at the smallest host memory allowed /status.json and every pushed update stay
+    JSON that JSON.parse and jq accept."""
     hostd = HostdProcess(tmp_path, "--host-memory", "1GiB", "--report-interval", "200ms", "--balance-period", "1s",
                          "--timeline", str(tmp_path / "timeline.jsonl"))
     agents = _Reporter(hostd)
     try:
         hostd.wait_until(lambda s: s["host"]["vms_alive"] == 2, 10, "two vms")
-        assert hostd.ctl("host", "host_memory=4KiB").returncode == 0
+        refused = hostd.ctl("host", "host_memory=4KiB")
+        assert refused.returncode == 1 and "at least 16 MiB" in refused.stderr
+        assert hostd.ctl("host", "host_memory=16MiB").returncode == 0
         deadline = time.monotonic() + 15
         rhos: list[Any] = []
         while time.monotonic() < deadline:
@@ -176,7 +179,7 @@ def test_a_vm_allocated_nothing_leaves_status_json_and_the_stream_strict_json(tm
             assert code == 200 and content_type == "application/json"
             document = strict_loads(body)  # every time, not only the last
             rhos = [vm["rho"] for vm in document["vms"]]
-            if document["host"]["state"] == "low" and None in rhos:
+            if document["host"]["state"] == "low":
                 break
             time.sleep(0.3)
         print(f"host_memory 4 KiB: state {document['host']['state']}, ρ {rhos}")
@@ -187,7 +190,7 @@ def test_a_vm_allocated_nothing_leaves_status_json_and_the_stream_strict_json(tm
                 line = stream.readline()
                 if line.startswith(b"data: "):
                     updates.append(strict_loads(line[6:]))
-        assert updates[-1]["snapshot"]["host"]["host_memory_bytes"] == 4096
+        assert updates[-1]["snapshot"]["host"]["host_memory_bytes"] == 16 * MiB
         if EventLog.__module__ == "hostd.eventlog":  # once server.py writes through hostd/eventlog.py
             for path in (hostd.event_log, tmp_path / "timeline.jsonl"):
                 for line in path.read_text().splitlines():
