@@ -5,7 +5,7 @@
     gate.agent_vm_ids()        -> {key name: vm ids it may register}, for HostCore
     ensure_control_token(path) -> the token balloonctl must present for a change, or None
 
-The ZAP handler runs in its own thread (pyzmq's ThreadAuthenticator) and reads the current
+The ZAP handler runs in its own thread and reads the current
 key ring, which the main loop swaps as a whole when a file in an allowlist changes: a
 removed key cannot open a connection from then on, and HostCore refuses the frames of
 connections it had already opened (the ZAP User-Id travels with every frame).
@@ -17,12 +17,12 @@ import logging
 import os
 import secrets
 import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from protocol.keys import AllowEntry, KeyFileError, allowlist_entries
@@ -60,17 +60,63 @@ def _directory_stamp(directory: Path | None) -> tuple[Any, ...]:
         return ("unreadable",)
 
 
-class _Authenticator(ThreadAuthenticator):
-    def __init__(self, context: zmq.Context[Any], gate: CurveGate) -> None:
-        super().__init__(context)
-        self._gate = gate
+class _ZapHandler(threading.Thread):
+    """ZeroMQ's ZAP (RFC 27) for CURVE, in its own thread: one REP socket on the well-known
+    inproc endpoint. Hand-written rather than pyzmq's ThreadAuthenticator, whose interface
+    differs between the pyzmq on PyPI and Debian's python3-zmq."""
 
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        """The ZAP User-Id hostd sees on every frame: the key's name in its allowlist."""
-        key = z85.encode(client_public_key)
-        ring = self._gate.ring
-        entry = ring.agents.get(key) or ring.operators.get(key)
-        return entry.name if entry is not None else ""
+    ENDPOINT = "inproc://zeromq.zap.01"
+
+    def __init__(self, context: zmq.Context[Any], gate: CurveGate) -> None:
+        super().__init__(name="zap", daemon=True)
+        self._context = context
+        self._gate = gate
+        self._stopping = threading.Event()
+        self._bound = threading.Event()
+        self._error: Exception | None = None
+
+    def start(self) -> None:
+        super().start()
+        self._bound.wait(10)
+        if self._error is not None or not self._bound.is_set():
+            raise RuntimeError(f"the ZAP handler did not start: {self._error}")
+
+    def run(self) -> None:
+        sock: zmq.Socket[bytes] = self._context.socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(self.ENDPOINT)
+        except zmq.ZMQError as exc:
+            self._error = exc
+            sock.close()
+            return
+        self._bound.set()
+        try:
+            while not self._stopping.is_set():
+                if not sock.poll(100):
+                    continue
+                request = sock.recv_multipart()
+                sock.send_multipart(self._answer(request))
+        finally:
+            sock.close(linger=0)
+
+    def _answer(self, request: list[bytes]) -> list[bytes]:
+        if len(request) < 6:
+            return [b"1.0", request[1] if len(request) > 1 else b"", b"500", b"malformed ZAP request", b"", b""]
+        version, request_id, domain, _address, _identity, mechanism = request[:6]
+        credentials = request[6:]
+        if version != b"1.0":
+            return [b"1.0", request_id, b"500", b"ZAP version not supported", b"", b""]
+        if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
+            return [b"1.0", request_id, b"400", b"CURVE only", b"", b""]
+        entry = self._gate.lookup(domain.decode("ascii", "replace"), z85.encode(credentials[0]))
+        if entry is None:
+            return [b"1.0", request_id, b"400", b"key not allowed", b"", b""]
+        return [b"1.0", request_id, b"200", b"OK", entry.name.encode(), b""]
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(2)
 
 
 class CurveGate:
@@ -82,18 +128,20 @@ class CurveGate:
         self._operator_dir = operator_dir
         self.ring = load_keyring(agent_dir, operator_dir)
         self._stamp = (_directory_stamp(agent_dir), _directory_stamp(operator_dir))
-        self._authenticator = _Authenticator(context, self)
-        self._authenticator.start()
-        self._authenticator.configure_curve_callback(AGENT_DOMAIN, self)
-        if operator_dir is not None:
-            self._authenticator.configure_curve_callback(CONTROL_DOMAIN, self)
+        self._zap = _ZapHandler(context, self)
+        self._zap.start()
         log.info("CurveZMQ on: %d agent keys from %s, %d operator keys from %s", len(self.ring.agents), agent_dir,
                  len(self.ring.operators), operator_dir or "(none: control changes need the token)")
 
-    def callback(self, domain: str, z85_client_key: bytes) -> bool:
-        """ZAP thread: may this key open a connection in this domain?"""
-        ring = self.ring
-        return z85_client_key in (ring.agents if domain == AGENT_DOMAIN else ring.operators)
+    def lookup(self, domain: str, z85_client_key: bytes) -> AllowEntry | None:
+        """ZAP thread: the entry that lets this key open a connection in this domain, or None.
+        Its name becomes the connection's User-Id, on every frame."""
+        ring = self.ring  # one reference read: the main loop swaps whole rings
+        if domain == AGENT_DOMAIN:
+            return ring.agents.get(z85_client_key)
+        if domain == CONTROL_DOMAIN:
+            return ring.operators.get(z85_client_key)
+        return None
 
     def reload_if_changed(self) -> bool:
         stamp = (_directory_stamp(self._agent_dir), _directory_stamp(self._operator_dir))
@@ -113,13 +161,16 @@ class CurveGate:
         return {entry.name: entry.vm_ids for entry in self.ring.agents.values()}
 
     def stop(self) -> None:
-        self._authenticator.stop()
+        self._zap.stop()
+
+
+ZMQ_ZAP_ENFORCE_DOMAIN = getattr(zmq, "ZAP_ENFORCE_DOMAIN", 93)  # libzmq ≥ 4.3; older pyzmq lacks the name
 
 
 def enforce_zap(sock: zmq.Socket[bytes], domain: str) -> None:
     """Make a missing or silent ZAP handler mean refusal (libzmq otherwise accepts every key)."""
-    sock.zap_domain = domain.encode()
-    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
+    sock.setsockopt(ZMQ_ZAP_ENFORCE_DOMAIN, 1)
 
 
 class ControlTokenError(Exception):
