@@ -103,6 +103,16 @@ class ComposeLab:
         return found
 
 
+def remove_stale_labs(prefix: str) -> None:
+    """Take down labs named PREFIX<pid> whose test process is gone (a run that was killed)."""
+    listing = subprocess.run(["docker", "ps", "-a", "--format", '{{.Label "com.docker.compose.project"}}'],
+                             capture_output=True, text=True)
+    for project in sorted(set(listing.stdout.split())):
+        pid = project.removeprefix(prefix)
+        if project.startswith(prefix) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            ComposeLab(project, {}).down()
+
+
 def wait_for(predicate: Any, timeout_s: float, interval_s: float = 1.0) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import zmq
 
@@ -26,9 +27,9 @@ def attempt(endpoint: str, frame: bytes, curve: bool) -> str:
     sock.setsockopt(zmq.LINGER, 0)
     try:
         if curve:
-            own = load_keypair(os.environ["BALLOONLAB_CURVE_CLIENT_KEY"])
+            own = load_keypair(Path(os.environ["BALLOONLAB_CURVE_CLIENT_KEY"]))
             sock.curve_publickey, sock.curve_secretkey = own.public_key, own.secret_key or b""
-            sock.curve_serverkey = load_keypair(os.environ["BALLOONLAB_CURVE_SERVER_PUBLIC_KEY"]).public_key
+            sock.curve_serverkey = load_keypair(Path(os.environ["BALLOONLAB_CURVE_SERVER_PUBLIC_KEY"])).public_key
         sock.connect(endpoint)
         sock.send(frame)
         if not sock.poll(3000):

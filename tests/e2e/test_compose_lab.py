@@ -6,6 +6,7 @@ throughput — and a teardown that leaves nothing behind, even on failure."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,11 +17,12 @@ import pytest
 
 from protocol import ErrorCode
 from tests.conftest import require, require_docker, require_root, require_swap
-from tests.e2e.compose import ComposeLab, compose_command, wait_for
+from tests.e2e.compose import ComposeLab, compose_command, remove_stale_labs, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 MiB = 1 << 20
 GUESTS = ("batch", "db", "web")
+PROJECT_PREFIX = "balloonlab-e2e-"  # + the test process's pid: runs never share a project
 
 
 @pytest.fixture
@@ -29,7 +31,8 @@ def lab() -> Iterator[ComposeLab]:
     require_docker()
     require(compose_command() is not None, "needs docker compose (v2 plugin) or docker-compose (v1)")
     require_swap(1 << 30)
-    compose_lab = ComposeLab("balloonlab-e2e", {
+    remove_stale_labs(PROJECT_PREFIX)  # what killed runs left (their pid is gone)
+    compose_lab = ComposeLab(f"{PROJECT_PREFIX}{os.getpid()}", {
         # Seconds-scale periods and a short busy phase so that batch is idle, and its working-set
         # estimate has decayed, within a couple of minutes.
         "BATCH_PHASES": "active 380MiB for 15s, idle 900s",
