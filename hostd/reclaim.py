@@ -87,6 +87,7 @@ class HostReclaimer:
         self._record: dict[str, dict[str, Any]] = {}  # targets hostd changed (or a previous one did)
         self._foreign: dict[str, Any] = {}  # entries for targets nobody configured: kept, never acted on
         self._pending: set[str] = set()  # recovered entries not yet undone (retried each step)
+        self._thaw_retry: set[str] = set()  # thaws that failed (the core does not ask again)
         self._dirty = False  # the file is behind self._record (an update after an undo failed)
         self._own_limits: dict[str, int | None] = {}
         self._failed: dict[tuple[str, str], str] = {}  # (vm, action) → the last failure
@@ -152,7 +153,7 @@ class HostReclaimer:
         finally:
             os.close(directory)
         self._dirty = False
-        if self._record_problem is not None:
+        if content and self._record_problem is not None:  # (removing a file that is not there proves nothing)
             log.info("vswap record %s writable again", self.state_file)
             self._record_problem = None
 
@@ -269,7 +270,7 @@ class HostReclaimer:
             except TargetGone:
                 entry["frozen"] = entry["freezing"] = False
                 done.append("gone")
-            except BackendError as exc:
+            except Exception as exc:  # BackendError, or a backend's bug: logged, retried, never fatal
                 errors.append(f"thaw: {exc}")
         if entry["limited"]:
             own = entry["own_limit_bytes"]
@@ -281,7 +282,7 @@ class HostReclaimer:
                 entry["limited"] = False
                 if "gone" not in done:
                     done.append("gone")
-            except BackendError as exc:
+            except Exception as exc:
                 errors.append(f"limit: {exc}")
         if not any(entry[name] for name in _FLAGS):
             del self._record[target]
@@ -294,12 +295,17 @@ class HostReclaimer:
     def read(self, vm_id: str) -> CgroupReading:
         target = self.targets[vm_id]
         backend = self.backend(target)
-        usage, swap = backend.usage_bytes(target)
         entry = self._record.get(target)
-        if entry is None or not entry["limited"]:  # not lowered by us: whatever it is now is its own
-            own = self._own_limits[target] = backend.limit_bytes(target)
-            if entry is not None:
-                entry["own_limit_bytes"] = own
+        try:
+            usage, swap = backend.usage_bytes(target)
+            if entry is None or not entry["limited"]:  # not lowered by us: whatever it is now is its own
+                own = self._own_limits[target] = backend.limit_bytes(target)
+                if entry is not None:
+                    entry["own_limit_bytes"] = own
+        except BackendError:
+            raise
+        except Exception as exc:  # a backend's bug must not stop hostd: this vm is unreadable (logged once)
+            raise BackendError(f"{target}: unexpected {type(exc).__name__}: {exc}") from None
         return CgroupReading(usage, swap, self._own_limits.get(target))
 
     # ---- acting ----------------------------------------------------------------------
@@ -311,11 +317,16 @@ class HostReclaimer:
             try:
                 self._apply_one(cgroup, action, limit_bytes)
                 self._failed.pop((vm_id, action), None)
-            except BackendError as exc:
+            except Exception as exc:  # BackendError (a RecordError: refused), or a backend's bug
                 if self._failed.get((vm_id, action)) != str(exc):  # logged once, retried every second
-                    log.warning("vm %s: %s failed: %s", vm_id, action, exc)
+                    if isinstance(exc, BackendError):
+                        log.warning("vm %s: %s failed: %s", vm_id, action, exc)
+                    else:
+                        log.exception("vm %s: %s failed", vm_id, action)
                 self._failed[(vm_id, action)] = str(exc)
                 failures.append((vm_id, action, str(exc)))
+                if action == "thaw":
+                    self._thaw_retry.add(cgroup)
         if self._dirty:
             self._save_after_undo()
         return failures
@@ -333,6 +344,14 @@ class HostReclaimer:
                     log.info("vswap record entry for %s: now a known target, restoring it", target)
                     self._record[target] = entry
                     self._pending.add(target)
+        self._thaw_retry -= acted_on
+        for target in list(self._thaw_retry):
+            try:
+                self._apply_one(target, "thaw", None)
+                self._thaw_retry.discard(target)
+                log.info("%s thawed (retry)", target)
+            except Exception:
+                pass  # logged when it first failed
         self._pending -= acted_on
         for target in list(self._pending):
             line, _ = self._restore(target, "(retry)")
@@ -351,7 +370,7 @@ class HostReclaimer:
                 try:
                     self._save()  # write-ahead: no record, no lowered limit
                     backend.set_limit_bytes(target, limit_bytes)
-                except BackendError:
+                except Exception:
                     self._put_back(target, previous)
                     raise
             else:
@@ -371,7 +390,7 @@ class HostReclaimer:
             try:
                 self._save()  # write-ahead: no record, no freeze
                 backend.set_frozen(target, True)
-            except BackendError:
+            except Exception:
                 self._put_back(target, previous)
                 raise
             entry["frozen"], entry["freezing"] = True, False  # "frozen" only once it is

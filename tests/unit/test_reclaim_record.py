@@ -388,3 +388,32 @@ def test_an_out_of_range_cgroup_limit_is_no_limit_not_a_crash(limit):
     assert core.vms["plain"].memsz_pages == 512 * MiB // 4096
     core.observe_cgroup("plain", 100 * MiB, 0, limit, 3000)  # a known vm keeps its last good limit
     assert core.vms["plain"].cgroup_limit_pages == 512 * MiB // 4096
+
+
+def test_a_failed_thaw_is_retried_until_it_works(tmp_path):
+    backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
+    reclaim = reclaimer(tmp_path, backend)
+    reclaim.read("b")
+    assert reclaim.apply([("b", "docker:b", "freeze", None)]) == []
+    backend.fail_freezer.add("docker:b")  # e.g. the Docker engine briefly unreachable
+    assert reclaim.apply([("b", "docker:b", "thaw", None)]) == [("b", "thaw", "no freezer for docker:b")]
+    assert reclaim.apply([]) == [] and "docker:b" in backend.frozen  # the core does not ask again
+    backend.fail_freezer.clear()
+    assert reclaim.apply([]) == []
+    assert not backend.frozen and not (tmp_path / "vswap.json").exists()
+
+
+def test_a_backend_bug_is_a_failed_action_not_a_crash(tmp_path):
+    backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
+    reclaim = reclaimer(tmp_path, backend)
+    reclaim.read("a")
+
+    def broken(target, limit_bytes):
+        raise KeyError("HostConfig")
+
+    backend.set_limit_bytes = broken
+    assert reclaim.apply([("a", "lab/a", "limit", 300 * MiB)]) == [("a", "limit", "'HostConfig'")]
+    assert not (tmp_path / "vswap.json").exists()  # the entry it wrote ahead was taken back
+    backend.usage_bytes = lambda target: 1 / 0
+    with pytest.raises(BackendError, match="unexpected ZeroDivisionError"):
+        reclaim.read("a")
