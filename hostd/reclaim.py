@@ -88,6 +88,7 @@ class HostReclaimer:
         self._foreign: dict[str, Any] = {}  # entries for targets nobody configured: kept, never acted on
         self._pending: set[str] = set()  # recovered entries not yet undone (retried each step)
         self._thaw_retry: set[str] = set()  # thaws that failed (the core does not ask again)
+        self._restore_errors: dict[str, list[str]] = {}  # target → why undoing it failed (logged once)
         self._dirty = False  # the file is behind self._record (an update after an undo failed)
         self._own_limits: dict[str, int | None] = {}
         self._failed: dict[tuple[str, str], str] = {}  # (vm, action) → the last failure
@@ -166,8 +167,9 @@ class HostReclaimer:
             self._note_problem(str(exc))
             raise
 
-    def _save_after_undo(self) -> None:
-        """After a guest was put back: a failure here is logged, and retried at the next step."""
+    def _save_best_effort(self) -> None:
+        """After a guest was put back (or a freeze confirmed): a failure here is logged, and
+        retried at the next step; the file only holds more to undo than there is."""
         try:
             self._write()
         except RecordError as exc:
@@ -249,7 +251,7 @@ class HostReclaimer:
             if target in self._record:
                 self._pending.add(target)
         if record:
-            self._save_after_undo()
+            self._save_best_effort()
         for line in done:
             log.warning("recovered from a previous hostd: %s", line)
         return done
@@ -287,8 +289,14 @@ class HostReclaimer:
         if not any(entry[name] for name in _FLAGS):
             del self._record[target]
             self._pending.discard(target)
-        for error in errors:
-            log.error("could not restore %s %s: %s (kept in %s, retried)", target, when, error, self.state_file)
+        if errors != self._restore_errors.get(target, []):  # once per new reason, not every retry
+            for error in errors:
+                log.error("could not restore %s %s: %s (kept in %s, retried)", target, when, error,
+                          self.state_file)
+        if errors:
+            self._restore_errors[target] = errors
+        else:
+            self._restore_errors.pop(target, None)
         return (f"{target}: {', '.join(done)}" if done else None), errors
 
     # ---- reading ----------------------------------------------------------------------
@@ -328,7 +336,7 @@ class HostReclaimer:
                 if action == "thaw":
                     self._thaw_retry.add(cgroup)
         if self._dirty:
-            self._save_after_undo()
+            self._save_best_effort()
         return failures
 
     def _retry_recovery(self, acted_on: set[str]) -> None:
@@ -389,12 +397,21 @@ class HostReclaimer:
             entry["freezing"] = True
             try:
                 self._save()  # write-ahead: no record, no freeze
-                backend.set_frozen(target, True)
             except Exception:
                 self._put_back(target, previous)
                 raise
+            try:
+                backend.set_frozen(target, True)
+            except Exception:
+                try:  # a failed pause may still have happened (a client timeout): undo whatever did
+                    backend.set_frozen(target, False)
+                except Exception:
+                    self._thaw_retry.add(target)  # the intent stays recorded: thawed later, or at exit
+                    raise
+                self._put_back(target, previous)
+                raise
             entry["frozen"], entry["freezing"] = True, False  # "frozen" only once it is
-            self._save_after_undo()  # if this fails the file still says "freezing": thawed all the same
+            self._save_best_effort()  # if this fails the file still says "freezing": thawed all the same
         elif action == "thaw":
             backend.set_frozen(target, False)
             if entry is not None:
@@ -413,11 +430,11 @@ class HostReclaimer:
         entry = self._record[target]
         if not any(entry[name] for name in _FLAGS):
             del self._record[target]
-        self._save_after_undo()
+        self._save_best_effort()
 
     def restore_all(self) -> None:
         """At exit: thaw every frozen guest and give every lowered one its limit back (each
         independently); what fails stays recorded for the next start."""
         for target in list(self._record):
             self._restore(target, "at exit")
-        self._save_after_undo()
+        self._save_best_effort()

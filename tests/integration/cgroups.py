@@ -116,20 +116,21 @@ def oom_kill_count(path: Path, version: int) -> int:
 FREEZER_ROOT = ROOT / "freezer"
 
 
-def _thaw_tree(path: Path) -> None:
+def thaw_tree(path: Path) -> None:
     """Thaw a v1 freezer tree: killed tasks in a frozen cgroup do not die until thawed."""
     for state in sorted(path.rglob("freezer.state"), reverse=True):
         with contextlib.suppress(OSError):
             state.write_text("THAWED")
 
 
-def _remove_tree(path: Path, timeout_s: float = 10.0) -> None:
+def remove_tree(path: Path, timeout_s: float = 10.0) -> None:
+    """Thaw (a freezer tree), kill what runs inside, and remove, children first."""
     if not path.exists():
         return
     if path.is_relative_to(FREEZER_ROOT):
-        _thaw_tree(path)
+        thaw_tree(path)
     for child in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
-        _remove_tree(child, timeout_s)
+        remove_tree(child, timeout_s)
     deadline = time.monotonic() + timeout_s
     while True:
         with contextlib.suppress(FileNotFoundError):
@@ -150,16 +151,20 @@ def _remove_tree(path: Path, timeout_s: float = 10.0) -> None:
 def remove_stale_trees(prefix: str) -> list[Path]:
     """Trees named PREFIX-PID-… whose test process is gone (an interrupted earlier run, even a
     kill -9 of pytest): thawed, emptied and removed. Trees of a live run are left alone."""
-    removed = []
-    for hierarchy in (ROOT / "memory", FREEZER_ROOT, ROOT):
+    stale = []
+    for hierarchy in (FREEZER_ROOT, ROOT / "memory", ROOT):  # freezers first: thawed before the kills
         if not hierarchy.is_dir():
             continue
         for path in hierarchy.glob(f"{prefix}-*"):
             pid = path.name.removeprefix(f"{prefix}-").split("-")[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
-                _remove_tree(path)
-                removed.append(path)
-    return removed
+            if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+                stale.append(path)
+    for path in stale:
+        if path.is_relative_to(FREEZER_ROOT):
+            thaw_tree(path)
+    for path in stale:
+        remove_tree(path)
+    return stale
 
 
 class GuestTree:
@@ -238,13 +243,13 @@ class GuestTree:
 
     def destroy(self) -> None:
         if self.freezer is not None:
-            _thaw_tree(self.freezer)
+            thaw_tree(self.freezer)
         for process in self.processes:
             if process.poll() is None:
                 process.kill()
         for process in self.processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
-        _remove_tree(self.memory)
+        remove_tree(self.memory)
         if self.freezer is not None:
-            _remove_tree(self.freezer)
+            remove_tree(self.freezer)

@@ -27,7 +27,8 @@ class FakeBackend:
         self.limits = dict(limits)
         self.frozen: set[str] = set()
         self.fail: set[str] = set()  # every write to these fails
-        self.fail_freezer: set[str] = set()  # freeze and thaw fail (no freezer, docker unreachable)
+        self.fail_freezer: set[str] = set()  # freeze and thaw fail (e.g. the engine unreachable)
+        self.no_freezer: set[str] = set()  # freeze fails, thaw does nothing (a v1 cgroup without one)
         self.gone: set[str] = set()
         self.labelled: dict[str, str] = {}  # what docker discovery finds
         self.log: list[tuple] = []
@@ -52,8 +53,10 @@ class FakeBackend:
     def set_frozen(self, target: str, frozen: bool) -> None:
         if target in self.gone:
             raise TargetGone(f"{target} is gone")
-        if target in self.fail or target in self.fail_freezer:
+        if target in self.fail or target in self.fail_freezer or (frozen and target in self.no_freezer):
             raise BackendError(f"no freezer for {target}")
+        if target in self.no_freezer:
+            return
         self.log.append(("freeze" if frozen else "thaw", target))
         (self.frozen.add if frozen else self.frozen.discard)(target)
 
@@ -245,7 +248,7 @@ def test_a_write_failure_mid_run_refuses_the_action_and_undoing_still_works(tmp_
 
 def test_a_failed_freeze_is_never_recorded_as_frozen(tmp_path):
     backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
-    backend.fail_freezer.add("lab/a")
+    backend.no_freezer.add("lab/a")
     reclaim = reclaimer(tmp_path, backend)
     reclaim.read("a")
     assert reclaim.apply([("a", "lab/a", "limit", 300 * MiB)]) == []
@@ -417,3 +420,44 @@ def test_a_backend_bug_is_a_failed_action_not_a_crash(tmp_path):
     backend.usage_bytes = lambda target: 1 / 0
     with pytest.raises(BackendError, match="unexpected ZeroDivisionError"):
         reclaim.read("a")
+
+
+def test_a_failing_retry_is_logged_once(tmp_path, caplog):
+    backend = FakeBackend({"lab/a": 200 * MiB, "docker:b": 256 * MiB})
+    backend.fail.add("lab/a")
+    write_record(tmp_path, {"lab/a": {"own_limit_bytes": 512 * MiB, "frozen": False}})
+    reclaim = reclaimer(tmp_path, backend)
+    reclaim.recover()
+    for _ in range(5):
+        reclaim.apply([])
+    assert caplog.text.count("could not restore lab/a") == 1
+
+
+def test_a_freeze_that_failed_but_may_have_happened_is_undone(tmp_path):
+    backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
+    reclaim = reclaimer(tmp_path, backend)
+    reclaim.read("b")
+    real = backend.set_frozen
+    calls = []
+
+    def timed_out(target, frozen):  # the engine paused it, the client gave up waiting
+        calls.append(frozen)
+        real(target, frozen)
+        if frozen:
+            raise BackendError("container b: pause failed: read timed out")
+
+    backend.set_frozen = timed_out
+    assert reclaim.apply([("b", "docker:b", "freeze", None)])[0][:2] == ("b", "freeze")
+    assert calls == [True, False] and not backend.frozen and not (tmp_path / "vswap.json").exists()
+
+    def unreachable(target, frozen):
+        calls.append(frozen)
+        if frozen:
+            real(target, frozen)
+        raise BackendError("container b: engine unreachable")
+
+    backend.set_frozen = unreachable
+    assert reclaim.apply([("b", "docker:b", "freeze", None)])[0][:2] == ("b", "freeze")
+    assert record_of(tmp_path)["docker:b"]["freezing"] is True  # may be paused: kept for a thaw
+    backend.set_frozen = real
+    assert reclaim.apply([]) == [] and not backend.frozen and not (tmp_path / "vswap.json").exists()
