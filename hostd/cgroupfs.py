@@ -26,6 +26,10 @@ class BackendError(RuntimeError):
     """The backend cannot do what was asked; the message says which file and why."""
 
 
+class TargetGone(BackendError):
+    """The cgroup (or container) does not exist: there is nothing left to undo on it."""
+
+
 # ---- cgroupfs primitives (also the cgroup lab's: lab/cgroups.py) --------------------------------
 def memory_cgroup_version(root: Path = CGROUP_ROOT) -> int:
     if (root / "memory" / "memory.limit_in_bytes").exists():
@@ -79,7 +83,7 @@ class CgroupfsBackend:
             raise BackendError(f"cgroup {cgroup!r}: a path below the hierarchy's root")
         path = memory_hierarchy(self.version, self.root) / relative
         if not path.is_dir():
-            raise BackendError(f"cgroup {cgroup!r}: {path} does not exist")
+            raise TargetGone(f"cgroup {cgroup!r}: {path} does not exist")
         return path
 
     def usage_bytes(self, cgroup: str) -> tuple[int, int | None]:
@@ -89,11 +93,15 @@ class CgroupfsBackend:
     # ---- memory limit ---------------------------------------------------------------------
     def limit_bytes(self, cgroup: str) -> int | None:
         path = self._memory(cgroup)
-        if self.version == 1:
-            value = int(read_control_file(path / "memory.limit_in_bytes"))
-            return None if value >= UNLIMITED_V1 else value
-        text = read_control_file(path / "memory.max")
-        return None if text == "max" else int(text)
+        name = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
+        text = read_control_file(path / name)
+        if self.version == 2 and text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            raise BackendError(f"{path / name}: {text[:40]!r} is not a number") from None
+        return None if self.version == 1 and value >= UNLIMITED_V1 else value
 
     def set_limit_bytes(self, cgroup: str, limit_bytes: int | None) -> None:
         """None = unlimited. On v1 the memory+swap limit must stay ≥ the memory limit, so it
@@ -108,21 +116,31 @@ class CgroupfsBackend:
         memsw = path / "memory.memsw.limit_in_bytes"
         wanted = -1 if limit_bytes is None else limit_bytes
         if memsw.exists():
-            memsw_limit = int(read_control_file(memsw))
+            try:
+                memsw_limit = int(read_control_file(memsw))
+            except ValueError:
+                raise BackendError(f"{memsw}: not a number") from None
             if limit_bytes is None or limit_bytes > memsw_limit:
                 write_control_file(memsw, str(wanted))
         write_control_file(path / "memory.limit_in_bytes", str(wanted))
 
     # ---- freezing -------------------------------------------------------------------------
     def _freezer(self, cgroup: str) -> Path:
+        memory = self._memory(cgroup)
         if self.version == 2:
-            return self._memory(cgroup)
+            return memory
         path = self.root / "freezer" / cgroup.strip("/")
         if not (path / "freezer.state").exists():
             raise BackendError(f"cgroup {cgroup!r}: no v1 freezer cgroup at {path} (the guest must be in one)")
         return path
 
     def set_frozen(self, cgroup: str, frozen: bool) -> None:
+        """Thawing a v1 cgroup with no freezer cgroup beside it does nothing (nothing there can
+        be frozen); freezing one is an error."""
+        if not frozen and self.version == 1:
+            self._memory(cgroup)  # the path is checked (and a vanished cgroup is TargetGone)
+            if not (self.root / "freezer" / cgroup.strip("/") / "freezer.state").exists():
+                return
         path = self._freezer(cgroup)
         if self.version == 2:
             write_control_file(path / "cgroup.freeze", "1" if frozen else "0")

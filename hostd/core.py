@@ -630,6 +630,12 @@ class HostCore:
         """The server's reading of a configured vm's cgroup (once a second). A vm with no
         agent becomes known this way; `own_limit_bytes` is the cgroup's limit before hostd
         changed it (its memsz when it has no agent)."""
+        from protocol.limits import MAX_MEMSZ_BYTES
+
+        paged = None if own_limit_bytes is None else own_limit_bytes // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
+        if paged is not None and not PAGE_SIZE_BYTES <= paged <= MAX_MEMSZ_BYTES:  # S24: a Hello would refuse it
+            self.counters["cgroup_limit_out_of_range"] += 1
+            own_limit_bytes = None  # no limit: not scheduled, or the last good one kept
         vm = self.vms.get(vm_id)
         if vm is None or not vm.alive:
             if own_limit_bytes is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hostd.cgroupfs import BackendError, usage_of
+from hostd.cgroupfs import BackendError, TargetGone, usage_of
 from protocol.errors import ProtocolError
 from protocol.messages import check_vm_id
 
@@ -47,7 +47,10 @@ class DockerBackend:
         except BackendError:
             raise
         except Exception as exc:
-            raise BackendError(f"container {name}: {getattr(exc, 'explanation', None) or exc}") from None
+            detail = f"container {name}: {getattr(exc, 'explanation', None) or exc}"
+            if getattr(exc, "status_code", None) == 404:  # docker.errors.NotFound
+                raise TargetGone(detail) from None
+            raise BackendError(detail) from None
         return container
 
     def _call(self, target: str, what: str, action: Any) -> None:

@@ -5,24 +5,46 @@ write-ahead record of everything changed, so that neither a clean exit nor a cra
 leaves a guest frozen or squeezed: `recover()` at start-up and `restore_all()` at exit put
 every guest back as it was.
 
-The record (`vswap_state_file`, JSON): {target: {"own_limit_bytes": int | null, "frozen": bool}}
-— written before a limit is lowered or a freeze starts, entries dropped once undone.
+The record (`vswap_state_file`, JSON): {target: {"own_limit_bytes": int | null, "limited":
+bool, "freezing": bool, "frozen": bool}}. It is written (temp file, fsync, rename, fsync of the
+directory) *before* a limit is first lowered ("limited") and before a freeze is attempted
+("freezing"); "frozen" is set only once the freeze succeeded. If it cannot be written, the
+limit is not lowered and the guest not frozen: the action fails like a backend error. Undoing
+never waits for the record: a guest is thawed and given its limit back first, the record
+updated after (a failure there only leaves an entry whose undoing is a no-op). Thawing and
+restoring the limit are independent: one failing never stops the other.
+
+The record directory is created 0700 and must be owned by hostd's user and not group- or
+world-writable (else nothing is written, so nothing is squeezed); the temp file has a random
+name opened O_EXCL|O_NOFOLLOW. `recover()` acts only on targets this configuration names or
+Docker discovery finds (containers with the lab's label); other entries are logged and kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from hostd.cgroupfs import BackendError, CgroupfsBackend
+from hostd.cgroupfs import BackendError, CgroupfsBackend, TargetGone
 from hostd.docker_backend import PREFIX as DOCKER_PREFIX
 from hostd.docker_backend import DockerBackend
 
 log = logging.getLogger(__name__)
+
+MIN_OWN_LIMIT_BYTES = 4096  # a recorded own limit outside these is not one hostd could have seen (S24)
+MAX_OWN_LIMIT_BYTES = 1 << 50
+_FLAGS = ("limited", "freezing", "frozen")
+
+
+class RecordError(BackendError):
+    """The write-ahead record cannot be written: the action that needed it is refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,16 +61,38 @@ class HostBackend(Protocol):
     def set_frozen(self, target: str, frozen: bool) -> None: ...
 
 
+def _entry(raw: Any) -> dict[str, Any] | None:
+    """A record entry, normalised; None when it is not one hostd writes. Entries of the first
+    format ({"own_limit_bytes", "frozen"}) count as limited and, if frozen, as frozen."""
+    if not isinstance(raw, dict):
+        return None
+    own = raw.get("own_limit_bytes")
+    if own is not None and (type(own) is not int or not MIN_OWN_LIMIT_BYTES <= own <= MAX_OWN_LIMIT_BYTES):
+        return None
+    flags = {name: raw.get(name, name == "limited") for name in _FLAGS}
+    if not all(type(value) is bool for value in flags.values()):
+        return None
+    return {"own_limit_bytes": own, **flags}
+
+
 class HostReclaimer:
     def __init__(self, targets: dict[str, str], state_file: Path, cgroupfs: CgroupfsBackend,
-                 docker: DockerBackend | None = None) -> None:
+                 docker: DockerBackend | None = None, docker_label: str = "", docker_label_filter: str = "") -> None:
         self.targets = dict(targets)  # vm → cgroup path or "docker:NAME" (discovery adds to it)
         self.state_file = state_file
         self._cgroupfs = cgroupfs
         self._docker = docker or DockerBackend(cgroupfs.root)
-        self._record: dict[str, dict[str, Any]] = {}
+        self._docker_label = docker_label
+        self._docker_label_filter = docker_label_filter
+        self._record: dict[str, dict[str, Any]] = {}  # targets hostd changed (or a previous one did)
+        self._foreign: dict[str, Any] = {}  # entries for targets nobody configured: kept, never acted on
+        self._pending: set[str] = set()  # recovered entries not yet undone (retried each step)
+        self._thaw_retry: set[str] = set()  # thaws that failed (the core does not ask again)
+        self._restore_errors: dict[str, list[str]] = {}  # target → why undoing it failed (logged once)
+        self._dirty = False  # the file is behind self._record (an update after an undo failed)
         self._own_limits: dict[str, int | None] = {}
         self._failed: dict[tuple[str, str], str] = {}  # (vm, action) → the last failure
+        self._record_problem: str | None = None  # the last record write failure (logged once)
 
     def discover(self, label: str, label_filter: str) -> dict[str, str]:
         return self._docker.discover(label, label_filter)
@@ -57,114 +101,340 @@ class HostReclaimer:
         return self._docker if target.startswith(DOCKER_PREFIX) else self._cgroupfs
 
     # ---- the write-ahead record -------------------------------------------------------
+    def _open_state_dir(self) -> int:
+        """The record's directory (created 0700), opened without following a symlink, and
+        checked: owned by hostd's user, writable by nobody else."""
+        directory = self.state_file.parent
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise RecordError(f"vswap record directory {directory}: {exc.strerror or exc}") from None
+        info = os.fstat(fd)
+        problem = None
+        if info.st_uid != os.geteuid():
+            problem = f"owned by uid {info.st_uid}, not hostd's ({os.geteuid()})"
+        elif info.st_mode & 0o022:
+            problem = f"mode {stat.S_IMODE(info.st_mode):o} lets others write to it (make it 0700)"
+        if problem is not None:
+            os.close(fd)
+            raise RecordError(f"vswap record directory {directory}: {problem}")
+        return fd
+
+    def _write(self) -> None:
+        """The record as it is now (foreign entries included), durably; RecordError if not."""
+        content = {**self._foreign, **self._record}
+        name = self.state_file.name
+        directory = self._open_state_dir()
+        try:
+            if not content:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=directory)
+            else:
+                temporary = f".{name}.{secrets.token_hex(8)}.tmp"
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=directory)
+                try:
+                    data = memoryview(json.dumps(content, sort_keys=True).encode())
+                    while data:
+                        data = data[os.write(fd, data):]
+                    os.fsync(fd)
+                    os.close(fd)
+                    fd = -1
+                    os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
+                except BaseException:
+                    if fd >= 0:
+                        os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(temporary, dir_fd=directory)
+                    raise
+            os.fsync(directory)  # the rename (or unlink) itself survives a power loss
+        except OSError as exc:
+            raise RecordError(f"cannot write the vswap record {self.state_file}: {exc.strerror or exc}") from None
+        finally:
+            os.close(directory)
+        self._dirty = False
+        if content and self._record_problem is not None:  # (removing a file that is not there proves nothing)
+            log.info("vswap record %s writable again", self.state_file)
+            self._record_problem = None
+
     def _save(self) -> None:
-        if not self._record:
-            self.state_file.unlink(missing_ok=True)
-            return
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.state_file.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self._record, sort_keys=True))
-        os.replace(temporary, self.state_file)  # never a half-written record
+        """Write-ahead: before a guest is squeezed or frozen. Raises RecordError (logged once
+        per reason) and the caller refuses the action."""
+        try:
+            self._write()
+        except RecordError as exc:
+            self._note_problem(str(exc))
+            raise
+
+    def _save_best_effort(self) -> None:
+        """After a guest was put back (or a freeze confirmed): a failure here is logged, and
+        retried at the next step; the file only holds more to undo than there is."""
+        try:
+            self._write()
+        except RecordError as exc:
+            self._dirty = True
+            self._note_problem(str(exc))
+
+    def _note_problem(self, problem: str) -> None:
+        if problem != self._record_problem:
+            log.error("%s: hostd will neither lower a limit nor freeze a guest until it can", problem)
+            self._record_problem = problem
+
+    def _load(self) -> dict[str, Any]:
+        """The previous hostd's record: {} when there is none or it cannot be trusted."""
+        try:
+            directory = self._open_state_dir()
+        except RecordError as exc:
+            log.error("%s: nothing recovered", exc)
+            return {}
+        try:
+            fd = os.open(self.state_file.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            log.error("vswap record %s unreadable (%s): nothing recovered", self.state_file, exc.strerror or exc)
+            return {}
+        finally:
+            os.close(directory)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+                log.error("vswap record %s is not a file only hostd's user can write (uid %d, mode %o): "
+                          "nothing recovered, and it will be replaced", self.state_file, info.st_uid,
+                          stat.S_IMODE(info.st_mode))
+                return {}
+            with os.fdopen(fd, "rb") as file:
+                fd = -1
+                record = json.loads(file.read(16 << 20))
+        except (OSError, ValueError) as exc:
+            log.error("vswap record %s unreadable (%s): nothing recovered", self.state_file, exc)
+            return {}
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if not isinstance(record, dict):
+            log.error("vswap record %s is not a JSON object: nothing recovered", self.state_file)
+            return {}
+        return record
+
+    def _known_for_recovery(self, record: dict[str, Any]) -> set[str]:
+        known = set(self.targets.values())
+        if self._docker_label and any(t.startswith(DOCKER_PREFIX) and t not in known for t in record):
+            try:
+                known |= set(self.discover(self._docker_label, self._docker_label_filter).values())
+            except BackendError as exc:  # they stay recorded; adopted once discovery finds them
+                log.warning("docker discovery at start-up: %s", exc)
+        return known
 
     def recover(self) -> list[str]:
         """Undo what a previous hostd left behind (it crashed, or was killed). Returns one line
-        per cgroup put back; cgroups that cannot be put back are logged and left recorded."""
-        try:
-            record = json.loads(self.state_file.read_text())
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError) as exc:
-            log.error("vswap record %s unreadable (%s): nothing recovered", self.state_file, exc)
-            return []
-        if not isinstance(record, dict):
-            return []
+        per target put back; those that cannot be put back stay recorded and are retried at
+        every step; entries for targets this hostd does not know are logged and left alone."""
+        record = self._load()
+        known = self._known_for_recovery(record)
+        for target, raw in record.items():
+            entry = _entry(raw)
+            if target not in known:
+                log.error("vswap record names %r, which is neither configured nor a labelled container: "
+                          "left alone (kept in %s)", target, self.state_file)
+                self._foreign[target] = raw
+            elif entry is None:
+                log.error("vswap record entry for %r is not valid (%r): ignored", target, raw)
+            else:
+                self._record[target] = entry
         done = []
-        for cgroup, entry in record.items():
-            if not isinstance(entry, dict):
-                continue
-            try:
-                backend = self.backend(cgroup)
-                if entry.get("frozen"):
-                    backend.set_frozen(cgroup, False)
-                own = entry.get("own_limit_bytes")
-                backend.set_limit_bytes(cgroup, own if isinstance(own, int) else None)
-                done.append(f"{cgroup}: thawed, limit back to {own}")
-            except BackendError as exc:
-                log.error("could not restore %s: %s", cgroup, exc)
-                self._record[cgroup] = entry
-        if self._record:
-            self._save()
-        else:
-            self.state_file.unlink(missing_ok=True)
+        for target in list(self._record):
+            line, _ = self._restore(target, "at start-up")
+            if line is not None:
+                done.append(line)
+            if target in self._record:
+                self._pending.add(target)
+        if record:
+            self._save_best_effort()
         for line in done:
             log.warning("recovered from a previous hostd: %s", line)
         return done
+
+    def _restore(self, target: str, when: str) -> tuple[str | None, list[str]]:
+        """Thaw and give the limit back, each regardless of the other. Returns (a line saying
+        what was done, or None; the errors). The entry goes once nothing is left to undo. The
+        file is not written here."""
+        entry = self._record[target]
+        backend = self.backend(target)
+        done: list[str] = []
+        errors: list[str] = []
+        if entry["frozen"] or entry["freezing"]:
+            try:
+                backend.set_frozen(target, False)
+                done.append("thawed")
+                entry["frozen"] = entry["freezing"] = False
+            except TargetGone:
+                entry["frozen"] = entry["freezing"] = False
+                done.append("gone")
+            except Exception as exc:  # BackendError, or a backend's bug: logged, retried, never fatal
+                errors.append(f"thaw: {exc}")
+        if entry["limited"]:
+            own = entry["own_limit_bytes"]
+            try:
+                backend.set_limit_bytes(target, own)
+                done.append("limit back to " + ("none" if own is None else f"{own >> 20} MiB"))
+                entry["limited"] = False
+            except TargetGone:
+                entry["limited"] = False
+                if "gone" not in done:
+                    done.append("gone")
+            except Exception as exc:
+                errors.append(f"limit: {exc}")
+        if not any(entry[name] for name in _FLAGS):
+            del self._record[target]
+            self._pending.discard(target)
+        if errors != self._restore_errors.get(target, []):  # once per new reason, not every retry
+            for error in errors:
+                log.error("could not restore %s %s: %s (kept in %s, retried)", target, when, error,
+                          self.state_file)
+        if errors:
+            self._restore_errors[target] = errors
+        else:
+            self._restore_errors.pop(target, None)
+        return (f"{target}: {', '.join(done)}" if done else None), errors
 
     # ---- reading ----------------------------------------------------------------------
     def read(self, vm_id: str) -> CgroupReading:
         target = self.targets[vm_id]
         backend = self.backend(target)
-        usage, swap = backend.usage_bytes(target)
-        if target not in self._record:  # not lowered by us: whatever it is now is its own
-            self._own_limits[target] = backend.limit_bytes(target)
+        entry = self._record.get(target)
+        try:
+            usage, swap = backend.usage_bytes(target)
+            if entry is None or not entry["limited"]:  # not lowered by us: whatever it is now is its own
+                own = self._own_limits[target] = backend.limit_bytes(target)
+                if entry is not None:
+                    entry["own_limit_bytes"] = own
+        except BackendError:
+            raise
+        except Exception as exc:  # a backend's bug must not stop hostd: this vm is unreadable (logged once)
+            raise BackendError(f"{target}: unexpected {type(exc).__name__}: {exc}") from None
         return CgroupReading(usage, swap, self._own_limits.get(target))
 
     # ---- acting ----------------------------------------------------------------------
     def apply(self, actions: list[tuple[str, str, str, int | None]]) -> list[tuple[str, str, str]]:
         """Carry out the core's actions; returns (vm, action, why) for each that failed."""
+        self._retry_recovery({target for _, target, _, _ in actions})
         failures = []
         for vm_id, cgroup, action, limit_bytes in actions:
             try:
                 self._apply_one(cgroup, action, limit_bytes)
                 self._failed.pop((vm_id, action), None)
-            except BackendError as exc:
+            except Exception as exc:  # BackendError (a RecordError: refused), or a backend's bug
                 if self._failed.get((vm_id, action)) != str(exc):  # logged once, retried every second
-                    log.warning("vm %s: %s failed: %s", vm_id, action, exc)
+                    if isinstance(exc, BackendError):
+                        log.warning("vm %s: %s failed: %s", vm_id, action, exc)
+                    else:
+                        log.exception("vm %s: %s failed", vm_id, action)
                 self._failed[(vm_id, action)] = str(exc)
                 failures.append((vm_id, action, str(exc)))
+                if action == "thaw":
+                    self._thaw_retry.add(cgroup)
+        if self._dirty:
+            self._save_best_effort()
         return failures
 
-    def _apply_one(self, cgroup: str, action: str, limit_bytes: int | None) -> None:
-        backend = self.backend(cgroup)
-        entry = self._record.get(cgroup)
+    def _retry_recovery(self, acted_on: set[str]) -> None:
+        """Entries a previous hostd left that are not undone yet: foreign ones whose target
+        discovery has found since, and those whose undoing failed. Once the core acts on a
+        target, it is the core's (and restore_all's at exit)."""
+        if self._foreign:
+            known = set(self.targets.values())
+            for target in [t for t in self._foreign if t in known]:
+                entry = _entry(self._foreign.pop(target))
+                self._dirty = True
+                if entry is not None and target not in self._record:
+                    log.info("vswap record entry for %s: now a known target, restoring it", target)
+                    self._record[target] = entry
+                    self._pending.add(target)
+        self._thaw_retry -= acted_on
+        for target in list(self._thaw_retry):
+            try:
+                self._apply_one(target, "thaw", None)
+                self._thaw_retry.discard(target)
+                log.info("%s thawed (retry)", target)
+            except Exception:
+                pass  # logged when it first failed
+        self._pending -= acted_on
+        for target in list(self._pending):
+            line, _ = self._restore(target, "(retry)")
+            if line is not None:
+                log.warning("recovered from a previous hostd: %s", line)
+                self._dirty = True
+
+    def _apply_one(self, target: str, action: str, limit_bytes: int | None) -> None:
+        backend = self.backend(target)
+        entry = self._record.get(target)
         if action == "limit" and limit_bytes is not None:
-            if entry is None:
-                self._record[cgroup] = {"own_limit_bytes": self._own_limits.get(cgroup), "frozen": False}
-                self._save()
-            backend.set_limit_bytes(cgroup, limit_bytes)
+            if entry is None or not entry["limited"]:
+                previous = None if entry is None else dict(entry)
+                entry = self._record[target] = dict(previous or {"freezing": False, "frozen": False})
+                entry.update(own_limit_bytes=self._own_limits.get(target), limited=True)
+                try:
+                    self._save()  # write-ahead: no record, no lowered limit
+                    backend.set_limit_bytes(target, limit_bytes)
+                except Exception:
+                    self._put_back(target, previous)
+                    raise
+            else:
+                backend.set_limit_bytes(target, limit_bytes)
         elif action == "limit":
-            own = entry["own_limit_bytes"] if entry is not None else self._own_limits.get(cgroup)
-            backend.set_limit_bytes(cgroup, own)
-            if entry is not None and not entry["frozen"]:
-                del self._record[cgroup]
-                self._save()
-            elif entry is not None:
-                entry["own_limit_bytes"] = own
+            if entry is not None and entry["limited"]:
+                backend.set_limit_bytes(target, entry["own_limit_bytes"])
+                entry["limited"] = False
+                self._drop_if_done(target)
+            else:
+                backend.set_limit_bytes(target, self._own_limits.get(target))
         elif action == "freeze":
-            if entry is None:
-                entry = self._record[cgroup] = {"own_limit_bytes": self._own_limits.get(cgroup), "frozen": True}
-            entry["frozen"] = True
-            self._save()
-            backend.set_frozen(cgroup, True)
+            previous = None if entry is None else dict(entry)
+            entry = self._record[target] = dict(previous or {"own_limit_bytes": self._own_limits.get(target),
+                                                             "limited": False, "frozen": False})
+            entry["freezing"] = True
+            try:
+                self._save()  # write-ahead: no record, no freeze
+            except Exception:
+                self._put_back(target, previous)
+                raise
+            try:
+                backend.set_frozen(target, True)
+            except Exception:
+                try:  # a failed pause may still have happened (a client timeout): undo whatever did
+                    backend.set_frozen(target, False)
+                except Exception:
+                    self._thaw_retry.add(target)  # the intent stays recorded: thawed later, or at exit
+                    raise
+                self._put_back(target, previous)
+                raise
+            entry["frozen"], entry["freezing"] = True, False  # "frozen" only once it is
+            self._save_best_effort()  # if this fails the file still says "freezing": thawed all the same
         elif action == "thaw":
-            backend.set_frozen(cgroup, False)
+            backend.set_frozen(target, False)
             if entry is not None:
-                entry["frozen"] = False
-                self._save()
+                entry["frozen"] = entry["freezing"] = False
+                self._drop_if_done(target)
+
+    def _put_back(self, target: str, previous: dict[str, Any] | None) -> None:
+        """An action that failed: the entry as it was before it (and the file, best effort)."""
+        if previous is None:
+            self._record.pop(target, None)
+        else:
+            self._record[target] = previous
+        self._dirty = True
+
+    def _drop_if_done(self, target: str) -> None:
+        entry = self._record[target]
+        if not any(entry[name] for name in _FLAGS):
+            del self._record[target]
+        self._save_best_effort()
 
     def restore_all(self) -> None:
-        """At exit: thaw every frozen guest and give every lowered one its limit back."""
-        for cgroup, entry in list(self._record.items()):
-            try:
-                backend = self.backend(cgroup)
-                if entry.get("frozen"):
-                    backend.set_frozen(cgroup, False)
-                backend.set_limit_bytes(cgroup, entry.get("own_limit_bytes"))
-                del self._record[cgroup]
-            except BackendError as exc:
-                log.error("could not restore %s at exit: %s (kept in %s for the next start)", cgroup, exc,
-                          self.state_file)
-        if self._record:
-            self._save()
-        else:
-            self.state_file.unlink(missing_ok=True)
+        """At exit: thaw every frozen guest and give every lowered one its limit back (each
+        independently); what fails stays recorded for the next start."""
+        for target in list(self._record):
+            self._restore(target, "at exit")
+        self._save_best_effort()

@@ -140,7 +140,8 @@ class HostServer:
                           "are off (writing cgroup limits and freezers needs root)", ", ".join(config.vm_cgroups))
             else:
                 self.reclaimer = HostReclaimer(config.host_targets, config.vswap_state_file,
-                                               CgroupfsBackend(config.cgroup_root))
+                                               CgroupfsBackend(config.cgroup_root), docker_label=config.docker_label,
+                                               docker_label_filter=config.docker_label_filter)
         self.http: Any = None
         http_address = parse_http_address(config.http_address)
         if http_address is not None:

@@ -110,3 +110,146 @@ def vm_locked_bytes(pid: int) -> int:
 def oom_kill_count(path: Path, version: int) -> int:
     name = "memory.oom_control" if version == 1 else "memory.events"
     return parse_flat_keyed((path / name).read_text()).get("oom_kill", 0)
+
+
+# ---- guest trees for host-swap tests: a memory parent (and, on v1, a freezer parent) ----------
+FREEZER_ROOT = ROOT / "freezer"
+
+
+def thaw_tree(path: Path) -> None:
+    """Thaw a v1 freezer tree: killed tasks in a frozen cgroup do not die until thawed."""
+    for state in sorted(path.rglob("freezer.state"), reverse=True):
+        with contextlib.suppress(OSError):
+            state.write_text("THAWED")
+
+
+def remove_tree(path: Path, timeout_s: float = 10.0) -> None:
+    """Thaw (a freezer tree), kill what runs inside, and remove, children first."""
+    if not path.exists():
+        return
+    if path.is_relative_to(FREEZER_ROOT):
+        thaw_tree(path)
+    for child in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
+        remove_tree(child, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            for pid in (path / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def remove_stale_trees(prefix: str) -> list[Path]:
+    """Trees named PREFIX-PID-… whose test process is gone (an interrupted earlier run, even a
+    kill -9 of pytest): thawed, emptied and removed. Trees of a live run are left alone."""
+    stale = []
+    for hierarchy in (FREEZER_ROOT, ROOT / "memory", ROOT):  # freezers first: thawed before the kills
+        if not hierarchy.is_dir():
+            continue
+        for path in hierarchy.glob(f"{prefix}-*"):
+            pid = path.name.removeprefix(f"{prefix}-").split("-")[0]
+            if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+                stale.append(path)
+    for path in stale:
+        if path.is_relative_to(FREEZER_ROOT):
+            thaw_tree(path)
+    for path in stale:
+        remove_tree(path)
+    return stale
+
+
+class GuestTree:
+    """Guests for hostd to squeeze: PREFIX-PID-RANDOM/NAME in the memory hierarchy and, for those
+    that ask for one, a v1 freezer cgroup at the same relative path. Stale trees of earlier
+    runs are removed first; `destroy()` thaws, kills and removes everything."""
+
+    def __init__(self, prefix: str) -> None:
+        version = memory_cgroup_version()
+        if version is None:
+            raise RuntimeError("no memory cgroup controller mounted")
+        self.version = version
+        self.stale_removed = remove_stale_trees(prefix)
+        self.name = f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.memory = cgroupfs.memory_hierarchy(version, ROOT) / self.name
+        self.memory.mkdir()
+        if version == 2:
+            (self.memory / "cgroup.subtree_control").write_text("+memory")
+        self.freezer: Path | None = None
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def relative(self, guest: str) -> str:
+        return f"{self.name}/{guest}"
+
+    def add(self, guest: str, limit_bytes: int, swap_bytes: int, freezer: bool) -> Path:
+        path = self.memory / guest
+        path.mkdir()
+        if self.version == 1:
+            (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            (path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes + swap_bytes))
+            (path / "memory.swappiness").write_text("60")
+            if freezer:
+                if not FREEZER_ROOT.is_dir():
+                    raise RuntimeError("no v1 freezer hierarchy mounted")
+                self.freezer = FREEZER_ROOT / self.name
+                (self.freezer / guest).mkdir(parents=True, exist_ok=True)
+        else:
+            (path / "memory.max").write_text(str(limit_bytes))
+            (path / "memory.swap.max").write_text(str(swap_bytes))
+        return path
+
+    def freezer_of(self, guest: str) -> Path | None:
+        path = FREEZER_ROOT / self.name / guest
+        return path if self.version == 1 and path.is_dir() else None
+
+    def spawn(self, guest: str, argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        """argv in the guest's memory (and freezer) cgroup, joined before exec."""
+        procs = [self.memory / guest / "cgroup.procs"]
+        freezer = self.freezer_of(guest)
+        if freezer is not None:
+            procs.append(freezer / "cgroup.procs")
+
+        def join() -> None:
+            for path in procs:
+                path.write_text(str(os.getpid()))
+
+        process = subprocess.Popen(argv, preexec_fn=join, **kwargs)  # type: ignore[call-overload]
+        self.processes.append(process)
+        return process
+
+    # what a test checks: the guest's own limits, and not frozen
+    def limits(self, guest: str) -> tuple[int, int | None]:
+        """(memory limit, memory+swap limit or None on v2)."""
+        path = self.memory / guest
+        if self.version == 1:
+            return (int((path / "memory.limit_in_bytes").read_text()),
+                    int((path / "memory.memsw.limit_in_bytes").read_text()))
+        text = (path / "memory.max").read_text().strip()
+        return (1 << 62 if text == "max" else int(text)), None
+
+    def frozen(self, guest: str) -> bool:
+        if self.version == 2:
+            return (self.memory / guest / "cgroup.freeze").read_text().strip() == "1"
+        freezer = self.freezer_of(guest)
+        return freezer is not None and (freezer / "freezer.state").read_text().strip() != "THAWED"
+
+    def destroy(self) -> None:
+        if self.freezer is not None:
+            thaw_tree(self.freezer)
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+        remove_tree(self.memory)
+        if self.freezer is not None:
+            remove_tree(self.freezer)

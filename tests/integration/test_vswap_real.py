@@ -22,6 +22,7 @@ import pytest
 from hostd.cgroupfs import CgroupfsBackend
 from lab import cgroups
 from tests.conftest import require, require_root, require_swap
+from tests.integration.cgroups import remove_tree
 from tests.integration.conftest import start_workload
 from tests.integration.hostd_proc import HostdProcess, vm
 
@@ -55,6 +56,8 @@ def plain_guest(tmp_path: Path) -> Iterator[Guest]:
     require_root()
     require_swap(1 << 30)
     version = cgroups.memory_cgroup_version()
+    for stale in (Path("/sys/fs/cgroup/freezer") / PARENT, cgroups.memory_hierarchy(version) / PARENT):
+        remove_tree(stale)  # an interrupted earlier run's (thawed first, or its tasks cannot die)
     parent = cgroups.create_parent(version, PARENT)
     memory = cgroups.create_guest(parent, version, "plain", 1024 * MiB, 1024 * MiB)
     freezer = Path("/sys/fs/cgroup/freezer") / PARENT / "plain" if version == 1 else None

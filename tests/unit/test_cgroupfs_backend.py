@@ -74,3 +74,25 @@ def test_negative_limit_and_missing_hierarchy(tmp_path):
         v2_tree(tmp_path).set_limit_bytes("lab/web", -1)
     with pytest.raises(BackendError, match="no memory cgroup"):
         _ = CgroupfsBackend(tmp_path / "empty").version
+
+
+def test_v1_thaw_without_a_freezer_cgroup_is_a_no_op_and_freeze_an_error(tmp_path):
+    from hostd.cgroupfs import TargetGone
+
+    backend = v1_tree(tmp_path)
+    (tmp_path / "freezer/lab/web/freezer.state").unlink()
+    (tmp_path / "freezer/lab/web").rmdir()
+    backend.set_frozen("lab/web", False)  # nothing there can be frozen
+    with pytest.raises(BackendError, match="no v1 freezer cgroup"):
+        backend.set_frozen("lab/web", True)
+    with pytest.raises(TargetGone):
+        backend.set_frozen("lab/gone", False)
+    with pytest.raises(BackendError, match="a path below"):
+        backend.set_frozen("../x", False)
+
+
+def test_a_limit_file_that_is_not_a_number_is_a_backend_error(tmp_path):
+    backend = v1_tree(tmp_path)
+    (tmp_path / "memory/lab/web/memory.limit_in_bytes").write_text("garbage\n")
+    with pytest.raises(BackendError, match="not a number"):
+        backend.limit_bytes("lab/web")

@@ -126,3 +126,24 @@ def test_containers_labelled_for_a_vm_are_discovered():
     found = docker.discover("balloonlab.vm", "balloonlab.lab=lab")
     assert found == {"web": "docker:lab-web-1", "plain": "docker:lab-plain-1"}  # an invalid vm id is skipped
     assert client.filters == {"label": ["balloonlab.vm", "balloonlab.lab=lab"]}
+
+
+class Gone(Exception):
+    status_code = 404
+    explanation = "No such container: ghost"
+
+
+def test_a_removed_container_is_target_gone_and_other_errors_are_not():
+    from hostd.cgroupfs import TargetGone
+
+    docker = backend(FakeContainer(512 * MiB, 1024 * MiB))
+
+    def get(name):
+        raise Gone()
+
+    docker.client.get = get
+    with pytest.raises(TargetGone, match="container ghost: No such container"):
+        docker.set_frozen("docker:ghost", False)
+    with pytest.raises(BackendError) as raised:
+        backend(FakeContainer(512 * MiB, 1024 * MiB)).limit_bytes("docker:ghost")  # no status code: unknown
+    assert not isinstance(raised.value, TargetGone)
