@@ -19,9 +19,13 @@ PREFIX = "docker:"
 
 
 class DockerBackend:
-    def __init__(self, cgroup_root: Path, client: Any = None) -> None:
+    def __init__(self, cgroup_root: Path, client: Any = None, required_label: str = "") -> None:
+        """`required_label` ("key=value"): act only on containers carrying it (checked on every
+        action, against the container as the engine reports it now)."""
         self.cgroup_root = cgroup_root
         self._client = client
+        key, _sep, value = required_label.partition("=")
+        self._required = (key, value) if key else None
 
     @property
     def client(self) -> Any:
@@ -51,6 +55,12 @@ class DockerBackend:
             if getattr(exc, "status_code", None) == 404:  # docker.errors.NotFound
                 raise TargetGone(detail) from None
             raise BackendError(detail) from None
+        if self._required is not None:
+            key, value = self._required
+            labels = getattr(container, "labels", None) or {}
+            if labels.get(key) != value:
+                raise BackendError(f"container {name} does not carry the label {key}={value}: hostd acts only on "
+                                   "this lab's containers")
         return container
 
     def _call(self, target: str, what: str, action: Any) -> None:

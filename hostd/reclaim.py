@@ -81,7 +81,9 @@ class HostReclaimer:
         self.targets = dict(targets)  # vm → cgroup path or "docker:NAME" (discovery adds to it)
         self.state_file = state_file
         self._cgroupfs = cgroupfs
-        self._docker = docker or DockerBackend(cgroupfs.root)
+        # With a lab label ("key=value"), hostd acts only on containers that carry it: the Docker
+        # socket is root on the machine, and this keeps hostd from touching anything else.
+        self._docker = docker or DockerBackend(cgroupfs.root, required_label=docker_label_filter)
         self._docker_label = docker_label
         self._docker_label_filter = docker_label_filter
         self._record: dict[str, dict[str, Any]] = {}  # targets hostd changed (or a previous one did)

@@ -147,3 +147,17 @@ def test_a_removed_container_is_target_gone_and_other_errors_are_not():
     with pytest.raises(BackendError) as raised:
         backend(FakeContainer(512 * MiB, 1024 * MiB)).limit_bytes("docker:ghost")  # no status code: unknown
     assert not isinstance(raised.value, TargetGone)
+
+
+def test_with_a_lab_label_only_that_labs_containers_are_touched():
+    foreign = FakeContainer(512 * MiB, 1024 * MiB)
+    foreign.labels = {"balloonlab.lab": "other"}
+    guarded = DockerBackend(Path("/nonexistent"), client=FakeClient(foreign), required_label="balloonlab.lab=mine")
+    for action in (lambda: guarded.set_limit_bytes("docker:plain", 256 * MiB),
+                   lambda: guarded.set_frozen("docker:plain", True)):
+        with pytest.raises(BackendError, match=r"does not carry the label balloonlab\.lab=mine"):
+            action()
+    assert foreign.calls == [] and foreign.status == "running"
+    foreign.labels = {"balloonlab.lab": "mine"}
+    guarded.set_frozen("docker:plain", True)
+    assert foreign.calls == [("pause",)]
