@@ -705,7 +705,10 @@ class HostCore:
             # Reclaim mode: the balloon's memory is the host's (the agent let it go once the
             # ledger had it), so the guest's ceiling is its own limit less the balloon, at once.
             returned = self.ledger.held_pages(vm.vm_id) if vm.reclaim and vm.has_agent else 0
-            ceiling = vm.cgroup_limit_pages - returned
+            # Never below what vswap would leave the guest (reservation + 16 MiB), whatever ledger
+            # an agent built: its lock frames are hints too.
+            floor = vm.params.reservation_bytes // PAGE_SIZE_BYTES + vswap.FLOOR_MARGIN_PAGES
+            ceiling = max(vm.cgroup_limit_pages - returned, min(floor, vm.cgroup_limit_pages))
             limit_in = vswap.LimitInput(
                 memsz_pages=ceiling, applied_limit_pages=vm.vswap_limit_pages,
                 usage_pages=vm.cgroup_usage_pages, balloon_pages=0 if vm.reclaim else vm.balloon_pages,
@@ -713,7 +716,9 @@ class HostCore:
                 swap_target_pages=vm.swap_target_pages, swap_due=vswap.swap_due(self.state, agent_usable))
             decision = vswap.next_limit(limit_in, step)
             if returned and decision.limit_pages is None:
-                decision = vswap.LimitDecision(ceiling, f"reclaim: balloon of {returned} pages returned to the host")
+                applied = vm.vswap_limit_pages if vm.vswap_limit_pages is not None else vm.cgroup_limit_pages
+                stepped = max(ceiling, applied - step)  # down by at most a step a second, as vswap does
+                decision = vswap.LimitDecision(stepped, f"reclaim: balloon of {returned} pages returned to the host")
             if decision.limit_pages != vm.vswap_limit_pages:
                 old = vm.vswap_previous_limit_pages = vm.vswap_limit_pages
                 vm.vswap_limit_pages, vm.vswap_reason = decision.limit_pages, decision.reason
