@@ -62,7 +62,7 @@ def run_lab(args: argparse.Namespace) -> str:
         report = runner.status(options)
         return dumps(report, indent=2) if args.json else render_lab_status(report)
     except (LabError, LabSpecError) as exc:
-        from hostd.ctl import CtlError
+        from hostd.client import CtlError
 
         raise CtlError(str(exc)) from None
 
@@ -100,7 +100,7 @@ def add_experiment_parser(commands: Any) -> None:
 
 
 def run_experiment(args: argparse.Namespace) -> str:
-    from hostd.ctl import CtlError
+    from hostd.client import CtlError
     from lab import experiments
     from protocol.units import parse_size_bytes
 

@@ -122,10 +122,9 @@ def write_csv(path: Path, rows: Sequence[Any], fields: Sequence[str]) -> None:
 
 # ---- I/O: running them --------------------------------------------------------------------------
 def _set_idle_tax(endpoint: str, idle_tax: float) -> None:
-    from hostd.ctl import _checked, request
-    from protocol import SetHostParams
+    from hostd.client import HostdClient
 
-    _checked(request(endpoint, SetHostParams(params={"idle_tax_ratio": idle_tax})))
+    HostdClient(endpoint).set_host(idle_tax_ratio=idle_tax)
 
 
 def run_idle_tax(setup: IdleTaxSetup, out_dir: Path, options: LabOptions, progress: Progress = print) -> str:
@@ -199,15 +198,14 @@ def render_overhead_table(points: Sequence[OverheadPoint]) -> str:
 def _measure_guest(setup: OverheadSetup, role: str, size_bytes: int, hostd_config: Path, options: LabOptions,
                    progress: Progress) -> float:
     """Mean touches/s of one guest's workload once its balloon is where the run wants it."""
-    from hostd.ctl import _checked, request
-    from protocol import SetManualTarget
+    from hostd.client import HostdClient
     from protocol.limits import PAGE_SIZE_BYTES
 
     try:
         up(parse_lab(overhead_lab(setup, role, size_bytes), f"balloon-overhead lab ({role})"), hostd_config,
            options, progress)
         target_pages = (setup.memsz_bytes - size_bytes) // PAGE_SIZE_BYTES if role == "ballooned" else 0
-        _checked(request(options.endpoints.control, SetManualTarget(vm_id=role, balloon_target_pages=target_pages)))
+        HostdClient(options.endpoints.control).target(role, target_pages)
         deadline = time.monotonic() + 60
         while True:
             snapshot = _hostd_status(options.endpoints.control) or {"vms": []}

@@ -138,14 +138,12 @@ def _log_tail(path: Path, lines: int = 15) -> str:
 
 
 def _hostd_status(endpoint: str, timeout_ms: int = 1000) -> dict[str, Any] | None:
-    from hostd.ctl import CtlError, request
-    from protocol import GetStatus, StatusReply
+    from hostd.client import CtlError, HostdClient
 
     try:
-        reply = request(endpoint, GetStatus(), timeout_ms)
+        return HostdClient(endpoint, timeout_ms).status()
     except CtlError:
         return None
-    return reply.snapshot if isinstance(reply, StatusReply) else None
 
 
 def up(spec: LabSpec, hostd_config: Path, options: LabOptions, progress: Progress = print) -> dict[str, Any]:

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hostd.ctl import request
-from protocol import GetStatus, StatusReply
+from hostd.client import ControlCredentials, HostdClient
 from tests.conftest import free_loopback_port
 
 
@@ -35,12 +34,11 @@ class HostdProcess:
              "--settings-file", str(self.settings_file), *flags],
             stderr=self._log, text=True,
         )
+        self.client = HostdClient(self.control_endpoint, credentials=ControlCredentials(token_file=self.token_file))
         self.wait_until(lambda s: True, 10, "hostd to answer")
 
     def status(self, timeout_ms: int = 2000) -> dict[str, Any]:
-        reply = request(self.control_endpoint, GetStatus(), timeout_ms)
-        assert isinstance(reply, StatusReply), reply
-        return reply.snapshot
+        return self.client.status(timeout_ms)
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint", self.control_endpoint,
