@@ -15,8 +15,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from hostd.status_doc import StatusDocument
 from protocol import (
     ControlOk,
     Error,
@@ -144,10 +145,10 @@ class HostdClient:
     def _call(self, message: Message, timeout_ms: int | None = None) -> Message:
         return _checked(request(self.endpoint, message, timeout_ms or self.timeout_ms, self.credentials))
 
-    def status(self, timeout_ms: int | None = None) -> dict[str, Any]:
+    def status(self, timeout_ms: int | None = None) -> StatusDocument:
         reply = self._call(GetStatus(), timeout_ms)
         assert isinstance(reply, StatusReply)
-        return reply.snapshot
+        return cast(StatusDocument, reply.snapshot)  # the document hostd built (hostd/status_doc.py)
 
     def _change(self, message: Message) -> dict[str, Any]:
         reply = self._call(message)

@@ -66,7 +66,7 @@ class HostConfig:
     # Bounded state: whatever peers send, hostd's tables stay this small.
     max_vms: int = 10_000  # registered vms, alive or waiting to expire
     dead_vm_ttl_ms: int = 120_000  # a vm that left or was lost is forgotten after this long
-    max_joins_per_s: int = 500  # new vm ids per second (re-registrations of known vms are not counted)
+    max_joins_per_s: int = 200  # new vm ids per second (re-registrations of known vms are not counted)
     log_level: str = "INFO"
     # Host-level reclamation (hostd/vswap.py): vms whose cgroup hostd may limit and freeze.
     vswap: bool = True  # apply swap targets to vms with a `cgroup` by lowering its limit
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default /run/balloonlab/hostd-settings.json; off for none)")
     parser.add_argument("--max-vms", help="most vms hostd keeps (default 10000)")
     parser.add_argument("--dead-vm-ttl", dest="dead_vm_ttl_ms", help="forget vms that left after (default 120s)")
-    parser.add_argument("--max-joins-per-s", help="new vm ids accepted per second (default 500)")
+    parser.add_argument("--max-joins-per-s", help="new vm ids accepted per second (default 200)")
     parser.add_argument("--allow-plain-remote", help="allow plain TCP on non-loopback addresses (true/false)")
     parser.add_argument("--vswap", help="apply swap targets to vms with a cgroup (true/false, default true)")
     parser.add_argument("--vswap-step", dest="vswap_step_bytes", help="limit change per second (default 64MiB)")

@@ -20,12 +20,13 @@ import secrets
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from hostd import policy, vswap
 from hostd.config import HostConfig, VmDefaults
 from hostd.eventlog import printable
 from hostd.ledger import Ledger
+from hostd.status_doc import DepartedVm, StatusDocument, VmStatus
 from protocol import (
     PAGE_SIZE_BYTES,
     Bye,
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 Outgoing = list[tuple[bytes, bytes]]
 MISMATCH_REPORTS_BEFORE_RESET = 3
+SNAPSHOT_REUSE_MS = 250  # status requests within this share one document (any change rebuilds it)
 MIN_HOST_MEMORY_BYTES = 16 << 20  # below this no vm can be allocated anything (ρ would be infinite)
 MAX_STAT_VALUE = 1 << 53  # no guest figure is larger (bytes of a 1 PiB guest, or counters); beyond: unknown
 
@@ -70,6 +72,11 @@ def checked_stat(value: int | float | None) -> int | float | None:
     if isinstance(value, int):
         return value if 0 <= value <= MAX_STAT_VALUE else None
     return value if math.isfinite(value) and 0.0 <= value <= MAX_STAT_VALUE else None
+
+
+def int_stat(value: int | float | None) -> int | None:
+    """A count or size stat as an integer (None stays unknown)."""
+    return None if value is None else int(value)
 
 
 class JoinBucket:
@@ -212,6 +219,7 @@ class HostCore:
         self.agent_vm_ids: dict[str, frozenset[str]] | None = None
         self._joins = JoinBucket(config.max_joins_per_s, now_ms)
         self._reserved_alive_pages: int | None = None  # Σ reservations of live vms (None: count again)
+        self._snapshot_cache: tuple[int, StatusDocument] | None = None
         self.session_id = session_id
         self.settings = HostSettings.from_config(config)
         self.gains = policy.EwmaGains()
@@ -597,6 +605,10 @@ class HostCore:
         vm.left_ms, vm.left_reason = now_ms, f"{kind}: {reason}"[:200]
         self._reserved_alive_pages = None
         self._event(now_ms, kind, vm=vm.vm_id, reason=reason, ledger_pages=popped)
+        if vm.status is None and vm.host_target is None:
+            # It said hello and nothing more: nothing of it is worth keeping (and one-shot
+            # identities would otherwise fill the table for dead_vm_ttl_ms).
+            self._forget(vm)
         log.info("vm %s %s (%s); its ledger of %d pages dropped", vm.vm_id, kind, reason, popped)
 
     def _forget(self, vm: VmRecord) -> None:
@@ -899,7 +911,8 @@ class HostCore:
         if message.plane != "control" or isinstance(message, StatusReply | ControlOk):
             raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not a control request")
         if isinstance(message, GetStatus):
-            return self._frame(StatusReply(snapshot=self.snapshot(now_ms)), seq, MAX_CONTROL_FRAME_BYTES), []
+            document = cast(dict[str, Any], self.cached_snapshot(now_ms))
+            return self._frame(StatusReply(snapshot=document), seq, MAX_CONTROL_FRAME_BYTES), []
         if isinstance(message, SetVmParams):
             self._authorize(message, operator)
             detail, data = self._set_vm_params(message, now_ms)
@@ -915,6 +928,7 @@ class HostCore:
         else:
             raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not handled")
         self.settings_dirty = True
+        self._snapshot_cache = None
         return self._frame(ControlOk(detail=detail, data=data), seq), out
 
     def _vm(self, vm_id: str) -> VmRecord:
@@ -1018,11 +1032,21 @@ class HostCore:
             reason = self._reasons[vm.vm_id] = self._last_result.decision(index).reason
         return reason
 
-    def snapshot(self, now_ms: int) -> dict[str, Any]:
+    def cached_snapshot(self, now_ms: int) -> StatusDocument:
+        """The status document, built at most every SNAPSHOT_REUSE_MS for status requests: its
+        cost grows with the vm table, and clients that poll in a loop must not multiply it."""
+        cached = self._snapshot_cache
+        if cached is not None and 0 <= now_ms - cached[0] < SNAPSHOT_REUSE_MS:
+            return cached[1]
+        document = self.snapshot(now_ms)
+        self._snapshot_cache = (now_ms, document)
+        return document
+
+    def snapshot(self, now_ms: int) -> StatusDocument:
         limits = self.thresholds()
         page = PAGE_SIZE_BYTES
-        vms = []
-        departed = []
+        vms: list[VmStatus] = []
+        departed: list[DepartedVm] = []
         for vm in sorted(self.vms.values(), key=lambda v: v.vm_id):
             if not vm.alive:  # listed apart until dead_vm_ttl_ms forgets them
                 departed.append({"vm_id": vm.vm_id, "reason": vm.left_reason,
@@ -1055,8 +1079,8 @@ class HostCore:
                 "balloon_max_bytes": vm.balloon_max_pages * page,
                 "manual_balloon_target_bytes": None if vm.manual_balloon_pages is None
                 else vm.manual_balloon_pages * page,
-                "swap_current_bytes": stats.get("swap_used_bytes") if vm.has_agent or vm.cgroup_swap_pages is None
-                else vm.cgroup_swap_pages * page,
+                "swap_current_bytes": int_stat(stats.get("swap_used_bytes"))
+                if vm.has_agent or vm.cgroup_swap_pages is None else vm.cgroup_swap_pages * page,
                 "has_agent": vm.has_agent,
                 "host_target": vm.host_target,
                 "cgroup_limit_bytes": None if vm.cgroup_limit_pages is None else vm.cgroup_limit_pages * page,
@@ -1065,9 +1089,9 @@ class HostCore:
                 "frozen": vm.frozen_since_ms is not None,
                 "backend_error": vm.backend_error,
                 "swap_target_bytes": vm.swap_target_pages * page,
-                "swap_in_pages": stats.get("swap_in_pages"),
-                "swap_out_pages": stats.get("swap_out_pages"),
-                "major_faults": stats.get("major_faults"),
+                "swap_in_pages": int_stat(stats.get("swap_in_pages")),
+                "swap_out_pages": int_stat(stats.get("swap_out_pages")),
+                "major_faults": int_stat(stats.get("major_faults")),
                 "shares": vm.shares(),
                 "shares_setting": vm.params.shares,
                 "reservation_bytes": vm.params.reservation_bytes,
@@ -1092,7 +1116,12 @@ class HostCore:
                 "granted_bytes": self._granted_total * page,
                 "thresholds_bytes": {"high": limits.high * page, "soft": limits.soft * page,
                                      "hard": limits.hard * page, "low": limits.low * page},
-                **self.settings.as_dict(),
+                "host_memory_bytes": self.settings.host_memory_pages * page,
+                "idle_tax_ratio": self.settings.idle_tax_ratio,
+                "ctl_max_percent": self.settings.ctl_max_percent,
+                "sample_period_ms": self.settings.sample_period_ms,
+                "balance_period_ms": self.settings.balance_period_ms,
+                "sliding_min_free": self.settings.sliding_min_free,
                 "report_interval_ms": self.config.report_interval_ms,
                 "vms_alive": sum(vm.alive for vm in self.vms.values()),
                 "protocol_errors": dict(self.protocol_errors),

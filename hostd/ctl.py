@@ -20,17 +20,19 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from hostd.client import (
     DEFAULT_ENDPOINT,
     DEFAULT_TOKEN_FILE,
     ControlCredentials,
     CtlError,
+    HostdClient,
     _checked,
     request,
 )
 from hostd.jsonout import dumps
+from hostd.status_doc import StatusDocument
 from protocol import (
     ControlOk,
     GetStatus,
@@ -117,7 +119,7 @@ def _size(key: str, value: str) -> int:
 
 
 # ---- output -------------------------------------------------------------------------------
-def render_status(snapshot: dict[str, Any], unit: str = "MiB") -> str:
+def render_status(snapshot: StatusDocument, unit: str = "MiB") -> str:
     host = snapshot["host"]
     memory = format_bytes(host["host_memory_bytes"], unit)
     free = format_bytes(host["free_bytes"], unit)
@@ -223,7 +225,8 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "status":
         reply = _checked(request(args.endpoint, GetStatus(), timeout_ms, _credentials(args)))
         assert isinstance(reply, StatusReply)
-        return dumps(reply.snapshot, indent=2) if args.json else render_status(reply.snapshot, args.unit)
+        document = cast(StatusDocument, reply.snapshot)
+        return dumps(reply.snapshot, indent=2) if args.json else render_status(document, args.unit)
     message: Message
     if args.command == "set":
         message = SetVmParams(vm_id=args.vm, params=parse_vm_params(args.settings))
@@ -248,14 +251,11 @@ def run_top_command(args: argparse.Namespace, timeout_ms: int) -> str:
         raise CtlError("-n must be ≥ 0 (0 = until interrupted)", 2)
     sort_key = {"name": "n", "memsz": "m", "mctlsz": "b", "swcur": "s", "actv": "a", "touch": "t"}[args.sort]
 
-    def fetch() -> dict[str, Any]:
-        reply = _checked(request(args.endpoint, GetStatus(), timeout_ms, _credentials(args)))
-        assert isinstance(reply, StatusReply)
-        return reply.snapshot
+    client = HostdClient(args.endpoint, timeout_ms, _credentials(args))
 
     with contextlib.suppress(KeyboardInterrupt):
-        top.run_top(fetch, parse_duration_ms(args.delay) / 1000, args.iterations, args.batch, args.csv, args.unit,
-                    sort_key, lambda text: print(text, flush=True))
+        top.run_top(client.status, parse_duration_ms(args.delay) / 1000, args.iterations, args.batch, args.csv,
+                    args.unit, sort_key, lambda text: print(text, flush=True))
     return ""
 
 

@@ -47,6 +47,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from hostd.jsonout import dumps
 from hostd.metrics import SnapshotCollector
+from hostd.status_doc import StatusDocument
 from hostd.timeline import sample_record
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class HttpPort:
         """`allowed_hosts`: more names `Host:` may carry (e.g. the name Prometheus scrapes by)."""
         self.request_timeout_s = request_timeout_s
         self.write_timeout_s = write_timeout_s
-        self._snapshot: dict[str, Any] | None = None
+        self._snapshot: StatusDocument | None = None
         self._changed = threading.Condition()
         self._version = 0  # bumped by every publish: streams wait for the next one
         self._events: collections.deque[tuple[int, dict[str, Any]]] = collections.deque(maxlen=RECENT_EVENTS)
@@ -159,7 +160,7 @@ class HttpPort:
             return (vm_count <= HISTORY_MAX_VMS or self._open_streams > 0
                     or time.monotonic() - self._demand_s < DEMAND_WINDOW_S)
 
-    def _await_fresh_snapshot(self) -> tuple[int, dict[str, Any] | None]:
+    def _await_fresh_snapshot(self) -> tuple[int, StatusDocument | None]:
         """The latest snapshot and its version, waiting (≤ 2 publish periods) for a new one
         if it is stale."""
         with self._changed:
@@ -169,7 +170,7 @@ class HttpPort:
                 self._changed.wait_for(functools.partial(self._moved_on, version), 2 * FRESH_S)
             return self._version, self._snapshot
 
-    def _encode(self, version: int, snapshot: dict[str, Any] | None) -> str:
+    def _encode(self, version: int, snapshot: StatusDocument | None) -> str:
         """`snapshot` (published as `version`) as JSON, encoded once for every client."""
         with self._encoding:
             if self._encoded[0] != version:
@@ -252,7 +253,7 @@ class HttpPort:
     def start(self) -> None:
         self._thread.start()
 
-    def publish(self, snapshot: dict[str, Any], sample: dict[str, Any] | None = None) -> None:
+    def publish(self, snapshot: StatusDocument, sample: dict[str, Any] | None = None) -> None:
         """`sample`: the snapshot's timeline record, when the caller made it already."""
         if len(snapshot["vms"]) > HISTORY_MAX_VMS:
             sample = None

@@ -6,11 +6,13 @@ Names follow Prometheus conventions: `balloonlab_` prefix, base units (`_bytes`,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from hostd.status_doc import StatusDocument
 
 STATES = ("high", "soft", "hard", "low")
 
@@ -45,7 +47,7 @@ _WORKLOAD_GAUGES = (
 )
 
 
-def metric_families(snapshot: dict[str, Any]) -> list[Metric]:
+def metric_families(snapshot: StatusDocument) -> list[Metric]:
     host = snapshot["host"]
     families: list[Metric] = []
 
@@ -60,7 +62,7 @@ def metric_families(snapshot: dict[str, Any]) -> list[Metric]:
     thresholds = GaugeMetricFamily("balloonlab_host_free_threshold_bytes",
                                    "Free memory below which the state drops (high = minFree)", labels=["state"])
     for level in STATES:
-        thresholds.add_metric([level], host["thresholds_bytes"][level])
+        thresholds.add_metric([level], cast(Mapping[str, int], host["thresholds_bytes"])[level])
     families.append(thresholds)
     state = GaugeMetricFamily("balloonlab_host_state", "1 for the current free-memory state", labels=["state"])
     for name in STATES:
@@ -81,7 +83,7 @@ def metric_families(snapshot: dict[str, Any]) -> list[Metric]:
                              "Cgroup limit or freezer writes that failed")):
         families.append(CounterMetricFamily(name, text, value=counters.get(key, 0)))
 
-    vms = snapshot["vms"]
+    vms = [cast(Mapping[str, Any], vm) for vm in snapshot["vms"]]  # read by key name below
     for key, name, text in _VM_GAUGES:
         family = GaugeMetricFamily(name, text, labels=["vm"])
         for vm in vms:

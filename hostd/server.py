@@ -49,6 +49,7 @@ PUBLISH_MS = 1_000  # the HTTP port's snapshot and the timeline's samples: as fr
 # control answers) polls again at once, so ballooning round trips are never slowed.
 COALESCE_S = 0.010
 AGENT_FRAMES_PER_PASS = 512  # then the control socket and the tick get their turn
+PASS_BUDGET_S = 0.020  # nor longer than this per socket: an expensive frame cannot hold the others off
 CONTROL_FRAMES_PER_PASS = 32
 CONTROL_SNDHWM = 64  # replies queued for one control client; a client that never reads loses them
 KEYS_RELOAD_MS = 1_000  # allowlists re-read this often (a removed key stops working within it)
@@ -195,7 +196,10 @@ class HostServer:
     def _on_agent_readable(self) -> bool:
         """One bounded batch; True if frames are left for the next pass."""
         curve = self.gate is not None
+        deadline = time.monotonic() + PASS_BUDGET_S
         for _ in range(AGENT_FRAMES_PER_PASS):
+            if time.monotonic() >= deadline:
+                return True
             user_id: str | None = None
             try:
                 if curve:  # the ZAP User-Id travels with every frame of the connection

@@ -10,9 +10,11 @@ granted, alloc_target, balloon, active and swap (null when unknown)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+
+from hostd.status_doc import StatusDocument
 
 VM_SERIES = ("memsz", "granted", "alloc_target", "balloon", "active", "swap")
 _SNAPSHOT_FIELDS = {"memsz": "memsz_bytes", "granted": "granted_bytes", "alloc_target": "alloc_target_bytes",
@@ -24,13 +26,13 @@ class TimelineError(ValueError):
     """A timeline file that cannot be read; the message names the line."""
 
 
-def sample_record(snapshot: dict[str, Any]) -> dict[str, Any]:
+def sample_record(snapshot: StatusDocument) -> dict[str, Any]:
     host = snapshot["host"]
     return {
         "kind": "sample", "t_s": round(host["uptime_ms"] / 1000, 3),
         "host": {"state": host["state"], "free": host["free_bytes"], "host_memory": host["host_memory_bytes"],
-                 **{name: host["thresholds_bytes"][name] for name in THRESHOLDS}},
-        "vms": {vm["vm_id"]: {name: vm[key] for name, key in _SNAPSHOT_FIELDS.items()}
+                 **{name: cast(Mapping[str, int], host["thresholds_bytes"])[name] for name in THRESHOLDS}},
+        "vms": {vm["vm_id"]: {name: cast(Mapping[str, Any], vm)[key] for name, key in _SNAPSHOT_FIELDS.items()}
                 for vm in snapshot["vms"] if vm["alive"]},
     }
 

@@ -11,8 +11,9 @@ import csv
 import io
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
+from hostd.status_doc import StatusDocument
 from protocol.units import format_bytes
 
 COLUMNS = ("VM", "MEMSZ", "GRANT", "SZTGT", "TCHD", "%ACTV", "%ACTVS", "%ACTVF", "MCTL?", "MCTLSZ", "MCTLTGT",
@@ -29,7 +30,7 @@ SORT_KEYS: dict[str, tuple[str, Callable[[dict[str, Any]], Any]]] = {
 PAGE = 4096
 
 
-def header_line(snapshot: dict[str, Any], unit: str) -> str:
+def header_line(snapshot: StatusDocument, unit: str) -> str:
     host = snapshot["host"]
     thresholds = host["thresholds_bytes"]
     return (f"MEM {format_bytes(host['host_memory_bytes'], unit)}  FREE {format_bytes(host['free_bytes'], unit)}  "
@@ -45,14 +46,14 @@ SIZE_COLUMNS = {"MEMSZ", "GRANT", "SZTGT", "TCHD", "MCTLSZ", "MCTLTGT", "MCTLMAX
 _SHIFT = {"MiB": 20, "GiB": 30}
 
 
-def top_rows(snapshot: dict[str, Any], previous: dict[str, Any] | None, unit: str = "MiB",
+def top_rows(snapshot: StatusDocument, previous: StatusDocument | None, unit: str = "MiB",
              sort_key: str = "n", numeric: bool = False) -> list[tuple[str, ...]]:
     """One row of text cells per vm, sorted; swap rates from the previous snapshot.
     `numeric`: plain numbers for scripts (sizes in `unit`, "" when unknown) instead of
     "512MiB", "1,234" and "-"."""
     _column, value = SORT_KEYS[sort_key]
-    vms = sorted(snapshot["vms"], key=value, reverse=sort_key != "n")
-    before = {vm["vm_id"]: vm for vm in (previous or {}).get("vms", [])}
+    vms = sorted((cast(dict[str, Any], vm) for vm in snapshot["vms"]), key=value, reverse=sort_key != "n")
+    before = {vm["vm_id"]: cast(dict[str, Any], vm) for vm in (previous["vms"] if previous else [])}
     elapsed_s = ((snapshot["host"]["uptime_ms"] - previous["host"]["uptime_ms"]) / 1000) if previous else 0.0
 
     def size(value: float | None) -> str:
@@ -96,7 +97,7 @@ def top_rows(snapshot: dict[str, Any], previous: dict[str, Any] | None, unit: st
     return rows
 
 
-def render_text(snapshot: dict[str, Any], rows: Sequence[tuple[str, ...]], unit: str) -> str:
+def render_text(snapshot: StatusDocument, rows: Sequence[tuple[str, ...]], unit: str) -> str:
     table = [COLUMNS, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
     lines = [header_line(snapshot, unit)]
@@ -106,7 +107,7 @@ def render_text(snapshot: dict[str, Any], rows: Sequence[tuple[str, ...]], unit:
     return "\n".join(lines)
 
 
-def render_csv(snapshot: dict[str, Any], rows: Sequence[tuple[str, ...]], with_header: bool, unit: str) -> str:
+def render_csv(snapshot: StatusDocument, rows: Sequence[tuple[str, ...]], with_header: bool, unit: str) -> str:
     """esxtop's batch CSV: a timestamp, the host's state and free memory, then the vm columns
     (rows from `top_rows(..., numeric=True)`; size columns carry their unit in the header)."""
     out = io.StringIO()
@@ -121,7 +122,7 @@ def render_csv(snapshot: dict[str, Any], rows: Sequence[tuple[str, ...]], with_h
     return out.getvalue().rstrip("\n")
 
 
-def render_table(snapshot: dict[str, Any], rows: Sequence[tuple[str, ...]], unit: str, sort_key: str) -> Any:
+def render_table(snapshot: StatusDocument, rows: Sequence[tuple[str, ...]], unit: str, sort_key: str) -> Any:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -140,7 +141,7 @@ def render_table(snapshot: dict[str, Any], rows: Sequence[tuple[str, ...]], unit
 
 
 # ---- the loop (I/O: hostd, the terminal, the clock) -----------------------------------------
-def run_top(fetch: Callable[[], dict[str, Any]], delay_s: float, iterations: int, batch: bool, as_csv: bool,
+def run_top(fetch: Callable[[], StatusDocument], delay_s: float, iterations: int, batch: bool, as_csv: bool,
             unit: str, sort_key: str, write: Callable[[str], None]) -> None:
     """Batch mode prints `iterations` snapshots (0 = until interrupted); the live view runs
     until q or Ctrl-C. `fetch` raises to stop (hostd gone in batch mode)."""
@@ -160,7 +161,7 @@ def run_top(fetch: Callable[[], dict[str, Any]], delay_s: float, iterations: int
     _live(fetch, delay_s, iterations, unit, sort_key)
 
 
-def _live(fetch: Callable[[], dict[str, Any]], delay_s: float, iterations: int, unit: str, sort_key: str) -> None:
+def _live(fetch: Callable[[], StatusDocument], delay_s: float, iterations: int, unit: str, sort_key: str) -> None:
     import select
     import sys
     import termios
@@ -173,8 +174,8 @@ def _live(fetch: Callable[[], dict[str, Any]], delay_s: float, iterations: int, 
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin)
     console = Console()
-    previous: dict[str, Any] | None = None
-    snapshot: dict[str, Any] | None = None
+    previous: StatusDocument | None = None
+    snapshot: StatusDocument | None = None
     count = 0
     try:
         tty.setcbreak(stdin)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 
@@ -141,7 +141,7 @@ def _hostd_status(endpoint: str, timeout_ms: int = 1000) -> dict[str, Any] | Non
     from hostd.client import CtlError, HostdClient
 
     try:
-        return HostdClient(endpoint, timeout_ms).status()
+        return cast(dict[str, Any], HostdClient(endpoint, timeout_ms).status())
     except CtlError:
         return None
 
