@@ -164,10 +164,10 @@ def flood(args: argparse.Namespace) -> dict[str, Any]:
                     sock.send(_bad_envelope(rng))
             sent += 1
         send_s = time.monotonic() - started
+    finally:
         for sock in sockets:  # let what is queued reach hostd before the connections go
             sock.close(linger=20_000)
-    finally:
-        context.destroy(linger=0)
+        context.term()
     return {"attacker": "flood", "frames": sent, "mix": dict(mix), "send_s": round(send_s, 2),
             "total_s": round(time.monotonic() - started, 2)}
 
