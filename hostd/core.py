@@ -53,13 +53,20 @@ from protocol import (
     encode,
     stats_map,
 )
-from protocol.limits import MAX_CONTROL_FRAME_BYTES, MAX_CONTROL_REQUEST_BYTES, MAX_FRAME_BYTES, MAX_PAGES
+from protocol.limits import (
+    MAX_CONTROL_FRAME_BYTES,
+    MAX_CONTROL_REQUEST_BYTES,
+    MAX_FRAME_BYTES,
+    MAX_MEMSZ_BYTES,
+    MAX_PAGES,
+)
 from protocol.messages import VM_PARAM_KEYS, check_vm_id
 
 log = logging.getLogger(__name__)
 
 Outgoing = list[tuple[bytes, bytes]]
 MISMATCH_REPORTS_BEFORE_RESET = 3
+LOGGED_TARGETS_PER_RECOMPUTE = 10  # more target changes than this in one recompute: summed up in one line
 SNAPSHOT_REUSE_MS = 250  # status requests within this share one document (any change rebuilds it)
 MIN_HOST_MEMORY_BYTES = 16 << 20  # below this no vm can be allocated anything (ρ would be infinite)
 MAX_STAT_VALUE = 1 << 53  # no guest figure is larger (bytes of a 1 PiB guest, or counters); beyond: unknown
@@ -322,6 +329,7 @@ class HostCore:
     # ---- agent plane ------------------------------------------------------------------
     def handle_agent(self, identity: bytes, frame: bytes, now_ms: int, user_id: str | None = None) -> Outgoing:
         """`user_id`: the ZAP User-Id of the connection (the allowlisted key's name) under CURVE."""
+        self._snapshot_cache = None  # what status shows changes with every agent frame
         seq: int | None = None
         try:
             envelope = decode(frame)
@@ -390,6 +398,10 @@ class HostCore:
         own = self.vms.get(except_vm)
         mine = own.params.reservation_bytes // PAGE_SIZE_BYTES if own is not None and own.alive else 0
         return self._reserved_alive_pages - mine
+
+    def _reservation_left(self, vm: VmRecord) -> None:
+        if vm.params.reservation_bytes:
+            self._reserved_alive_pages = None
 
     def _memsz_cap(self, vm: VmRecord) -> int:
         """What hostd can see of a vm's size: its cgroup's own limit where hostd reads it (a
@@ -480,7 +492,8 @@ class HostCore:
         vm.balloon_max_pages = policy.balloon_max_pages(vm.memsz_pages, self.settings.ctl_max_percent,
                                                         vm.maxmemctl_pages)
         self.vms[hello.vm_id] = vm
-        self._reserved_alive_pages = None
+        if reservation or (existing is not None and existing.params.reservation_bytes):
+            self._reserved_alive_pages = None  # most vms reserve nothing: no recount per hello
         self._event(now_ms, "join", vm=hello.vm_id, memsz_bytes=vm.memsz_pages * PAGE_SIZE_BYTES,
                     claimed_memsz_bytes=hello.memsz_bytes, page_kind=hello.page_kind,
                     held_pages=held, reregistration=existing is not None)
@@ -576,7 +589,7 @@ class HostCore:
         self._granted_total -= vm.granted_pages
         vm.alive = False
         vm.left_ms, vm.left_reason = now_ms, "ledger reset"
-        self._reserved_alive_pages = None
+        self._reservation_left(vm)
         self._unbind_route(vm)
         vm.resets += 1
         self.counters["resets"] += 1
@@ -603,7 +616,7 @@ class HostCore:
             return
         vm.alive = False
         vm.left_ms, vm.left_reason = now_ms, f"{kind}: {reason}"[:200]
-        self._reserved_alive_pages = None
+        self._reservation_left(vm)
         self._event(now_ms, kind, vm=vm.vm_id, reason=reason, ledger_pages=popped)
         if vm.status is None and vm.host_target is None:
             # It said hello and nothing more: nothing of it is worth keeping (and one-shot
@@ -642,8 +655,7 @@ class HostCore:
         """The server's reading of a configured vm's cgroup (once a second). A vm with no
         agent becomes known this way; `own_limit_bytes` is the cgroup's limit before hostd
         changed it (its memsz when it has no agent)."""
-        from protocol.limits import MAX_MEMSZ_BYTES
-
+        self._snapshot_cache = None
         paged = None if own_limit_bytes is None else own_limit_bytes // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
         if paged is not None and not PAGE_SIZE_BYTES <= paged <= MAX_MEMSZ_BYTES:  # S24: a Hello would refuse it
             self.counters["cgroup_limit_out_of_range"] += 1
@@ -699,7 +711,7 @@ class HostCore:
             self._granted_total -= vm.granted_pages
             vm.alive = False
             vm.left_ms, vm.left_reason = now_ms, f"cgroup gone: {reason}"[:200]
-            self._reserved_alive_pages = None
+            self._reservation_left(vm)
             self._event(now_ms, "left", vm=vm_id, reason=reason)
 
     def host_actions(self, now_ms: int) -> list[tuple[str, str, str, int | None]]:
@@ -817,6 +829,7 @@ class HostCore:
         self.last_recompute_ms = now_ms
         self.next_balance_ms = now_ms + self.settings.balance_period_ms
         out: Outgoing = []
+        changed = 0
         for index, vm in enumerate(vms):
             new_target = int(result.balloon_target_pages[index])
             vm.alloc_target_pages = int(result.alloc_target_pages[index])
@@ -840,11 +853,18 @@ class HostCore:
                             swap_target_pages=vm.swap_target_pages,
                             rho=round(vm.rho, 6) if math.isfinite(vm.rho) else None,
                             active_pages=vm.active_pages, reason=decision.reason, trigger=trigger)
-                log.info("vm %s balloon target %d → %d pages (%s; %s)", vm.vm_id, old_target, new_target,
-                         decision.reason, trigger)
+                changed += 1
+                # The event log has every change; the text log the first few of a recompute.
+                log.log(logging.INFO if changed <= LOGGED_TARGETS_PER_RECOMPUTE else logging.DEBUG,
+                        "vm %s balloon target %d → %d pages (%s; %s)", vm.vm_id, old_target, new_target,
+                        decision.reason, trigger)
+        if changed > LOGGED_TARGETS_PER_RECOMPUTE:
+            log.info("... and %d more balloon targets changed (%s; every one is in the event log)",
+                     changed - LOGGED_TARGETS_PER_RECOMPUTE, trigger)
         return out
 
     def tick(self, now_ms: int) -> Outgoing:
+        self._snapshot_cache = None
         out: Outgoing = []
         if not self._settled and now_ms >= self.settle_until_ms:
             self._settled = True
@@ -1033,8 +1053,9 @@ class HostCore:
         return reason
 
     def cached_snapshot(self, now_ms: int) -> StatusDocument:
-        """The status document, built at most every SNAPSHOT_REUSE_MS for status requests: its
-        cost grows with the vm table, and clients that poll in a loop must not multiply it."""
+        """The status document for status requests: shared by the requests that arrive between
+        two agent frames or ticks (at most SNAPSHOT_REUSE_MS apart). Its cost grows with the vm
+        table, and many clients polling at once must not multiply it."""
         cached = self._snapshot_cache
         if cached is not None and 0 <= now_ms - cached[0] < SNAPSHOT_REUSE_MS:
             return cached[1]

