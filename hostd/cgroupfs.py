@@ -2,7 +2,8 @@
 usage, read and write its memory limit and freeze or thaw it, on cgroup v1 or v2, by writing
 the files directly. hostd lowers a limit to apply a swap target (the kernel then pages the
 guest out without its help) and freezes guests in the low state (hostd/reclaim.py). The
-`docker` backend (hostd/docker_backend.py) has the same methods.
+`docker` backend (hostd/docker_backend.py) has the same methods, except `page_out` (blind host
+swap, vswap_mode = "blind"), which only a cgroup target has.
 
 Paths are relative to the hierarchy (e.g. "balloonlab-lab/web"): on v1 the memory and freezer
 controllers are separate hierarchies with the same relative path."""
@@ -10,11 +11,14 @@ controllers are separate hierarchies with the same relative path."""
 from __future__ import annotations
 
 import contextlib
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from guestagent.cgroup import CgroupReader, parse_flat_keyed
 from guestagent.errors import CgroupError
+from hostd import pageout
+from hostd.pageout import PageoutResult
 
 UNLIMITED_V1 = 1 << 62  # v1 reports "no limit" as a huge page-aligned number
 
@@ -123,6 +127,20 @@ class CgroupfsBackend:
             if limit_bytes is None or limit_bytes > memsw_limit:
                 write_control_file(memsw, str(wanted))
         write_control_file(path / "memory.limit_in_bytes", str(wanted))
+
+    # ---- blind host swap (vswap_mode = "blind") -------------------------------------------
+    def page_out(self, cgroup: str, want_bytes: int, rng: random.Random | None = None) -> PageoutResult:
+        """Page out `want_bytes` of the cgroup's processes' resident memory, pages chosen at
+        random by hostd (hostd/pageout.py), not by the guest's LRU."""
+        path = self._memory(cgroup)
+        try:
+            pids = [int(pid) for pid in read_control_file(path / "cgroup.procs").split()]
+        except ValueError:
+            raise BackendError(f"{path / 'cgroup.procs'}: not a list of pids") from None
+        try:
+            return pageout.page_out(pids, want_bytes, rng)
+        except pageout.PageoutError as exc:
+            raise BackendError(str(exc)) from None
 
     # ---- freezing -------------------------------------------------------------------------
     def _freezer(self, cgroup: str) -> Path:

@@ -21,6 +21,8 @@ import psutil
 from protocol.messages import SHARE_LEVELS, check_vm_id
 from protocol.units import parse_bool, parse_duration_ms, parse_size_bytes
 
+VSWAP_MODES = ("limit", "blind")
+
 
 class ConfigError(Exception):
     """A setting is invalid; the message names it."""
@@ -71,6 +73,10 @@ class HostConfig:
     # Host-level reclamation (hostd/vswap.py): vms whose cgroup hostd may limit and freeze.
     vswap: bool = True  # apply swap targets to vms with a `cgroup` by lowering its limit
     vswap_step_bytes: int = 64 << 20  # per second, down or up
+    # "limit": lower the cgroup's limit, the guest's own kernel LRU picks the pages; "blind":
+    # hostd picks random resident pages itself (process_madvise MADV_PAGEOUT, hostd/pageout.py)
+    # and then holds the limit there, as ESX's host swapping does.
+    vswap_mode: str = "limit"
     block_max_ms: int = 10_000  # longest freeze in the low state; 0 = never freeze
     vswap_state_file: Path = Path("/run/balloonlab/hostd-vswap.json")  # lowered limits and freezes to undo
     # Reclaim mode (off by default): the agent of a vm with a host target hands its balloon's
@@ -98,6 +104,8 @@ class HostConfig:
             raise ConfigError("lost_after_reports must be 1..100")
         if not 1 << 20 <= self.vswap_step_bytes <= 1 << 40:
             raise ConfigError("vswap_step_bytes must be 1 MiB .. 1 TiB")
+        if self.vswap_mode not in VSWAP_MODES:
+            raise ConfigError(f"vswap_mode={self.vswap_mode!r}: {' or '.join(VSWAP_MODES)}")
         if self.block_max_ms != 0 and not 100 <= self.block_max_ms <= 600_000:
             raise ConfigError("block_max_ms must be 100 ms .. 10 min, or 0 for no blocking")
         both = sorted(set(self.vm_cgroups) & set(self.vm_containers))
@@ -270,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-plain-remote", help="allow plain TCP on non-loopback addresses (true/false)")
     parser.add_argument("--vswap", help="apply swap targets to vms with a cgroup (true/false, default true)")
     parser.add_argument("--vswap-step", dest="vswap_step_bytes", help="limit change per second (default 64MiB)")
+    parser.add_argument("--vswap-mode", help="limit (lower the cgroup's limit: the guest's LRU picks the pages, "
+                        "default) or blind (hostd pages out random resident pages itself, then holds the limit)")
     parser.add_argument("--block-max", dest="block_max_ms",
                         help="longest freeze in the low state (default 10s; 0 = never freeze)")
     parser.add_argument("--vswap-state-file", help="where lowered limits and freezes are recorded for recovery "

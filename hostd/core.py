@@ -715,9 +715,10 @@ class HostCore:
             self._event(now_ms, "left", vm=vm_id, reason=reason)
 
     def host_actions(self, now_ms: int) -> list[tuple[str, str, str, int | None]]:
-        """What the backend should do now: (vm, cgroup, "limit" | "freeze" | "thaw", limit
-        bytes or None = the cgroup's own limit). The vm records assume success; the server
-        reports failures with `host_action_failed`."""
+        """What the backend should do now: (vm, cgroup, "limit" | "freeze" | "thaw" | "pageout",
+        limit bytes or None = the cgroup's own limit; "pageout": bytes hostd pages out itself,
+        vswap_mode blind). The vm records assume success; the server reports failures with
+        `host_action_failed`."""
         actions: list[tuple[str, str, str, int | None]] = []
         if not self.config.vswap:
             return actions
@@ -747,6 +748,10 @@ class HostCore:
                 old = vm.vswap_previous_limit_pages = vm.vswap_limit_pages
                 vm.vswap_limit_pages, vm.vswap_reason = decision.limit_pages, decision.reason
                 limit_bytes = None if decision.limit_pages is None else decision.limit_pages * PAGE_SIZE_BYTES
+                if self.config.vswap_mode == "blind" and decision.limit_pages is not None \
+                        and vm.cgroup_usage_pages > decision.limit_pages:  # hostd picks the pages, then holds the limit
+                    actions.append((vm.vm_id, vm.host_target, "pageout",
+                                    (vm.cgroup_usage_pages - decision.limit_pages) * PAGE_SIZE_BYTES))
                 actions.append((vm.vm_id, vm.host_target, "limit", limit_bytes))
                 self.counters["vswap_limit_changes"] += 1
                 self._event(now_ms, "vswap", vm=vm.vm_id, old_limit_pages=old, new_limit_pages=decision.limit_pages,

@@ -14,6 +14,10 @@ never waits for the record: a guest is thawed and given its limit back first, th
 updated after (a failure there only leaves an entry whose undoing is a no-op). Thawing and
 restoring the limit are independent: one failing never stops the other.
 
+A "pageout" action (vswap_mode = "blind") pages out random resident pages of the guest's
+processes (hostd/pageout.py) just before the "limit" action that holds the cgroup there; it
+changes nothing that must be undone (the pages fault back in), so it is not recorded.
+
 The record directory is created 0700 and must be owned by hostd's user and not group- or
 world-writable (else nothing is written, so nothing is squeezed); the temp file has a random
 name opened O_EXCL|O_NOFOLLOW. `recover()` acts only on targets this configuration names or
@@ -26,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import secrets
 import stat
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ from typing import Any, Protocol
 from hostd.cgroupfs import BackendError, CgroupfsBackend, TargetGone
 from hostd.docker_backend import PREFIX as DOCKER_PREFIX
 from hostd.docker_backend import DockerBackend
+from hostd.pageout import PageoutResult
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,8 @@ class HostReclaimer:
         self._own_limits: dict[str, int | None] = {}
         self._failed: dict[tuple[str, str], str] = {}  # (vm, action) → the last failure
         self._record_problem: str | None = None  # the last record write failure (logged once)
+        self._rng = random.Random()  # blind host swap's page choice
+        self.last_pageout: dict[str, PageoutResult] = {}  # target → what its last blind pageout took
 
     def discover(self, label: str, label_filter: str) -> dict[str, str]:
         return self._docker.discover(label, label_filter)
@@ -392,6 +400,13 @@ class HostReclaimer:
                 self._drop_if_done(target)
             else:
                 backend.set_limit_bytes(target, self._own_limits.get(target))
+        elif action == "pageout":  # blind host swap: nothing to undo (the pages fault back in), so no record
+            page_out = getattr(backend, "page_out", None)
+            if page_out is None:
+                raise BackendError(f"{target}: blind host swap needs a cgroup target (the limit alone applies)")
+            result = page_out(target, limit_bytes or 0, self._rng)
+            self.last_pageout[target] = result
+            log.debug("%s: %s", target, result.describe())
         elif action == "freeze":
             previous = None if entry is None else dict(entry)
             entry = self._record[target] = dict(previous or {"own_limit_bytes": self._own_limits.get(target),

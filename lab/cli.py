@@ -88,10 +88,21 @@ def add_experiment_parser(commands: Any) -> None:
     idle_tax.add_argument("--phase", default="90s", help="how long each τ runs (default 90s)")
     idle_tax.add_argument("--sample-period", default="10s", help="hostd's working-set sample period (default 10s)")
     idle_tax.add_argument("--host-memory", default="360MiB", help="memory the two guests share (default 360MiB)")
+    idle_tax.add_argument("--vswap-mode", choices=("limit", "blind", "off"), default="limit",
+                          help="host swap for what the balloon cannot take: limit (default), blind or off")
     overhead = which.add_parser("balloon-overhead", help="Fig. 2: ballooned down to X vs configured at X")
     overhead.add_argument("--sizes", default="448MiB,384MiB,320MiB,256MiB", help="the X values")
     overhead.add_argument("--measure", default="10s", help="throughput averaged over this long per X")
-    for command in (idle_tax, overhead):
+    versus = which.add_parser("balloon-vs-swap", help="the same memory taken by the balloon, blind host swap "
+                              "and a lowered limit from a guest with a hot and a cold set")
+    versus.add_argument("--take", default="96MiB", help="memory taken from the 256 MiB guest (default 96MiB)")
+    versus.add_argument("--after", default="30s", help="how long each is watched once taken (default 30s)")
+    versus.add_argument("--cold-kinds", default="anon,file", help="the cold set: anon, file (page cache) or both")
+    estimator = which.add_parser("wss-estimator", help="the working-set estimator's response to a step up and down "
+                                 "(pure computation over hostd's EWMAs, no guests)")
+    estimator.add_argument("--sample-periods", default="5s,15s,60s", help="the sample periods compared")
+    estimator.add_argument("--out", type=Path, default=Path("experiments"))
+    for command in (idle_tax, overhead, versus):
         command.add_argument("--out", type=Path, default=Path("experiments"),
                              help="where the CSV, PNG and table go (default ./experiments)")
         command.add_argument("--state-dir", type=Path, default=Path("/run/balloonlab-experiment"))
@@ -110,10 +121,21 @@ def run_experiment(args: argparse.Namespace) -> str:
     options = LabOptions(state_dir=args.state_dir, cgroup_name=args.cgroup_name,
                          endpoints=Endpoints(args.agent_endpoint, args.endpoint))
     try:
+        if args.experiment == "wss-estimator":
+            periods = tuple(parse_duration_ms(p) / 1000 for p in args.sample_periods.split(","))
+            return experiments.run_estimator(experiments.EstimatorSetup(sample_periods_s=periods), args.out)
+        if args.experiment == "balloon-vs-swap":
+            versus = experiments.BalloonVsSwapSetup(take_bytes=parse_size_bytes(args.take),
+                                                    after_s=parse_duration_ms(args.after) / 1000,
+                                                    cold_kinds=tuple(args.cold_kinds.split(",")))
+            if not set(versus.cold_kinds) <= {"anon", "file"}:
+                raise CtlError("--cold-kinds: anon, file or anon,file", 2)
+            return experiments.run_balloon_vs_swap(versus, args.out, options, progress)
         if args.experiment == "idle-tax":
             setup = experiments.IdleTaxSetup(phase_s=parse_duration_ms(args.phase) / 1000,
                                              sample_period_s=parse_duration_ms(args.sample_period) / 1000,
-                                             host_memory_bytes=parse_size_bytes(args.host_memory))
+                                             host_memory_bytes=parse_size_bytes(args.host_memory),
+                                             vswap_mode=args.vswap_mode)
             return experiments.run_idle_tax(setup, args.out, options, progress)
         sizes = tuple(parse_size_bytes(size) for size in args.sizes.split(","))
         overhead = experiments.OverheadSetup(sizes_bytes=sizes, measure_s=parse_duration_ms(args.measure) / 1000)

@@ -39,6 +39,10 @@ class IdleTaxSetup:
     phase_s: float = 90.0  # how long each τ runs
     sample_period_s: float = 10.0
     taxes: tuple[float, float] = (0.0, 0.75)
+    # As ESX: what the balloon cannot take becomes host swap (hostd is given the guests'
+    # cgroups). "limit" lowers the cgroup's limit (the guest's LRU picks), "blind" pages out
+    # random pages (hostd/pageout.py); "off" runs without host swap (the first version).
+    vswap_mode: str = "limit"
 
 
 def idle_tax_lab(setup: IdleTaxSetup) -> str:
@@ -49,10 +53,25 @@ def idle_tax_lab(setup: IdleTaxSetup) -> str:
             f'phases = "active {setup.active_bytes >> 20}MiB"\n')
 
 
-def hostd_toml(host_memory_bytes: int, idle_tax: float, sample_period_s: float, balance_period_s: float) -> str:
-    return (f'host_memory_bytes = "{host_memory_bytes >> 20}MiB"\nidle_tax_ratio = {idle_tax}\n'
+def hostd_toml(host_memory_bytes: int, idle_tax: float, sample_period_s: float, balance_period_s: float,
+               cgroups: dict[str, str] | None = None, vswap_mode: str = "limit",
+               vswap_state_file: Path | None = None) -> str:
+    """hostd for an experiment; with `cgroups` (vm → cgroup path below the hierarchy) hostd
+    applies swap targets to those guests (host swap, `vswap_mode`)."""
+    text = (f'host_memory_bytes = "{host_memory_bytes >> 20}MiB"\nidle_tax_ratio = {idle_tax}\n'
             f'sample_period_ms = "{sample_period_s:g}s"\nbalance_period_ms = "{balance_period_s:g}s"\n'
             'report_interval_ms = "1s"\nhttp_address = "off"\n')
+    if not cgroups:
+        return text + "vswap = false\n"
+    text += f'vswap = true\nvswap_mode = "{vswap_mode}"\n'
+    if vswap_state_file is not None:
+        text += f'vswap_state_file = "{vswap_state_file}"\n'
+    return text + "".join(f'\n[vms.{vm}]\ncgroup = "{path}"\n' for vm, path in cgroups.items())
+
+
+def lab_cgroups(options: LabOptions, guests: Sequence[str]) -> dict[str, str]:
+    """Where lab/runner.py puts each guest: below the lab's parent, relative to the hierarchy."""
+    return {guest: f"{options.cgroup_name}/{guest}" for guest in guests}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,16 +84,30 @@ class Sample:
     active_ratio: float
     swap_bytes: int
     touches_per_s: float | None
+    latency_p99_us: float | None = None
+    host_swap_bytes: int = 0  # how far hostd has lowered the guest's limit below its own (host swap)
+    swap_out_pages: int | None = None  # the cgroup's cumulative pages swapped out (pswpout)
+    swap_in_pages: int | None = None
+    consumed_bytes: int = 0  # what the guest's cgroup holds (hostd's reading), balloon included
+    host_state: str = ""  # hostd's free-memory state (host swap applies only outside "high")
 
 
 CSV_FIELDS = ("t_s", "idle_tax", "vm_id", "alloc_target_bytes", "balloon_bytes", "active_ratio", "swap_bytes",
-              "touches_per_s")
+              "touches_per_s", "latency_p99_us", "host_swap_bytes", "swap_out_pages", "swap_in_pages",
+              "consumed_bytes", "host_state")
+
+
+def host_swap_bytes(vm: dict[str, Any]) -> int:
+    own, lowered = vm.get("cgroup_limit_bytes"), vm.get("vswap_limit_bytes")
+    return max(0, own - lowered) if own is not None and lowered is not None else 0
 
 
 def samples_from_snapshot(snapshot: dict[str, Any], t_s: float, idle_tax: float) -> list[Sample]:
     return [Sample(round(t_s, 2), idle_tax, vm["vm_id"], vm["alloc_target_bytes"], vm["balloon_bytes"],
                    round(vm["active_ratio"], 4), vm["swap_current_bytes"] or 0,
-                   vm["workload"].get("touches_per_s"))
+                   vm["workload"].get("touches_per_s"), vm["workload"].get("latency_p99_us"),
+                   host_swap_bytes(vm), vm.get("swap_out_pages"), vm.get("swap_in_pages"),
+                   vm.get("consumed_bytes") or 0, snapshot.get("host", {}).get("state", ""))
             for vm in snapshot["vms"] if vm["alive"]]
 
 
@@ -85,6 +118,14 @@ class PhaseSummary:
     alloc_target_bytes: int  # mean over the settled second half of the phase
     balloon_bytes: int
     touches_per_s: float | None
+    host_swap_bytes: int = 0
+    swap_bytes: int = 0
+    latency_p99_us: float | None = None
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else None
 
 
 def summarize(samples: Sequence[Sample]) -> list[PhaseSummary]:
@@ -96,19 +137,41 @@ def summarize(samples: Sequence[Sample]) -> list[PhaseSummary]:
         settled = [s for s in phase if s.t_s >= (start + end) / 2]
         for vm_id in sorted({s.vm_id for s in settled}):
             rows = [s for s in settled if s.vm_id == vm_id]
-            touches = [s.touches_per_s for s in rows if s.touches_per_s is not None]
-            summaries.append(PhaseSummary(tax, vm_id, int(statistics.mean(s.alloc_target_bytes for s in rows)),
-                                          int(statistics.mean(s.balloon_bytes for s in rows)),
-                                          statistics.mean(touches) if touches else None))
+            summaries.append(PhaseSummary(
+                tax, vm_id, int(statistics.mean(s.alloc_target_bytes for s in rows)),
+                int(statistics.mean(s.balloon_bytes for s in rows)), _mean([s.touches_per_s for s in rows]),
+                int(statistics.mean(s.host_swap_bytes for s in rows)), int(statistics.mean(s.swap_bytes for s in rows)),
+                _mean([s.latency_p99_us for s in rows])))
     return summaries
 
 
+# The paper's Fig. 7 (W02 §5.4, read from the figure): allocations in MB, and dbench's gain.
+PAPER_ALLOC_MB = {(0.0, "idle"): 179, (0.0, "active"): 179, (0.75, "idle"): 100, (0.75, "active"): 243}
+PAPER_THROUGHPUT_GAIN = 0.30
+
+
+def throughput_gain(summaries: Sequence[PhaseSummary], vm_id: str = "active") -> float | None:
+    """The active workload's throughput in the last τ's phase over the first's, less 1."""
+    rates = [s.touches_per_s for s in summaries if s.vm_id == vm_id]
+    if len(rates) < 2 or not rates[0] or rates[-1] is None:
+        return None
+    return rates[-1] / rates[0] - 1
+
+
 def render_idle_tax_table(summaries: Sequence[PhaseSummary]) -> str:
-    lines = [f"{'τ':>5} {'VM':<8} {'ALLOC TARGET':>12} {'BALLOON':>9} {'TOUCHES/s':>11}"]
+    lines = [f"{'τ':>5} {'VM':<7} {'ALLOC':>7} {'PAPER':>6} {'BALLOON':>8} {'HOST SWAP':>9} {'SWAP':>7} "
+             f"{'TOUCHES/s':>11} {'P99 µs':>8}"]
     for s in summaries:
         touches = f"{s.touches_per_s:,.0f}" if s.touches_per_s is not None else "-"
-        lines.append(f"{s.idle_tax:>5g} {s.vm_id:<8} {format_bytes(s.alloc_target_bytes):>12} "
-                     f"{format_bytes(s.balloon_bytes):>9} {touches:>11}")
+        p99 = f"{s.latency_p99_us:,.1f}" if s.latency_p99_us is not None and s.touches_per_s else "-"
+        paper = PAPER_ALLOC_MB.get((s.idle_tax, s.vm_id))
+        lines.append(f"{s.idle_tax:>5g} {s.vm_id:<7} {format_bytes(s.alloc_target_bytes):>7} "
+                     f"{f'{paper}MB' if paper else '-':>6} {format_bytes(s.balloon_bytes):>8} "
+                     f"{format_bytes(s.host_swap_bytes):>9} {format_bytes(s.swap_bytes):>7} {touches:>11} {p99:>8}")
+    gain = throughput_gain(summaries)
+    if gain is not None:
+        lines.append(f"active throughput τ={summaries[0].idle_tax:g} → τ={summaries[-1].idle_tax:g}: {gain:+.0%} "
+                     f"(paper: dbench +{PAPER_THROUGHPUT_GAIN:.0%})")
     return "\n".join(lines)
 
 
@@ -130,11 +193,14 @@ def _set_idle_tax(endpoint: str, idle_tax: float) -> None:
 def run_idle_tax(setup: IdleTaxSetup, out_dir: Path, options: LabOptions, progress: Progress = print) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     hostd_config = out_dir / "idle-tax.hostd.toml"
+    spec = parse_lab(idle_tax_lab(setup), "idle-tax lab")
+    cgroups = None if setup.vswap_mode == "off" else lab_cgroups(options, [g.name for g in spec.guests])
     hostd_config.write_text(hostd_toml(setup.host_memory_bytes, setup.taxes[0], setup.sample_period_s,
-                                       max(1.0, setup.sample_period_s / 4)))
+                                       max(1.0, setup.sample_period_s / 4), cgroups, setup.vswap_mode,
+                                       options.state_dir / "vswap" / "hostd-vswap.json"))
     samples: list[Sample] = []
     try:
-        up(parse_lab(idle_tax_lab(setup), "idle-tax lab"), hostd_config, options, progress)
+        up(spec, hostd_config, options, progress)
         started = time.monotonic()
         for tax in setup.taxes:
             _set_idle_tax(options.endpoints.control, tax)
@@ -257,3 +323,320 @@ def run_balloon_overhead(setup: OverheadSetup, out_dir: Path, options: LabOption
     table = render_overhead_table(points)
     (out_dir / "balloon-overhead.txt").write_text(table + "\n")
     return f"{table}\n\nwrote {out_dir / 'balloon-overhead.csv'}, {out_dir / 'balloon-overhead.png'}"
+
+
+# ---- balloon vs host swap ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class BalloonVsSwapSetup:
+    """One guest with a hot and a cold set; `take_bytes` taken from it three ways: its balloon
+    (the guest's kernel chooses what to give up), blind host swap (hostd chooses, at random)
+    and a lowered limit (the host forces it, the guest's LRU chooses) — the last two with
+    hostd's own host backend (hostd.reclaim.HostReclaimer), stepped as hostd steps."""
+
+    memsz_bytes: int = 256 * MiB
+    hot_bytes: int = 48 * MiB
+    cold_bytes: int = 160 * MiB
+    hot_fraction: float = 0.9
+    take_bytes: int = 96 * MiB
+    cold_kinds: tuple[str, ...] = ("anon", "file")
+    methods: tuple[str, ...] = ("balloon", "blind", "limit")
+    before_s: float = 10.0  # undisturbed, before anything is taken
+    after_s: float = 30.0  # from the moment it starts being taken
+    step_bytes: int = 64 << 20  # host swap moves the limit this much a second (hostd's vswap_step)
+
+
+@dataclass(frozen=True, slots=True)
+class SwapSample:
+    cold_kind: str
+    method: str
+    t_s: float  # seconds since it started being taken (negative: before)
+    touches_per_s: float | None
+    latency_p99_us: float | None
+    usage_bytes: int
+    swap_bytes: int
+    major_faults: int  # cumulative since the run's start: swap-ins and page-cache refaults
+    balloon_bytes: int
+
+
+SWAP_FIELDS = ("cold_kind", "method", "t_s", "touches_per_s", "latency_p99_us", "usage_bytes", "swap_bytes",
+               "major_faults", "balloon_bytes")
+
+
+def balloon_vs_swap_lab(setup: BalloonVsSwapSetup, cold_kind: str, python: str) -> str:
+    command = [python, "-m", "lab.skewload", "--hot", f"{setup.hot_bytes >> 20}MiB", "--cold",
+               f"{setup.cold_bytes >> 20}MiB", "--hot-fraction", f"{setup.hot_fraction:g}", "--cold-kind", cold_kind]
+    return (f'[guests.skew]\nmemory = "{setup.memsz_bytes >> 20}MiB"\nswap = "{setup.memsz_bytes >> 20}MiB"\n'
+            f"command = {json_list(command)}\n")
+
+
+def json_list(words: Sequence[str]) -> str:
+    import json
+
+    return json.dumps(list(words))
+
+
+@dataclass(frozen=True, slots=True)
+class SwapSummary:
+    cold_kind: str
+    method: str
+    before_touches_per_s: float | None
+    dip_touches_per_s: float | None  # the worst second after it was taken
+    after_touches_per_s: float | None  # the mean of the last half
+    after_p99_us: float | None
+    swapped_bytes: int  # swap in use at the end, less at the start
+    major_faults: int  # during the run after it was taken: what the guest had to read back
+    recovered_s: float | None  # first second after which throughput stays ≥ 80 % of the settled mean
+
+
+def summarize_swap(samples: Sequence[SwapSample]) -> list[SwapSummary]:
+    out = []
+    for kind in dict.fromkeys(s.cold_kind for s in samples):
+        for method in dict.fromkeys(s.method for s in samples if s.cold_kind == kind):
+            rows = [s for s in samples if s.cold_kind == kind and s.method == method]
+            before = [s for s in rows if s.t_s < 0]
+            after = [s for s in rows if s.t_s >= 0]
+            if not after:
+                continue
+            tail = after[len(after) // 2:]
+            settled = _mean([s.touches_per_s for s in tail])
+            recovered = None
+            if settled:
+                for index, s in enumerate(after):
+                    if all((r.touches_per_s or 0) >= 0.8 * settled for r in after[index:]):
+                        recovered = s.t_s
+                        break
+            rates = [s.touches_per_s for s in after if s.touches_per_s is not None]
+            out.append(SwapSummary(
+                kind, method, _mean([s.touches_per_s for s in before]), min(rates) if rates else None, settled,
+                _mean([s.latency_p99_us for s in tail]),
+                after[-1].swap_bytes - (before[-1].swap_bytes if before else 0),
+                after[-1].major_faults - (before[-1].major_faults if before else 0), recovered))
+    return out
+
+
+def render_swap_table(summaries: Sequence[SwapSummary]) -> str:
+    def rate(value: float | None) -> str:
+        return f"{value:,.0f}" if value is not None else "-"
+
+    lines = [f"{'COLD':<5} {'METHOD':<8} {'BEFORE/s':>10} {'WORST/s':>10} {'AFTER/s':>10} {'AFTER':>6} "
+             f"{'P99 µs':>8} {'SWAPPED':>8} {'MAJFLT':>8} {'RECOVER':>7}"]
+    for s in summaries:
+        ratio = f"{s.after_touches_per_s / s.before_touches_per_s:.2f}" if s.after_touches_per_s and \
+            s.before_touches_per_s else "-"
+        p99 = f"{s.after_p99_us:,.1f}" if s.after_p99_us is not None else "-"
+        recovered = f"{s.recovered_s:.0f}s" if s.recovered_s is not None else "-"
+        lines.append(f"{s.cold_kind:<5} {s.method:<8} {rate(s.before_touches_per_s):>10} "
+                     f"{rate(s.dip_touches_per_s):>10} {rate(s.after_touches_per_s):>10} {ratio:>6} {p99:>8} "
+                     f"{format_bytes(max(0, s.swapped_bytes)):>8} {s.major_faults:>8,} {recovered:>7}")
+    return "\n".join(lines)
+
+
+def _take_by_host(reclaimer: Any, cgroup: str, goal_bytes: int, step_bytes: int, blind: bool,
+                  usage_bytes: Callable[[], int]) -> bool:
+    """One host-swap step toward `goal_bytes`, as hostd takes it (hostd.core.host_actions):
+    from what the cgroup holds, at most a step; blind pages out first, then holds the limit.
+    Returns True once at the goal."""
+    usage = usage_bytes()
+    current = reclaimer.last_limit.get(cgroup, usage)
+    limit = max(goal_bytes, min(current, usage) - step_bytes)
+    actions: list[tuple[str, str, str, int | None]] = []
+    if blind and usage > limit:
+        actions.append(("skew", cgroup, "pageout", usage - limit))
+    actions.append(("skew", cgroup, "limit", limit))
+    failures = reclaimer.apply(actions)
+    if failures:
+        raise RuntimeError(f"host swap failed: {failures}")
+    reclaimer.last_limit[cgroup] = limit
+    return bool(limit <= goal_bytes)
+
+
+def _run_swap_case(setup: BalloonVsSwapSetup, cold_kind: str, method: str, hostd_config: Path,
+                   options: LabOptions, progress: Progress) -> list[SwapSample]:
+    import json
+    import sys
+
+    from guestagent.cgroup import CgroupReader
+    from hostd.cgroupfs import CgroupfsBackend, memory_cgroup_version, memory_hierarchy
+    from hostd.client import HostdClient
+    from hostd.reclaim import HostReclaimer
+    from protocol.limits import PAGE_SIZE_BYTES
+
+    samples: list[SwapSample] = []
+    reclaimer = None
+    try:
+        state = up(parse_lab(balloon_vs_swap_lab(setup, cold_kind, sys.executable), "balloon-vs-swap lab"),
+                   hostd_config, options, lambda _line: None)
+        path = Path(state["guests"]["skew"]["cgroup"])
+        cgroup = str(path.relative_to(memory_hierarchy(memory_cgroup_version())))
+        report = Path(state["guests"]["skew"]["workload_report"])
+        reader = CgroupReader.for_path(path)
+        reclaimer = HostReclaimer({"skew": cgroup}, options.state_dir / "vswap" / "record.json", CgroupfsBackend())
+        reclaimer.last_limit = {}  # type: ignore[attr-defined]
+        reclaimer.read("skew")
+        deadline = time.monotonic() + 60
+        while not report.exists():  # the workload has filled its sets
+            if time.monotonic() > deadline:
+                raise RuntimeError("the skew workload did not report within 60 s")
+            time.sleep(0.5)
+        time.sleep(2.0)
+        faults0 = reader.read().major_faults or 0
+        started = time.monotonic() + setup.before_s
+        taken = False
+        client = HostdClient(options.endpoints.control)
+        last_ts = 0.0
+        while time.monotonic() < started + setup.after_s:
+            now = time.monotonic()
+            if now >= started and not taken:
+                if method == "balloon":
+                    client.target("skew", setup.take_bytes // PAGE_SIZE_BYTES)
+                    taken = True
+                else:
+                    taken = _take_by_host(reclaimer, cgroup, setup.memsz_bytes - setup.take_bytes, setup.step_bytes,
+                                          method == "blind", lambda: reader.read().usage_bytes)
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))
+            reading = reader.read()
+            try:
+                workload = json.loads(report.read_text())
+            except (OSError, ValueError):
+                workload = {}
+            fresh = workload.get("ts", 0) != last_ts
+            last_ts = workload.get("ts", 0)
+            snapshot = _hostd_status(options.endpoints.control) or {"vms": []}
+            balloon = sum(vm["balloon_bytes"] for vm in snapshot["vms"] if vm["vm_id"] == "skew")
+            samples.append(SwapSample(cold_kind, method, round(time.monotonic() - started, 2),
+                                      workload.get("touches_per_s") if fresh else 0.0,
+                                      workload.get("latency_p99_us") if fresh else None,
+                                      reading.usage_bytes, reading.swap_used_bytes or 0,
+                                      (reading.major_faults or 0) - faults0, balloon))
+        if method != "balloon":
+            progress(f"{cold_kind}/{method}: " + "; ".join(r.describe() for r in reclaimer.last_pageout.values()))
+    finally:
+        if reclaimer is not None:
+            reclaimer.restore_all()
+        down(options, lambda _line: None)
+    return samples
+
+
+def run_balloon_vs_swap(setup: BalloonVsSwapSetup, out_dir: Path, options: LabOptions,
+                        progress: Progress = print) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hostd_config = out_dir / "balloon-vs-swap.hostd.toml"
+    # Memory enough for the guest (the policy never acts by itself; only the manual target
+    # and the experiment's own host swap take memory), and no host swap of hostd's.
+    hostd_config.write_text(hostd_toml(4 * setup.memsz_bytes, 0.75, 10, 5))
+    samples: list[SwapSample] = []
+    for index, kind in enumerate(setup.cold_kinds):
+        # Alternate the order of the methods: other jobs on the host change its speed over time.
+        methods = setup.methods if index % 2 == 0 else setup.methods[::-1]
+        for method in methods:
+            progress(f"cold {kind}: taking {setup.take_bytes >> 20} MiB by {method}")
+            samples.extend(_run_swap_case(setup, kind, method, hostd_config, options, progress))
+    write_csv(out_dir / "balloon-vs-swap.csv", samples, SWAP_FIELDS)
+    from lab.plots import plot_balloon_vs_swap
+
+    plot_balloon_vs_swap(samples, out_dir / "balloon-vs-swap.png", setup)
+    table = render_swap_table(summarize_swap(samples))
+    (out_dir / "balloon-vs-swap.txt").write_text(table + "\n")
+    return f"{table}\n\nwrote {out_dir / 'balloon-vs-swap.csv'}, {out_dir / 'balloon-vs-swap.png'}"
+
+
+# ---- the working-set estimator's response (pure) ------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class EstimatorSetup:
+    """A workload whose true touched fraction steps from `low` to `high` and back; hostd's
+    estimator (hostd.policy.WorkingSet) fed as hostd feeds it: each completed sampling period
+    (with_period) and, every report in between, the running period's partial count
+    (with_current). The workload touches its whole set within a second, so a partial count
+    is the true fraction at once."""
+
+    sample_periods_s: tuple[float, ...] = (5.0, 15.0, 60.0)
+    low: float = 0.2
+    high: float = 0.8
+    step_up_s: float = 300.0
+    step_down_s: float = 900.0
+    end_s: float = 2700.0
+    report_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class EstimatorSample:
+    sample_period_s: float
+    t_s: float
+    true_ratio: float
+    slow: float
+    fast: float
+    fast_current: float
+    estimate: float
+
+
+ESTIMATOR_FIELDS = ("sample_period_s", "t_s", "true_ratio", "slow", "fast", "fast_current", "estimate")
+
+
+def true_touched(setup: EstimatorSetup, t_s: float) -> float:
+    return setup.high if setup.step_up_s <= t_s < setup.step_down_s else setup.low
+
+
+def estimator_response(setup: EstimatorSetup) -> list[EstimatorSample]:
+    from hostd.policy import EwmaGains, WorkingSet
+
+    gains = EwmaGains()
+    out: list[EstimatorSample] = []
+    for period in setup.sample_periods_s:
+        ws = WorkingSet()
+        period_start = 0.0
+        peak = 0.0  # the period's touched fraction so far: what its pages' access bits show
+        steps = round(setup.end_s / setup.report_s)
+        for index in range(1, steps + 1):
+            t = index * setup.report_s
+            peak = max(peak, true_touched(setup, t - setup.report_s / 2))
+            if t - period_start >= period - 1e-9:
+                ws = ws.with_period(peak, gains)
+                period_start, peak = t, 0.0
+            elif ws.samples:
+                ws = ws.with_current(peak, gains)
+            out.append(EstimatorSample(period, t, true_touched(setup, t), ws.slow, ws.fast, ws.fast_current,
+                                       ws.ratio))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class EstimatorSummary:
+    sample_period_s: float
+    up_90_s: float | None  # after the step up: until the estimate reaches 90 % of the way
+    down_90_s: float | None  # after the step down: until it has come 90 % of the way down
+
+
+def summarize_estimator(samples: Sequence[EstimatorSample], setup: EstimatorSetup) -> list[EstimatorSummary]:
+    out = []
+    span = setup.high - setup.low
+    for period in dict.fromkeys(s.sample_period_s for s in samples):
+        rows = [s for s in samples if s.sample_period_s == period]
+        up = next((s.t_s - setup.step_up_s for s in rows
+                   if setup.step_up_s <= s.t_s and s.estimate >= setup.low + 0.9 * span), None)
+        down = next((s.t_s - setup.step_down_s for s in rows
+                     if s.t_s >= setup.step_down_s and s.estimate <= setup.high - 0.9 * span), None)
+        out.append(EstimatorSummary(period, up, down))
+    return out
+
+
+def render_estimator_table(summaries: Sequence[EstimatorSummary]) -> str:
+    lines = [f"{'SAMPLE PERIOD':>13} {'UP 90 %':>9} {'(PERIODS)':>9} {'DOWN 90 %':>10} {'(PERIODS)':>9}"]
+    def cell(value: float | None, period: float) -> tuple[str, str]:
+        return (f"{value:.0f}s", f"{value / period:.1f}") if value is not None else ("never", "-")
+
+    for s in summaries:
+        up, down = cell(s.up_90_s, s.sample_period_s), cell(s.down_90_s, s.sample_period_s)
+        lines.append(f"{s.sample_period_s:>12g}s {up[0]:>9} {up[1]:>9} {down[0]:>10} {down[1]:>9}")
+    return "\n".join(lines)
+
+
+def run_estimator(setup: EstimatorSetup, out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = estimator_response(setup)
+    write_csv(out_dir / "wss-estimator.csv", samples, ESTIMATOR_FIELDS)
+    from lab.plots import plot_estimator
+
+    plot_estimator(samples, out_dir / "wss-estimator.png", setup)
+    table = render_estimator_table(summarize_estimator(samples, setup))
+    (out_dir / "wss-estimator.txt").write_text(table + "\n")
+    return f"{table}\n\nwrote {out_dir / 'wss-estimator.csv'}, {out_dir / 'wss-estimator.png'}"

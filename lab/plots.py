@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hostd.timeline import Timeline
-    from lab.experiments import IdleTaxSetup, OverheadPoint, OverheadSetup, Sample
+    from lab.experiments import (
+        BalloonVsSwapSetup,
+        EstimatorSample,
+        EstimatorSetup,
+        IdleTaxSetup,
+        OverheadPoint,
+        OverheadSetup,
+        Sample,
+        SwapSample,
+    )
 
 MiB = 1 << 20
 
@@ -116,3 +125,56 @@ def plot_timeline(timeline: Timeline, path: Path, title: str = "") -> int:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return drawn
+
+
+def plot_balloon_vs_swap(samples: Sequence[SwapSample], path: Path, setup: BalloonVsSwapSetup) -> None:
+    plt = _pyplot()
+    kinds = list(dict.fromkeys(s.cold_kind for s in samples))
+    figure, axes = plt.subplots(3, len(kinds), figsize=(6 * len(kinds), 8), sharex=True, squeeze=False)
+    colors = {"balloon": "tab:green", "blind": "tab:red", "limit": "tab:blue"}
+    for column, kind in enumerate(kinds):
+        throughput, latency, faults = axes[0][column], axes[1][column], axes[2][column]
+        for method in dict.fromkeys(s.method for s in samples if s.cold_kind == kind):
+            rows = [s for s in samples if s.cold_kind == kind and s.method == method]
+            times = [s.t_s for s in rows]
+            color = colors.get(method)
+            throughput.plot(times, [(s.touches_per_s or 0) / 1e6 for s in rows], color=color, label=method)
+            latency.plot(times, [s.latency_p99_us or float("nan") for s in rows], color=color)
+            faults.plot(times, [s.major_faults / 1e3 for s in rows], color=color)
+            faults.plot(times, [s.swap_bytes / MiB / 10 for s in rows], color=color, linestyle=":")
+        for axis in (throughput, latency, faults):
+            axis.axvline(0, color="grey", linewidth=0.8)
+        throughput.set_title(f"cold set: {'page cache (file)' if kind == 'file' else 'anonymous'}; "
+                             f"{setup.take_bytes >> 20} MiB taken at t=0")
+        throughput.set_ylabel("touches (M/s)")
+        throughput.legend(fontsize="small")
+        latency.set_ylabel("p99 µs per touch")
+        latency.set_yscale("log")
+        faults.set_ylabel("major faults (k, solid)\nswap in use (×10 MiB, dotted)")
+        faults.set_xlabel("seconds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_estimator(samples: Sequence[EstimatorSample], path: Path, setup: EstimatorSetup) -> None:
+    plt = _pyplot()
+    periods = list(dict.fromkeys(s.sample_period_s for s in samples))
+    figure, axes = plt.subplots(len(periods), 1, figsize=(8, 2.6 * len(periods)), sharex=True, squeeze=False)
+    for axis, period in zip((row[0] for row in axes), periods, strict=True):
+        rows = [s for s in samples if s.sample_period_s == period]
+        times = [s.t_s for s in rows]
+        axis.plot(times, [s.true_ratio for s in rows], color="black", linewidth=2, label="true touched fraction")
+        axis.plot(times, [s.slow for s in rows], label="slow EWMA")
+        axis.plot(times, [s.fast for s in rows], label="fast EWMA")
+        axis.plot(times, [s.fast_current for s in rows], linestyle=":", label="fast, current period")
+        axis.plot(times, [s.estimate for s in rows], color="tab:red", linestyle="--", label="estimate (max)")
+        axis.set_ylabel(f"period {period:g} s")
+        axis.set_ylim(0, 1.05)
+    axes[0][0].set_title(f"Working-set estimator: step {setup.low:g} → {setup.high:g} at {setup.step_up_s:g} s, "
+                         f"back at {setup.step_down_s:g} s (fast up, slow down)")
+    axes[0][0].legend(fontsize="x-small", loc="upper right")
+    axes[-1][0].set_xlabel("seconds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

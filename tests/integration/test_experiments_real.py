@@ -3,6 +3,7 @@ shift when τ goes from 0 to 0.75, not exact numbers."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,43 @@ def test_short_idle_tax_experiment_moves_memory_to_the_active_guest(tmp_path: Pa
     assert taxed["active"] > even["active"] + 40
     assert taxed["idle"] < even["idle"] - 40
     assert taxed["active"] > 1.6 * taxed["idle"]
+
+
+def test_short_idle_tax_with_host_swap_the_active_workload_gains_throughput(tmp_path: Path) -> None:
+    """Fig. 7 with its throughput effect, short (2 × 50 s, ≤ ~3 min): hostd has the guests'
+    cgroups, so what the active guest's balloon cannot take at τ = 0 should become host swap,
+    and its workload should run faster at τ = 0.75 (the paper: dbench +30 %). Checked: the
+    direction, with a wide margin (+10 %). Known gap (issue 19 note): hostd's policy counts a
+    balloon target as covered whenever the agent is not refusing at that instant, and the
+    agent's refusals reset with every new target, so the swap target stays 0 and nothing
+    squeezes the active guest; until the policy counts what the balloon holds, this is an
+    expected failure, reported as xfail with the measured figures."""
+    require_root()
+    require_swap(1 << 30)
+    import csv
+
+    name = f"balloonlab-test-idletax-{os.getpid()}"
+    options = LabOptions(state_dir=tmp_path / "state", cgroup_name=name,
+                         endpoints=Endpoints(f"tcp://127.0.0.1:{free_loopback_port()}",
+                                             f"tcp://127.0.0.1:{free_loopback_port()}"))
+    output = run_idle_tax(IdleTaxSetup(phase_s=50, sample_period_s=2, vswap_mode="limit"), tmp_path / "out",
+                          options, print)
+    print(output)
+    with open(tmp_path / "out" / "idle-tax.csv") as written:
+        rows = list(csv.DictReader(written))
+    assert 'cgroup = "' in (tmp_path / "out" / "idle-tax.hostd.toml").read_text()  # hostd was given the guests
+    assert {"host_swap_bytes", "latency_p99_us"} <= set(rows[0])
+
+    def settled(vm_id: str, tax: str, field: str) -> float:
+        phase = [r for r in rows if r["vm_id"] == vm_id and r["idle_tax"] == tax and r[field]]
+        tail = phase[len(phase) // 2:]
+        return sum(float(r[field]) for r in tail) / len(tail)
+
+    assert settled("active", "0.75", "alloc_target_bytes") > settled("active", "0.0", "alloc_target_bytes") + 40 * MiB
+    gain = settled("active", "0.75", "touches_per_s") / settled("active", "0.0", "touches_per_s") - 1
+    squeezed = settled("active", "0.0", "host_swap_bytes")
+    print(f"active throughput gain {gain:+.0%}, host swap at τ=0 {squeezed / MiB:.0f} MiB")
+    if squeezed < 16 * MiB:
+        pytest.xfail(f"no host swap of the active guest at τ=0 ({squeezed / MiB:.0f} MiB): the policy's swap "
+                     f"target stayed 0 (gain {gain:+.0%})")
+    assert gain > 0.10
