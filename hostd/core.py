@@ -181,6 +181,10 @@ class VmRecord:
     key_name: str | None = None  # CURVE: the allowlisted key that registered it (the ZAP User-Id)
     memsz_cap_pages: int = MAX_PAGES  # what hostd can see: host memory, and the cgroup's own limit
     stat_values: tuple[int | float | None, ...] = ()  # the latest status's stats, range-checked
+    # Its agent refused pages (or said "refusing") since it last reached its target: what the
+    # balloon cannot take is host swap's. Sticky until the balloon reaches its target, because
+    # the agent's own refusal count and state come and go between reports.
+    refusing: bool = False
     left_ms: int | None = None  # when it left or was lost (it is forgotten dead_vm_ttl_ms later)
     left_reason: str = ""
     cgroup_read_ms: int | None = None  # when hostd last read its cgroup (its own figures win)
@@ -555,6 +559,10 @@ class HostCore:
         vm.status = status
         vm.stat_values = tuple(checked_stat(value) for value in status.stats)
         vm.balloon_pages = min(status.balloon_pages, vm.memsz_pages)
+        if status.agent_state == "refusing" or status.refused_pages > 0:
+            vm.refusing = True
+        elif vm.balloon_pages >= vm.balloon_target_pages:
+            vm.refusing = False
         usage = vm.stat("usage_bytes")
         if vm.cgroup_read_ms is None and isinstance(usage, int):
             # Where hostd reads the vm's cgroup itself, that reading wins (observe_cgroup).
@@ -726,7 +734,7 @@ class HostCore:
         for vm in self.vms.values():
             if vm.host_target is None or vm.cgroup_limit_pages is None or not vm.alive:
                 continue
-            agent_usable = vm.has_agent and not (vm.status is not None and vm.status.agent_state == "refusing")
+            agent_usable = vm.has_agent and not vm.refusing
             # Reclaim mode: the balloon's memory is the host's (the agent let it go once the
             # ledger had it), so the guest's ceiling is its own limit less the balloon, at once.
             returned = self.ledger.held_pages(vm.vm_id) if vm.reclaim and vm.has_agent else 0
@@ -820,7 +828,7 @@ class HostCore:
                 reservation_pages=vm.params.reservation_bytes // PAGE_SIZE_BYTES,
                 limit_pages=vm.limit_pages, maxmemctl_pages=vm.maxmemctl_pages,
                 active_ratio=vm.working_set.ratio, balloon_pages=vm.balloon_pages, agent_alive=vm.has_agent,
-                agent_refusing=vm.status is not None and vm.status.agent_state == "refusing",
+                agent_refusing=vm.refusing,
                 manual_balloon_pages=vm.manual_balloon_pages, balloon_target_pages=vm.balloon_target_pages,
             )
             for vm in vms

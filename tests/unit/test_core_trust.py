@@ -289,3 +289,21 @@ def test_one_shot_identities_are_rate_limited_capped_and_forgotten():
     h.tick()
     assert h.core.vms == {} and h.core.snapshot(h.now)["vms"] == []
     register(h, VICTIM, "honest")  # the table has room again
+
+
+def test_a_refusal_is_remembered_until_the_balloon_reaches_its_target():
+    """The agent refuses, pauses and reports idle again: what its balloon holds, not its target,
+    is what ballooning covers until it gets there (else host swap is never due)."""
+    h = Harness(host_memory_bytes=300 * MiB)
+    register(h, VICTIM, "a")
+    register(h, INTRUDER, "b")
+    for route in (VICTIM, INTRUDER):
+        send(h, route, status(usage=250 * MiB, ws=0.9, samples=1))
+    h.tick()
+    a = h.core.vms["a"]
+    assert a.balloon_target_pages > 0 and h.core.state in ("hard", "low")
+    refusing = status(usage=250 * MiB, ws=0.9, samples=1, state="refusing")
+    send(h, VICTIM, refusing)
+    send(h, VICTIM, status(usage=250 * MiB, ws=0.9, samples=1, state="idle"))  # between two refusals
+    h.core.recompute(h.now, "test")
+    assert a.refusing and a.swap_target_pages > 0
