@@ -207,14 +207,16 @@ class MiniHost:
             self.ledger.pop(identity, None)
             self.forget(vm_id)
 
-    def pump(self, until: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+    def pump(self, until: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition",
+             poll_ms: int = 100) -> None:
+        """Handle frames until `until()` holds (checked at least every `poll_ms`)."""
         deadline = time.monotonic() + timeout_s
         while not until():
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 last = self.statuses[-1] if self.statuses else None
                 raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last status: {last}")
-            if self.socket.poll(min(remaining_ms, 100)):
+            if self.socket.poll(min(remaining_ms, poll_ms)):
                 route, frame = self.socket.recv_multipart()
                 envelope = decode(frame)
                 self.handle(route, envelope.seq, envelope.message)

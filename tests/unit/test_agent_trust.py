@@ -133,3 +133,16 @@ def test_curve_key_files_are_checked_at_start(tmp_path: Path):
     ):
         with pytest.raises(AgentError, match=message):
             AgentLoop._load_curve_keys(cfg)
+
+
+_PRESENT_EXCLUSIVE = (1 << 63) | (1 << 56)
+
+
+@given(st.lists(st.integers(0, 5000), unique=True, max_size=600))
+def test_pagemap_runs_are_the_sorted_frames(frames):
+    from array import array
+
+    from guestagent.balloon import ranges_from_pagemap
+
+    entries = array("Q", [_PRESENT_EXCLUSIVE | frame for frame in frames])
+    assert ranges_from_pagemap(entries) == PageRanges.from_pages(frames)
