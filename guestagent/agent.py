@@ -2,6 +2,7 @@
 
     givable_bytes(reading, host_swap_free)   how much more the guest can give without an OOM kill
     detect_pressure(previous, current, ...)  does the guest's own workload need memory back?
+    workload_growth(previous, current, ...)  ...suddenly, by writing new memory into the limit?
     next_rate(rate, succeeded)              vmw_balloon's adaptive rate: halve on failure, grow on success
     after_pressure(backoff, ...)            remember where pressure struck: a ceiling and a pause (AIMD)
     inflate_ceiling_pages(backoff, now)     how far inflation may go while that memory lasts
@@ -56,6 +57,9 @@ class PacingConfig:
     ceiling_doubling_ms: int = 5_000  # ...and that creep doubles this often while no pressure comes
     pressure_cooldown_ms: int = 1_000  # refaults / limit hits right after a pressure deflate are its echo
     pressure_forget_ms: int = 120_000  # no pressure for this long: forget the ceiling and the streak
+    growth_min_bytes: int = 4 << 20  # the workload's own anon growth that counts as a sudden need...
+    growth_bytes_per_s: int = 32 << 20  # ...when this fast (a grow-at-48-MiB/s workload counts)
+    growth_lookahead_s: float = 0.5  # a sudden need gets what it will take this long at its rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +160,40 @@ def detect_pressure(previous: GuestReading | None, current: GuestReading, givabl
     if givable < 0:
         return f"headroom gone ({givable >> 20} MiB short of the safety margin)"
     return None
+
+
+def workload_growth(previous: GuestReading | None, current: GuestReading, balloon_delta_bytes: int,
+                    interval_s: float, cfg: PacingConfig) -> tuple[str, int] | None:
+    """(reason, shortfall bytes) when the guest's own demand grows fast into its limit while
+    the balloon holds memory, else None.
+
+    With swap, the unpaced headroom counts every anonymous page swap could take, so a
+    workload writing a new buffer never makes it negative: the kernel swaps the workload's
+    older pages out (major faults later) while the balloon keeps its pages. A balloon is to
+    give way to the guest's own need first. Demand = growth of usage plus growth of swap (at
+    the limit usage stands still while the kernel swaps), less the balloon's own pins and
+    releases: a balloon that pushes an idle workload into swap makes exactly the swap its pins
+    displace, so that squeeze never counts. ≥ `growth_min_bytes` at ≥ `growth_bytes_per_s`,
+    when the free room and most of the cache cannot take another interval of it, is a need.
+    (Usage and swap come from the page counters, which are exact; memory.stat's anon and
+    swap figures lag by up to seconds on recent kernels.)"""
+    if previous is None or interval_s <= 0 or current.limit_bytes is None:
+        return None
+    swap_growth = (current.swap_used_bytes or 0) - (previous.swap_used_bytes or 0)
+    growth = current.usage_bytes - previous.usage_bytes + swap_growth - balloon_delta_bytes
+    if growth < cfg.growth_min_bytes or growth / interval_s < cfg.growth_bytes_per_s:
+        return None
+    file_bytes = (current.active_file_bytes or 0) + (current.inactive_file_bytes or 0)
+    room = (current.limit_bytes - current.usage_bytes + int(file_bytes * cfg.file_reclaimable_ratio)
+            - margin_bytes(current, cfg))
+    if room >= growth:
+        return None
+    # Give back what is missing now and what the demand will take over the next
+    # `growth_lookahead_s`: a quarter of the balloon per check trailed a workload writing
+    # 250 MiB/s by 3 checks, with the kernel swapping it meanwhile (issue 18's relief bench).
+    rate = growth / interval_s
+    return (f"guest demand growing {rate / (1 << 20):.0f} MiB/s into its limit "
+            f"({max(0, room) >> 20} MiB of room left)", growth - room + int(rate * cfg.growth_lookahead_s))
 
 
 def pressure_release_pages(balloon_pages: int, givable: int, cfg: PacingConfig) -> int:

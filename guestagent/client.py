@@ -32,6 +32,7 @@ import psutil
 import zmq
 
 from guestagent import agent
+from guestagent.alarm import UsageAlarm
 from guestagent.balloon import Batch, Pinner
 from guestagent.cgroup import READING_STATS_KEYS, CgroupReader, GuestReading
 from guestagent.config import AgentConfig
@@ -127,6 +128,8 @@ class AgentLoop:
         self._curve = self._load_curve_keys(cfg)
         self.context = context or zmq.Context.instance()
         self._io_batch = False  # libzmq's I/O threads run SCHED_BATCH (while the balloon moves)
+        self.alarm = UsageAlarm.for_cgroup(self.reader.path, self.reader.version)  # None: periodic checks only
+        self._held_at_check = 0  # balloon pages at the last guest reading
         self.socket: zmq.Socket[bytes] | None = None
         self.counters = Counters()
         self.stop_requested = False
@@ -225,11 +228,19 @@ class AgentLoop:
         return self._seq
 
     # ---- main loop -------------------------------------------------------------------
-    def run(self) -> int:
-        self._open_socket()
+    def _poller(self) -> zmq.Poller:
         poller = zmq.Poller()
         assert self.socket is not None
         poller.register(self.socket, zmq.POLLIN)
+        if self.alarm is not None and self.alarm.fd is not None:
+            poller.register(self.alarm.fd, zmq.POLLIN)
+        return poller
+
+    def run(self) -> int:
+        self._open_socket()
+        self._check_guest(_now_ms())  # arms the usage alarm
+        poller = self._poller()
+        polled = (self.socket, self.alarm.fd if self.alarm else None)
         now = _now_ms()
         self.sampler.start_period(now)
         self._next_ws_ms = now + self._ws_period_ms
@@ -240,13 +251,19 @@ class AgentLoop:
             moving = self._registered and (bool(self._pending) or self._target_pages != self.pinner.held_pages)
             self._io_scheduling(moving)
             timeout = self._poll_timeout_ms()
-            if poller.poll(timeout):
+            events = dict(poller.poll(timeout))
+            if self.socket in events:
                 self._drain()
-            socket_before = self.socket
+            if self.alarm is not None and self.alarm.fd in events:
+                # Usage crossed the alarm threshold: check the guest now, not at the next
+                # interval (at most every 5 ms however often usage swings across it).
+                self.alarm.drain()
+                self._next_check_ms = min(self._next_check_ms, self._last_check_ms + 5)
             self._tick(_now_ms())
-            if self.socket is not socket_before:  # replaced after the host was lost
-                poller = zmq.Poller()
-                poller.register(self.socket, zmq.POLLIN)
+            if (self.socket, self.alarm.fd if self.alarm else None) != polled:
+                # The socket was replaced (host lost) or the alarm re-armed (a new limit).
+                poller = self._poller()
+                polled = (self.socket, self.alarm.fd if self.alarm else None)
         self._shutdown()
         return 0
 
@@ -557,10 +574,19 @@ class AgentLoop:
         reason = agent.detect_pressure(self._last_reading, reading, headroom, self.pacing, interval_s,
                                        pinned_since_last=self._pinned_since_check,
                                        soft_signals=agent.soft_pressure_counts(self._backoff, now, self.pacing))
+        balloon_delta = (self.pinner.held_pages - self._held_at_check) * PAGE_SIZE_BYTES
+        growth = agent.workload_growth(self._last_reading, reading, balloon_delta, interval_s, self.pacing)
+        if reason is None and growth is not None:
+            reason, headroom = growth[0], min(headroom, -growth[1])  # give at least another interval's growth
+        self._held_at_check = self.pinner.held_pages
         self._pinned_since_check = False
         self._last_reading = reading
+        if self.alarm is not None and reading.limit_bytes is not None:
+            # Wake when the guest's usage reaches the margin the balloon always leaves it.
+            self.alarm.arm(reading.limit_bytes - agent.margin_bytes(reading, self.pacing))
         if reason and self.pinner.held_pages:
             self._pressure_deflate(now, reason, headroom)
+            self._held_at_check = self.pinner.held_pages
 
     def _pressure_deflate(self, now: int, reason: str, headroom: int) -> None:
         """Free first (the workload needs the memory now), report after."""
@@ -738,6 +764,8 @@ class AgentLoop:
             self._send(Bye(reason=f"agent stopping; released {held} pages"))
         log.info("stopped: released %d pages, said bye", freed)
         self.pinner.close()
+        if self.alarm is not None:
+            self.alarm.close()
         if self.socket is not None:
             self.socket.close(linger=100)
 
