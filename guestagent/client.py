@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import psutil
@@ -141,7 +142,10 @@ class AgentLoop:
         self._target_seq_ms = 0  # when the target seq high-water mark last moved
         self._absurd_seq_logged = False  # once per session
         self._unsettled_unlocks: list[PageRanges] = []  # unlocks whose reply never came: re-sent after welcome
-        self._unlock_queue: list[PageRanges] = []  # freed pages not yet reported (sent as the window allows)
+        # Requests waiting for room in the window (max_rate_batches in flight): adopt locks after a
+        # welcome and unlocks of freed pages. A burst of thousands (a 4 GiB balloon re-adopted)
+        # would overrun the socket's high-water mark, and a send refused there is lost.
+        self._outbox: deque[tuple[Lock | Unlock, Batch | None]] = deque()
         self._report_interval_ms = cfg.report_interval_ms
         self._host_timeout_ms = 5 * cfg.report_interval_ms
         self._batch_limit = cfg.batch_pages
@@ -297,13 +301,20 @@ class AgentLoop:
 
     def _busy(self) -> bool:
         return (self._registered and len(self._pending) < self._window()
-                and (self._target_pages != self._effective_balloon_pages() or bool(self._unlock_queue)))
+                and (self._target_pages != self._effective_balloon_pages() or bool(self._outbox)))
 
-    def _send_queued_unlocks(self) -> bool:
-        """Report freed pages as the window has room. Returns whether anything was sent."""
+    def _queue(self, message: Lock | Unlock, batch: Batch | None) -> None:
+        self._outbox.append((message, batch))
+
+    def _send_outbox(self) -> bool:
+        """Send queued requests while at most max_rate_batches are in flight. An adopt lock of
+        a batch freed meanwhile (pressure) is dropped: its pages are not the balloon's now."""
         sent = False
-        while self._unlock_queue and len(self._pending) < self._window():
-            self._request(Unlock(pages=self._unlock_queue.pop(0)), None)
+        while self._outbox and len(self._pending) < self.pacing.max_rate_batches:
+            message, batch = self._outbox.popleft()
+            if batch is not None and not self.pinner.holds(batch):
+                continue
+            self._request(message, batch, adopt=isinstance(message, Lock) and message.adopt)
             sent = True
         return sent
 
@@ -346,7 +357,8 @@ class AgentLoop:
             if self._host_lost_since_ms is not None and now - self._host_lost_since_ms > self.cfg.host_grace_ms:
                 self._deflate_without_host(now)
         else:
-            while len(self._pending) < self._window() and (self._send_queued_unlocks() or self._step(now)):
+            self._send_outbox()
+            while not self._outbox and len(self._pending) < self._window() and self._step(now):
                 pass
         if now >= self._next_ws_ms:
             self._next_ws_ms = now + self._ws_period_ms
@@ -390,8 +402,8 @@ class AgentLoop:
         self._open_socket()
 
     def _settle_pending(self) -> None:
-        self._unsettled_unlocks.extend(self._unlock_queue)
-        self._unlock_queue.clear()
+        self._unsettled_unlocks.extend(m.pages for m, _ in self._outbox if isinstance(m, Unlock))
+        self._outbox.clear()  # adopt locks: everything held is re-adopted after the next welcome
         for pending in self._pending.values():
             # A batch still pinned is re-adopted instead; only freed pages need the unlock.
             if (pending.kind == "unlock" and pending.pages is not None
@@ -451,10 +463,11 @@ class AgentLoop:
             held = PageRanges.from_ranges(r for batch in self.pinner.batches for r in batch.pages.ranges)
             freed = agent.subtract_pages(PageRanges.from_ranges(r for pages in unsettled for r in pages.ranges), held)
             for chunk in freed.split(self._batch_limit, MAX_RANGES_PER_MESSAGE):
-                self._request(Unlock(pages=chunk), None)
+                self._queue(Unlock(pages=chunk), None)
         for batch in self.pinner.batches:
             for chunk in batch.pages.split(self._batch_limit, MAX_RANGES_PER_MESSAGE):
-                self._request(Lock(pages=chunk, adopt=True), batch, adopt=True)
+                self._queue(Lock(pages=chunk, adopt=True), batch)
+        self._send_outbox()
 
     # ---- messages --------------------------------------------------------------------
     def _handle(self, seq: int, message: Message) -> None:
@@ -538,7 +551,8 @@ class AgentLoop:
         log.info("host refused %d pages of a lock (%s): released the batch",
                  refused, sorted({r.status.name for r in result.results}))
         if taken:
-            self._request(Unlock(pages=taken), None)
+            self._queue(Unlock(pages=taken), None)
+            self._send_outbox()
 
     def _on_unlock_result(self, seq: int, result: UnlockResult) -> None:
         self._on_target(result.target_pages, result.target_seq)
@@ -609,10 +623,12 @@ class AgentLoop:
                     "(pressure episode %d in a row)", freed, reason, self._backoff.paused_until_ms - now,
                     self._backoff.ceiling_pages, self._backoff.episodes_in_row)
         # In-flight locks of freed batches are answered later and then ignored: the host
-        # handles our messages in order, so the unlock below removes what they added.
+        # handles our messages in order, so the unlocks below remove what they added (and
+        # queued adopt locks of freed batches are never sent).
         if self._registered and freed_ranges:
             for chunk in PageRanges.from_ranges(freed_ranges).split(self._batch_limit, MAX_RANGES_PER_MESSAGE):
-                self._request(Unlock(pages=chunk), None)
+                self._queue(Unlock(pages=chunk), None)
+            self._send_outbox()
         elif freed_ranges:  # told after the next welcome (a same-session host keeps its ledger)
             self._unsettled_unlocks.append(PageRanges.from_ranges(freed_ranges))
 
@@ -661,8 +677,8 @@ class AgentLoop:
             self._inflate_paused_until_ms = now + self.pacing.refusal_pause_ms
             return False
         if plan.action == "inflate":
-            if self._unlock_queue:
-                return False  # freed pages first: a page pinned again must not be locked before its unlock
+            if self._outbox:
+                return False  # queued requests first: a page pinned again must not be locked before its unlock
             self._state = "inflating"
             # Up to `pin_chunk_batches` batches with one mlock, as far as the window has room:
             # their locks then leave back to back (one wakeup of libzmq's I/O thread, not one
@@ -700,8 +716,9 @@ class AgentLoop:
                     self.counters.deflated_pages += batch.page_count
                     excess -= batch.page_count
                     freed.extend(batch.pages.ranges)
-            self._unlock_queue.extend(PageRanges.from_ranges(freed).split(self._batch_limit, MAX_RANGES_PER_MESSAGE))
-            return self._send_queued_unlocks() or bool(freed)
+            for chunk in PageRanges.from_ranges(freed).split(self._batch_limit, MAX_RANGES_PER_MESSAGE):
+                self._queue(Unlock(pages=chunk), None)
+            return self._send_outbox() or bool(freed)
         # Reclaim mode: hostd lowered the guest's limit by these pages; they are the guest's
         # again only once hostd has taken them out of its ledger (and raised the limit).
         slots = self._window() - len(self._pending)
