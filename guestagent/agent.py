@@ -60,6 +60,7 @@ class PacingConfig:
     growth_min_bytes: int = 4 << 20  # the workload's own anon growth that counts as a sudden need...
     growth_bytes_per_s: int = 32 << 20  # ...when this fast (a grow-at-48-MiB/s workload counts)
     growth_lookahead_s: float = 0.5  # a sudden need gets what it will take this long at its rate
+    growth_horizon_s: float = 0.1  # ...when the room left would not last it this long (one check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,12 +187,12 @@ def workload_growth(previous: GuestReading | None, current: GuestReading, balloo
     file_bytes = (current.active_file_bytes or 0) + (current.inactive_file_bytes or 0)
     room = (current.limit_bytes - current.usage_bytes + int(file_bytes * cfg.file_reclaimable_ratio)
             - margin_bytes(current, cfg))
-    if room >= growth:
-        return None
+    rate = growth / interval_s
+    if room >= max(growth, int(rate * cfg.growth_horizon_s)):
+        return None  # the room takes this much again, and the next check's worth at this rate
     # Give back what is missing now and what the demand will take over the next
     # `growth_lookahead_s`: a quarter of the balloon per check trailed a workload writing
     # 250 MiB/s by 3 checks, with the kernel swapping it meanwhile (issue 18's relief bench).
-    rate = growth / interval_s
     return (f"guest demand growing {rate / (1 << 20):.0f} MiB/s into its limit "
             f"({max(0, room) >> 20} MiB of room left)", growth - room + int(rate * cfg.growth_lookahead_s))
 

@@ -5,7 +5,8 @@ writes a new buffer fills 100 MiB in less than that; in a guest without swap the
 finds no room ends in the cgroup's OOM killer long before the next check (issue 18: one run
 in two OOM-killed with a 256 MiB balloon). cgroup v1 signals an eventfd each time usage
 crosses a registered threshold (checked by the kernel every 128 charged pages, ~512 KiB), so
-the loop polls that fd beside its socket and checks the guest at once.
+the loop polls that fd beside its socket and checks the guest at once (the agent arms it two
+safety margins below the limit). A wake-up is only a check: the decisions are the same.
 
 Registration: write "<eventfd> <fd of memory.usage_in_bytes> <threshold>" to
 cgroup.event_control. Closing the eventfd removes it. cgroup v2 has no usage thresholds

@@ -130,7 +130,10 @@ class AgentLoop:
         self.context = context or zmq.Context.instance()
         self._io_batch = False  # libzmq's I/O threads run SCHED_BATCH (while the balloon moves)
         self.alarm = UsageAlarm.for_cgroup(self.reader.path, self.reader.version)  # None: periodic checks only
-        self._held_at_check = 0  # balloon pages at the last guest reading
+        # The reading the guest's demand growth is measured from, with the balloon's pages and
+        # the time at that reading: ≥ 20 ms back, so a wake-up right after a check still sees
+        # a rate, not the noise of a few pages.
+        self._growth_ref: tuple[GuestReading, int, int] | None = None
         self.socket: zmq.Socket[bytes] | None = None
         self.counters = Counters()
         self.stop_requested = False
@@ -588,19 +591,27 @@ class AgentLoop:
         reason = agent.detect_pressure(self._last_reading, reading, headroom, self.pacing, interval_s,
                                        pinned_since_last=self._pinned_since_check,
                                        soft_signals=agent.soft_pressure_counts(self._backoff, now, self.pacing))
-        balloon_delta = (self.pinner.held_pages - self._held_at_check) * PAGE_SIZE_BYTES
-        growth = agent.workload_growth(self._last_reading, reading, balloon_delta, interval_s, self.pacing)
+        growth = None
+        ref = self._growth_ref
+        if ref is None or now - ref[2] >= 20:
+            if ref is not None:
+                balloon_delta = (self.pinner.held_pages - ref[1]) * PAGE_SIZE_BYTES
+                growth = agent.workload_growth(ref[0], reading, balloon_delta, (now - ref[2]) / 1000, self.pacing)
+            # The balloon as it was at this reading (before any deflate below): the next
+            # growth then counts what is freed now as the balloon's, not as the guest's.
+            self._growth_ref = (reading, self.pinner.held_pages, now)
         if reason is None and growth is not None:
-            reason, headroom = growth[0], min(headroom, -growth[1])  # give at least another interval's growth
-        self._held_at_check = self.pinner.held_pages
+            reason, headroom = growth[0], min(headroom, -growth[1])
         self._pinned_since_check = False
         self._last_reading = reading
         if self.alarm is not None and reading.limit_bytes is not None:
-            # Wake when the guest's usage reaches the margin the balloon always leaves it.
-            self.alarm.arm(reading.limit_bytes - agent.margin_bytes(reading, self.pacing))
+            # Wake when the guest's usage comes within two margins of its limit: the balloon
+            # leaves one margin free, and a workload writing ~1 GB/s fills one (30 MiB of a
+            # 512 MiB guest) in ~30 ms, less than a busy 2-core guest may take to schedule
+            # the agent and munlock; without swap the charge that finds no room is an OOM kill.
+            self.alarm.arm(reading.limit_bytes - 2 * agent.margin_bytes(reading, self.pacing))
         if reason and self.pinner.held_pages:
             self._pressure_deflate(now, reason, headroom)
-            self._held_at_check = self.pinner.held_pages
 
     def _pressure_deflate(self, now: int, reason: str, headroom: int) -> None:
         """Free first (the workload needs the memory now), report after."""
