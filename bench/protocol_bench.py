@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Any
 
 from protocol import Lock, PageRanges, decode, encode
 from protocol.limits import MAX_RANGES_PER_MESSAGE
@@ -54,16 +55,28 @@ def page_list_sizes() -> list[tuple[str, int, int, int, float]]:
     return rows
 
 
-def main() -> None:
-    print("protocol: encode/decode rate per kind (messages/s, one core)")
-    print(f"{'kind':<18}{'bytes':>7}{'encode/s':>12}{'decode/s':>12}")
+def run() -> dict[str, Any]:
+    kinds = {}
     for kind, message in sorted(SAMPLES.items()):
         frame = encode(message, 1)
-        enc = _rate(lambda m=message: encode(m, 1))
-        dec = _rate(lambda f=frame: decode(f))
-        print(f"{kind:<18}{len(frame):>7}{enc:>12,.0f}{dec:>12,.0f}")
+        kinds[kind] = {"bytes": len(frame), "encode_per_s": round(_rate(lambda m=message: encode(m, 1))),
+                       "decode_per_s": round(_rate(lambda f=frame: decode(f)))}
+    pages = [{"page_list": label, "ranges": ranges, "frames": frames, "bytes": size, "build_ms": round(build_ms, 1)}
+             for label, ranges, frames, size, build_ms in page_list_sizes()]
+    return {"kinds": kinds, "one_gib_page_lists": pages}
+
+
+def report(figures: dict[str, Any]) -> None:
+    print("protocol: encode/decode rate per kind (messages/s, one core)")
+    print(f"{'kind':<18}{'bytes':>7}{'encode/s':>12}{'decode/s':>12}")
+    for kind, row in figures["kinds"].items():
+        print(f"{kind:<18}{row['bytes']:>7}{row['encode_per_s']:>12,}{row['decode_per_s']:>12,}")
     print()
     print("protocol: a 1 GiB balloon (262,144 pages) as lock frames")
     print(f"{'page list':<18}{'ranges':>9}{'frames':>8}{'bytes':>10}{'build ms':>10}")
-    for label, ranges, frames, size, build_ms in page_list_sizes():
-        print(f"{label:<18}{ranges:>9,}{frames:>8}{size:>10,}{build_ms:>10.1f}")
+    for row in figures["one_gib_page_lists"]:
+        print(f"{row['page_list']:<18}{row['ranges']:>9,}{row['frames']:>8}{row['bytes']:>10,}{row['build_ms']:>10.1f}")
+
+
+def main() -> None:
+    report(run())

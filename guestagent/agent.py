@@ -2,11 +2,15 @@
 
     givable_bytes(reading, host_swap_free)   how much more the guest can give without an OOM kill
     detect_pressure(previous, current, ...)  does the guest's own workload need memory back?
+    workload_growth(previous, current, ...)  ...suddenly, by writing new memory into the limit?
     next_rate(rate, succeeded)              vmw_balloon's adaptive rate: halve on failure, grow on success
     after_pressure(backoff, ...)            remember where pressure struck: a ceiling and a pause (AIMD)
     inflate_ceiling_pages(backoff, now)     how far inflation may go while that memory lasts
     workload_stats(report_text, now_s)      the workload's own report, as status stats (or none)
     plan(...)                               the next step: inflate / deflate / hold / refuse, with a reason
+    welcome_timings(...)                    the periods a welcome sets, floored (the host's word is a hint)
+    classify_target_seq(...)                a target's seq: new, stale, or an absurd jump to ignore
+    subtract_pages(pages, held)             page numbers not held any more (unlocks to send again)
 
 vmw_balloon allocates with __GFP_NORETRY so the balloon never triggers the guest's OOM killer;
 mlock in a cgroup has no such flag (it reclaims, then OOM-kills), so the agent must stop short
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from guestagent.cgroup import GuestReading
-from protocol import PAGE_SIZE_BYTES
+from protocol import PAGE_SIZE_BYTES, PageRanges
 
 Action = Literal["inflate", "deflate", "hold", "refuse"]
 
@@ -29,7 +33,11 @@ Action = Literal["inflate", "deflate", "hold", "refuse"]
 @dataclass(frozen=True, slots=True)
 class PacingConfig:
     batch_pages: int = 512  # one lock message, like vmw_balloon's batch page
-    max_rate_batches: int = 8  # batches in flight at most: hides the round trip per batch
+    # Batches in flight at most: hides the round trip per batch. 32 batches = 64 MiB: with
+    # 8 (16 MiB, one chunk) the agent waited for the host's answers once per chunk, ~9 % of a
+    # 1 GiB inflate at free memory (issue 18). The adaptive rate still starts at one batch.
+    max_rate_batches: int = 32
+    pin_chunk_batches: int = 8  # batches pinned by one mlock call (16 MiB)
     min_margin_bytes: int = 24 << 20  # always leave this much for the workload...
     margin_ratio: float = 0.06  # ...or this fraction of the guest's memory, whichever is larger
     file_reclaimable_ratio: float = 0.8  # keep some page cache: the workload's own code lives there
@@ -49,6 +57,10 @@ class PacingConfig:
     ceiling_doubling_ms: int = 5_000  # ...and that creep doubles this often while no pressure comes
     pressure_cooldown_ms: int = 1_000  # refaults / limit hits right after a pressure deflate are its echo
     pressure_forget_ms: int = 120_000  # no pressure for this long: forget the ceiling and the streak
+    growth_min_bytes: int = 4 << 20  # the workload's own anon growth that counts as a sudden need...
+    growth_bytes_per_s: int = 32 << 20  # ...when this fast (a grow-at-48-MiB/s workload counts)
+    growth_lookahead_s: float = 0.5  # a sudden need gets what it will take this long at its rate
+    growth_horizon_s: float = 0.1  # ...when the room left would not last it this long (one check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +161,40 @@ def detect_pressure(previous: GuestReading | None, current: GuestReading, givabl
     if givable < 0:
         return f"headroom gone ({givable >> 20} MiB short of the safety margin)"
     return None
+
+
+def workload_growth(previous: GuestReading | None, current: GuestReading, balloon_delta_bytes: int,
+                    interval_s: float, cfg: PacingConfig) -> tuple[str, int] | None:
+    """(reason, shortfall bytes) when the guest's own demand grows fast into its limit while
+    the balloon holds memory, else None.
+
+    With swap, the unpaced headroom counts every anonymous page swap could take, so a
+    workload writing a new buffer never makes it negative: the kernel swaps the workload's
+    older pages out (major faults later) while the balloon keeps its pages. A balloon is to
+    give way to the guest's own need first. Demand = growth of usage plus growth of swap (at
+    the limit usage stands still while the kernel swaps), less the balloon's own pins and
+    releases: a balloon that pushes an idle workload into swap makes exactly the swap its pins
+    displace, so that squeeze never counts. ≥ `growth_min_bytes` at ≥ `growth_bytes_per_s`,
+    when the free room and most of the cache cannot take another interval of it, is a need.
+    (Usage and swap come from the page counters, which are exact; memory.stat's anon and
+    swap figures lag by up to seconds on recent kernels.)"""
+    if previous is None or interval_s <= 0 or current.limit_bytes is None:
+        return None
+    swap_growth = (current.swap_used_bytes or 0) - (previous.swap_used_bytes or 0)
+    growth = current.usage_bytes - previous.usage_bytes + swap_growth - balloon_delta_bytes
+    if growth < cfg.growth_min_bytes or growth / interval_s < cfg.growth_bytes_per_s:
+        return None
+    file_bytes = (current.active_file_bytes or 0) + (current.inactive_file_bytes or 0)
+    room = (current.limit_bytes - current.usage_bytes + int(file_bytes * cfg.file_reclaimable_ratio)
+            - margin_bytes(current, cfg))
+    rate = growth / interval_s
+    if room >= max(growth, int(rate * cfg.growth_horizon_s)):
+        return None  # the room takes this much again, and the next check's worth at this rate
+    # Give back what is missing now and what the demand will take over the next
+    # `growth_lookahead_s`: a quarter of the balloon per check trailed a workload writing
+    # 250 MiB/s by 3 checks, with the kernel swapping it meanwhile (issue 18's relief bench).
+    return (f"guest demand growing {rate / (1 << 20):.0f} MiB/s into its limit "
+            f"({max(0, room) >> 20} MiB of room left)", growth - room + int(rate * cfg.growth_lookahead_s))
 
 
 def pressure_release_pages(balloon_pages: int, givable: int, cfg: PacingConfig) -> int:
@@ -259,6 +305,100 @@ def plan(*, balloon_pages: int, target_pages: int, givable: int, rate_batches: i
     if givable_pages < wanted:
         return Plan("inflate", givable_pages, f"limited by guest headroom ({givable_pages} pages)")
     return Plan("inflate", wanted, "below target")
+
+
+# Floors on the periods a welcome may set. Without CURVE anything that reaches the agent's
+# endpoint can answer its hello (review S20): 10 ms reports and heartbeats, or a 100 ms
+# clear_refs sampling period (a walk of every page table of the guest's processes), would
+# cost the guest CPU for nothing, and a host timeout far below the heartbeat round trip would
+# make the agent drop a healthy host. hostd itself uses 1 s reports, a 5 s+ host timeout and
+# a sampling period of seconds (Mem.SamplePeriod): the floors sit well below what a real host
+# asks and well above what only hurts.
+MIN_REPORT_INTERVAL_MS = 200
+MIN_HOST_TIMEOUT_MS = 1_000
+MIN_SAMPLE_PERIOD_MS = 1_000
+
+# A set_target whose seq jumps this far above the session's high-water mark is not the host's:
+# one spoofed seq near 2**63 would otherwise mute every real target for the session (the agent
+# ignores seqs below its high-water mark). hostd numbers targets with one counter for all of
+# its vms, so a vm whose target stays put sees the counter run ahead by the others' changes:
+# the bound also grows with the time since the last accepted target (100,000 a second is 10
+# recomputes a second of 10,000 vms each changing target), and a spoofed 2**63 stays absurd
+# for millions of years.
+MAX_TARGET_SEQ_JUMP = 1_000_000
+TARGET_SEQ_JUMP_PER_S = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class HostTimings:
+    report_interval_ms: int
+    host_timeout_ms: int
+    sample_period_ms: int | None  # None: the welcome set none (or nothing usable): keep ours
+    floored: tuple[str, ...]  # the names a floor raised (logged by the caller)
+
+
+def welcome_timings(report_interval_ms: int, host_timeout_ms: int, sample_period: object) -> HostTimings:
+    """The periods a welcome asks for, each raised to its floor. `sample_period` comes from the
+    welcome's free-form settings map: only a plain int counts."""
+    floored: list[str] = []
+
+    def floor(name: str, value: int, minimum: int) -> int:
+        if value < minimum:
+            floored.append(name)
+            return minimum
+        return value
+
+    report = floor("report_interval_ms", report_interval_ms, MIN_REPORT_INTERVAL_MS)
+    timeout = floor("host_timeout_ms", host_timeout_ms, MIN_HOST_TIMEOUT_MS)
+    sample: int | None = None
+    if isinstance(sample_period, int) and not isinstance(sample_period, bool) and sample_period > 0:
+        sample = floor("sample_period_ms", sample_period, MIN_SAMPLE_PERIOD_MS)
+    return HostTimings(report, timeout, sample, tuple(floored))
+
+
+TargetSeqVerdict = Literal["new", "stale", "absurd"]
+
+
+def classify_target_seq(seq: int, high_water: int, since_accepted_ms: int) -> TargetSeqVerdict:
+    """A target's seq against the session's high-water mark (0: none accepted yet).
+
+    0 means the host set no target yet, and a seq below the mark is older than one already
+    followed: both "stale". The mark itself is "new" again (lock/unlock replies repeat it).
+    The first seq of a session sets the mark whatever it is (a host that ran for a week has a
+    large counter); after that a jump beyond `MAX_TARGET_SEQ_JUMP` plus the time allowance
+    is "absurd" and ignored."""
+    if seq == 0 or seq < high_water:
+        return "stale"
+    if high_water:
+        allowance = MAX_TARGET_SEQ_JUMP + TARGET_SEQ_JUMP_PER_S * max(0, since_accepted_ms) // 1000
+        if seq - high_water > allowance:
+            return "absurd"
+    return "new"
+
+
+def subtract_pages(pages: PageRanges, held: PageRanges) -> PageRanges:
+    """`pages` less `held` (both canonical: sorted, disjoint), in one pass over both. An unlock
+    whose reply never came is sent again after the re-hello, but only for pages the balloon
+    does not hold again meanwhile (a freed range may have been pinned anew: PFNs get reused,
+    and VPN slots are refilled first-fit)."""
+    out: list[tuple[int, int]] = []
+    other = held.ranges
+    j = 0
+    for start, count in pages.ranges:
+        end = start + count
+        while j < len(other) and other[j][0] + other[j][1] <= start:
+            j += 1
+        k = j
+        while start < end:
+            if k >= len(other) or other[k][0] >= end:
+                out.append((start, end - start))
+                break
+            h_start, h_end = other[k][0], other[k][0] + other[k][1]
+            if h_start > start:
+                out.append((start, h_start - start))
+            start = max(start, h_end)
+            k += 1
+    return PageRanges.from_ranges(out)
 
 
 WORKLOAD_REPORT_FIELDS = {  # balloon-workload report field → status stats name

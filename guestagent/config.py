@@ -47,8 +47,15 @@ class AgentConfig:
         for name in ("report_interval_ms", "check_interval_ms", "host_grace_ms", "ws_period_ms"):
             if getattr(self, name) < 10:
                 raise ConfigError(f"{name} must be ≥ 10 ms")
-        if (self.curve_server_public_key is None) != (self.curve_client_key is None):
-            raise ConfigError("CurveZMQ needs both curve_server_public_key and curve_client_key")
+        if self.curve_client_key is not None and self.curve_server_public_key is None:
+            # The host's key is pinned: an agent that would take any server's key has no way
+            # to tell its host from anything else listening at the endpoint.
+            raise ConfigError("CurveZMQ: --curve-client-key is set but --curve-server-public-key is not; the agent "
+                              "talks only to the host whose public key it was given (pinned) and will not start "
+                              "without it (BALLOONLAB_CURVE_SERVER_PUBLIC_KEY)")
+        if self.curve_server_public_key is not None and self.curve_client_key is None:
+            raise ConfigError("CurveZMQ: --curve-server-public-key is set but --curve-client-key is not "
+                              "(this agent's .key_secret file, BALLOONLAB_CURVE_CLIENT_KEY)")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level {self.log_level!r} must be DEBUG, INFO, WARNING or ERROR")
 

@@ -1,9 +1,20 @@
 """A minimal real host for agent tests: a ROUTER on loopback that welcomes agents, accepts
 every lock, and lets the test push targets and wait for statuses. Driven synchronously from
-the test (pump until a condition holds, with a deadline): no threads, no sleeps."""
+the test (pump until a condition holds, with a deadline): no threads, no sleeps.
+
+Identity as hostd has it since protocol v3: the ROUTER assigns routing ids (no handover);
+a welcome binds the vm to the connection (routing id) its hello came from and carries a
+fresh `vm_secret`; a hello for a vm bound to another connection is welcomed only with that
+secret and the current session id (the same agent reconnecting keeps its ledger), anything
+else gets CONFLICT. Replies go to the routing id the request came from. `ledger`,
+`target_pages` stay keyed by the vm id (as bytes). Test knobs: `refuse_locks`,
+`drop_replies` (lock/unlock replies to drop, like hostd's EAGAIN drop), `forget()` (the vm's
+connection no longer registered: NOT_REGISTERED) and `reopen()` (every connection drops,
+the host's state stays)."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 
@@ -32,13 +43,40 @@ from protocol import (
 
 class MiniHost:
     def __init__(self, context: zmq.Context, session_id: str = "mini-1", report_interval_ms: int = 200,
-                 port: int | None = None, curve_secret_key: bytes | None = None) -> None:
-        self.socket = context.socket(zmq.ROUTER)
+                 port: int | None = None, curve_secret_key: bytes | None = None,
+                 host_timeout_ms: int | None = None, settings: dict | None = None) -> None:
+        self.context = context
+        self._curve_secret_key = curve_secret_key
+        self._bind(port)
+        self.session_id = session_id
+        self.report_interval_ms = report_interval_ms
+        self.host_timeout_ms = 5 * report_interval_ms if host_timeout_ms is None else host_timeout_ms
+        self.settings = settings or {}
+        self.hellos: list[Hello] = []
+        self.welcomes: list[Welcome] = []
+        self.statuses: list[Status] = []
+        self.ledger: dict[bytes, set[int]] = {}  # vm id → pages
+        self.routes: dict[bytes, str] = {}  # routing id (the ROUTER's, one per connection) → vm id
+        self.vm_routes: dict[str, bytes] = {}  # vm id → the connection its welcome bound
+        self.vm_secrets: dict[str, str] = {}
+        self.conflicts = 0
+        self.lock_frames = 0
+        self.unlock_frames = 0
+        self.dropped_replies = 0
+        self.byes: list[Bye] = []
+        self.target_pages: dict[bytes, int] = {}
+        self.target_seq = 0
+        self.target_sent_at: dict[int, float] = {}
+        self.refuse_locks = False
+        self.drop_replies = 0  # drop this many more lock/unlock replies
+        self._seq = 0
+
+    def _bind(self, port: int | None) -> None:
+        self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        if curve_secret_key is not None:
+        if self._curve_secret_key is not None:
             self.socket.curve_server = True
-            self.socket.curve_secretkey = curve_secret_key
-        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            self.socket.curve_secretkey = self._curve_secret_key
         if port is None:
             self.port = self.socket.bind_to_random_port("tcp://127.0.0.1")
         else:
@@ -55,21 +93,23 @@ class MiniHost:
                     time.sleep(0.05)
             self.port = port
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
-        self.session_id = session_id
-        self.report_interval_ms = report_interval_ms
-        self.hellos: list[Hello] = []
-        self.statuses: list[Status] = []
-        self.ledger: dict[bytes, set[int]] = {}
-        self.lock_frames = 0
-        self.byes: list[Bye] = []
-        self.target_pages: dict[bytes, int] = {}
-        self.target_seq = 0
-        self.target_sent_at: dict[int, float] = {}
-        self.refuse_locks = False
-        self._seq = 0
 
     def close(self) -> None:
         self.socket.close(linger=0)
+
+    def reopen(self) -> None:
+        """Every agent connection drops (the socket closes and binds the same port again);
+        registrations, secrets and ledgers stay: a vm stays bound to its old, dead connection,
+        so only the agent that holds its secret gets it back (hostd: until it marks it lost)."""
+        self.socket.close(linger=0)
+        self._bind(self.port)
+
+    def forget(self, vm_id: str) -> None:
+        """The vm's connection is no longer registered (hostd marked it lost): its next frame
+        gets NOT_REGISTERED and a plain hello registers it again."""
+        route = self.vm_routes.pop(vm_id, None)
+        if route is not None:
+            self.routes.pop(route, None)
 
     def _send(self, identity: bytes, message: Message, seq: int | None = None) -> None:
         if seq is None:
@@ -77,33 +117,72 @@ class MiniHost:
             seq = self._seq
         self.socket.send_multipart([identity, encode(message, seq)])
 
-    def set_target(self, vm_id: str, target_pages: int) -> None:
-        identity = vm_id.encode()
-        self.target_seq += 1
-        self.target_pages[identity] = target_pages
-        self.target_sent_at[self.target_seq] = time.perf_counter()
-        self._send(identity, SetTarget(target_pages=target_pages, target_seq=self.target_seq))
+    def set_target(self, vm_id: str, target_pages: int, target_seq: int | None = None) -> None:
+        """Send a target to the vm's connection (kept for its next hello if it has none).
+        `target_seq` overrides the host's counter (a spoofed jump), without moving it."""
+        self.target_seq += target_seq is None
+        seq = self.target_seq if target_seq is None else target_seq
+        if target_seq is None:
+            self.target_pages[vm_id.encode()] = target_pages
+        self.target_sent_at[seq] = time.perf_counter()
+        route = self.vm_routes.get(vm_id)
+        if route is not None:
+            self._send(route, SetTarget(target_pages=target_pages, target_seq=seq))
 
     def _results(self, message: Lock | Unlock, status: RangeStatus) -> tuple[RangeResult, ...]:
         return tuple(RangeResult(start=s, count=c, status=status) for s, c in message.pages.ranges)
 
-    def handle(self, identity: bytes, seq: int, message: Message) -> None:
-        target = self.target_pages.get(identity, 0)
-        if not isinstance(message, Hello) and identity not in self.ledger:
-            self._send(identity, Error(code=int(ErrorCode.NOT_REGISTERED), detail="say hello first",
-                                       in_reply_to=seq), seq)
+    def _hello(self, route: bytes, seq: int, hello: Hello) -> None:
+        self.hellos.append(hello)
+        vm_id = hello.vm_id
+        bound = self.routes.get(route)
+        held_by = self.vm_routes.get(vm_id)
+        proven = (held_by is not None and hello.vm_secret is not None
+                  and hello.last_host_session_id == self.session_id and hello.vm_secret == self.vm_secrets.get(vm_id))
+        if (bound is not None and bound != vm_id) or (held_by is not None and held_by != route and not proven):
+            self.conflicts += 1
+            self._send(route, Error(code=int(ErrorCode.CONFLICT), detail=f"vm {vm_id} is registered elsewhere",
+                                    in_reply_to=seq), seq)
             return
+        identity = vm_id.encode()
+        if not proven:
+            # Like hostd: a new registration starts the ledger anew (adopt locks refill it) and
+            # gets a new secret; the same agent coming back keeps both.
+            self.ledger[identity] = set()
+            self.vm_secrets[vm_id] = secrets.token_urlsafe(24)
+        if held_by is not None:
+            self.routes.pop(held_by, None)
+        self.routes[route] = vm_id
+        self.vm_routes[vm_id] = route
+        # Adopt what the agent still holds: its balloon stays until a target says otherwise.
+        self.target_pages.setdefault(identity, hello.held_pages)
+        welcome = Welcome(host_session_id=self.session_id, report_interval_ms=self.report_interval_ms,
+                          host_timeout_ms=self.host_timeout_ms, batch_limit_pages=512, settings=dict(self.settings),
+                          vm_secret=self.vm_secrets[vm_id])
+        self.welcomes.append(welcome)
+        self._send(route, welcome, seq)
+        if self.target_seq:
+            self._send(route, SetTarget(target_pages=self.target_pages[identity], target_seq=self.target_seq))
+
+    def _reply(self, route: bytes, message: Message, seq: int) -> None:
+        if self.drop_replies > 0:
+            self.drop_replies -= 1
+            self.dropped_replies += 1
+            return
+        self._send(route, message, seq)
+
+    def handle(self, route: bytes, seq: int, message: Message) -> None:
         if isinstance(message, Hello):
-            self.hellos.append(message)
-            self.ledger[identity] = set()  # like hostd: a hello starts the ledger anew; adopt locks refill it
-            # Adopt what the agent still holds: its balloon stays until a target says otherwise.
-            self.target_pages.setdefault(identity, message.held_pages)
-            self._send(identity, Welcome(host_session_id=self.session_id, report_interval_ms=self.report_interval_ms,
-                                         host_timeout_ms=5 * self.report_interval_ms, batch_limit_pages=512,
-                                         settings={}), seq)
-            if self.target_seq:
-                self._send(identity, SetTarget(target_pages=target, target_seq=self.target_seq))
-        elif isinstance(message, Lock):
+            self._hello(route, seq, message)
+            return
+        vm_id = self.routes.get(route)
+        if vm_id is None:
+            self._send(route, Error(code=int(ErrorCode.NOT_REGISTERED), detail="say hello first",
+                                    in_reply_to=seq), seq)
+            return
+        identity = vm_id.encode()
+        target = self.target_pages.get(identity, 0)
+        if isinstance(message, Lock):
             self.lock_frames += 1
             pages = self.ledger.setdefault(identity, set())
             new = set(message.pages.iter_pages())
@@ -114,29 +193,33 @@ class MiniHost:
             else:
                 status = RangeStatus.OK
                 pages |= new
-            self._send(identity, LockResult(results=self._results(message, status), target_pages=target,
-                                            target_seq=self.target_seq), seq)
+            self._reply(route, LockResult(results=self._results(message, status), target_pages=target,
+                                          target_seq=self.target_seq), seq)
         elif isinstance(message, Unlock):
+            self.unlock_frames += 1
             self.ledger.setdefault(identity, set()).difference_update(message.pages.iter_pages())
-            self._send(identity, UnlockResult(results=self._results(message, RangeStatus.OK), target_pages=target,
-                                              target_seq=self.target_seq), seq)
+            self._reply(route, UnlockResult(results=self._results(message, RangeStatus.OK), target_pages=target,
+                                            target_seq=self.target_seq), seq)
         elif isinstance(message, Status):
             self.statuses.append(message)  # unanswered, as hostd does
         elif isinstance(message, Bye):
             self.byes.append(message)
             self.ledger.pop(identity, None)
+            self.forget(vm_id)
 
-    def pump(self, until: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+    def pump(self, until: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition",
+             poll_ms: int = 100) -> None:
+        """Handle frames until `until()` holds (checked at least every `poll_ms`)."""
         deadline = time.monotonic() + timeout_s
         while not until():
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 last = self.statuses[-1] if self.statuses else None
                 raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last status: {last}")
-            if self.socket.poll(min(remaining_ms, 100)):
-                identity, frame = self.socket.recv_multipart()
+            if self.socket.poll(min(remaining_ms, poll_ms)):
+                route, frame = self.socket.recv_multipart()
                 envelope = decode(frame)
-                self.handle(identity, envelope.seq, envelope.message)
+                self.handle(route, envelope.seq, envelope.message)
 
     def last_status(self) -> Status | None:
         return self.statuses[-1] if self.statuses else None

@@ -287,3 +287,38 @@ def test_plan_refuses_at_the_working_set_cap_and_stops_short_of_it():
     near_cap = plan(balloon_pages=29_900, working_set_cap=30_000, **common)
     assert near_cap == Plan("inflate", 100, "below target")
     assert plan(balloon_pages=29_900, **common).pages == 8 * CFG.batch_pages  # no cap: the rate limits
+
+
+@pytest.mark.parametrize(
+    ("previous", "current", "balloon_delta_mib", "interval_s", "fires"),
+    [
+        # a workload writing 50 MiB in 100 ms with 10 MiB of room: a sudden need
+        ({"usage_bytes": 450 * MiB}, {"usage_bytes": 500 * MiB}, 0, 0.1, True),
+        # the same growth with the room to take another interval of it: no
+        ({"usage_bytes": 200 * MiB}, {"usage_bytes": 250 * MiB}, 0, 0.1, False),
+        # the balloon's own pins made the growth: no
+        ({"usage_bytes": 450 * MiB}, {"usage_bytes": 500 * MiB}, 50, 0.1, False),
+        # at the limit usage stands still and the kernel swaps the workload out: demand is in swap
+        ({"usage_bytes": 510 * MiB, "swap_used_bytes": 0}, {"usage_bytes": 510 * MiB, "swap_used_bytes": 40 * MiB},
+         0, 0.1, True),
+        # a balloon pushing an idle workload into swap: its pins displace exactly that swap: no
+        ({"usage_bytes": 510 * MiB, "swap_used_bytes": 0}, {"usage_bytes": 510 * MiB, "swap_used_bytes": 40 * MiB},
+         40, 0.1, False),
+        # slow growth (10 MiB/s): left to the other signals
+        ({"usage_bytes": 490 * MiB}, {"usage_bytes": 500 * MiB}, 0, 1.0, False),
+        # too small to count
+        ({"usage_bytes": 497 * MiB}, {"usage_bytes": 500 * MiB}, 0, 0.01, False),
+    ],
+    ids=["sudden-need", "room-left", "own-pins", "into-swap", "balloon-squeeze", "slow", "tiny"],
+)
+def test_workload_growth_table(previous, current, balloon_delta_mib, interval_s, fires):
+    from guestagent.agent import workload_growth
+
+    zero_file = {"active_file_bytes": 0, "inactive_file_bytes": 0}
+    result = workload_growth(reading(**zero_file, **previous), reading(**zero_file, **current),
+                             balloon_delta_mib * MiB, interval_s, CFG)
+    assert (result is not None) == fires
+    if result is not None:
+        growth = current["usage_bytes"] - previous["usage_bytes"] + current.get("swap_used_bytes", 0) \
+            - previous.get("swap_used_bytes", 0)
+        assert result[1] >= growth - (512 * MiB - current["usage_bytes"])  # at least the shortfall now
