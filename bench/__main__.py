@@ -4,7 +4,7 @@ we got are written down in bench/RESULTS.md."""
 import importlib
 import sys
 
-BENCHES = ["protocol_bench", "policy_bench", "hostd_bench", "agent_bench"]
+BENCHES = ["protocol_bench", "ledger_bench", "policy_bench", "hostd_bench", "agent_bench"]
 
 
 def main() -> int:

@@ -16,7 +16,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_PAGE_NUMBER, MAX_PAGES_PER_MESSAGE, MAX_RANGES_PER_MESSAGE
+from protocol.limits import (
+    MAX_PAGE_NUMBER,
+    MAX_PAGE_RANGES_WIRE_BYTES,
+    MAX_PAGES_PER_MESSAGE,
+    MAX_RANGES_PER_MESSAGE,
+)
 
 _MAX_VARINT_BYTES = 10  # 70 bits: more than any valid value needs
 
@@ -129,16 +134,26 @@ class PageRanges:
 
     @classmethod
     def from_wire(cls, data: bytes) -> PageRanges:
-        """Decode and validate; any defect raises ProtocolError (never anything else)."""
-        numbers = _read_varints(data)
+        """Decode and validate; any defect raises ProtocolError (never anything else).
+
+        Bounded work whatever the input: a bin longer than MAX_RANGES_PER_MESSAGE ranges can
+        be is refused unread, and parsing stops at the first varint past that many ranges.
+        """
+        if len(data) > MAX_PAGE_RANGES_WIRE_BYTES:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"page ranges of {len(data)} bytes (limit {MAX_PAGE_RANGES_WIRE_BYTES}: "
+                f"{MAX_RANGES_PER_MESSAGE} ranges)",
+            )
+        numbers = _read_varints(data, 2 * MAX_RANGES_PER_MESSAGE)
+        if numbers is None:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"more than {MAX_RANGES_PER_MESSAGE} page ranges in one message (limit {MAX_RANGES_PER_MESSAGE})",
+            )
         if len(numbers) % 2:
             raise _invalid("page ranges: odd number of varints")
         range_count = len(numbers) // 2
-        if range_count > MAX_RANGES_PER_MESSAGE:
-            raise ProtocolError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"{range_count} page ranges in one message (limit {MAX_RANGES_PER_MESSAGE})",
-            )
         ranges: list[tuple[int, int]] = []
         previous_end = 0
         total = 0
@@ -164,7 +179,8 @@ def _put_varint(out: bytearray, value: int) -> None:
     out.append(value)
 
 
-def _read_varints(data: bytes) -> list[int]:
+def _read_varints(data: bytes, max_count: int) -> list[int] | None:
+    """The varints of `data`, or None as soon as there are more than `max_count` of them."""
     numbers: list[int] = []
     value = 0
     shift = 0
@@ -177,6 +193,8 @@ def _read_varints(data: bytes) -> list[int]:
         if byte & 0x80:
             shift += 7
         else:
+            if len(numbers) == max_count:
+                return None
             numbers.append(value)
             value = shift = width = 0
     if width:
