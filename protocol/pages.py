@@ -24,6 +24,7 @@ from protocol.limits import (
 )
 
 _MAX_VARINT_BYTES = 10  # 70 bits: more than any valid value needs
+_CONTINUATION_BYTES = bytes(range(0x80, 0x100))  # a varint's bytes but its last
 
 
 def _invalid(detail: str) -> ProtocolError:
@@ -137,7 +138,7 @@ class PageRanges:
         """Decode and validate; any defect raises ProtocolError (never anything else).
 
         Bounded work whatever the input: a bin longer than MAX_RANGES_PER_MESSAGE ranges can
-        be is refused unread, and parsing stops at the first varint past that many ranges.
+        be, or holding more than 2 × MAX_RANGES_PER_MESSAGE varints, is refused unparsed.
         """
         if len(data) > MAX_PAGE_RANGES_WIRE_BYTES:
             raise ProtocolError(
@@ -145,12 +146,14 @@ class PageRanges:
                 f"page ranges of {len(data)} bytes (limit {MAX_PAGE_RANGES_WIRE_BYTES}: "
                 f"{MAX_RANGES_PER_MESSAGE} ranges)",
             )
-        numbers = _read_varints(data, 2 * MAX_RANGES_PER_MESSAGE)
-        if numbers is None:
+        # Every varint ends in the one byte of it below 0x80: counted in C, before any parsing.
+        varints = len(data.translate(None, _CONTINUATION_BYTES))
+        if varints > 2 * MAX_RANGES_PER_MESSAGE:
             raise ProtocolError(
                 ErrorCode.LIMIT_EXCEEDED,
-                f"more than {MAX_RANGES_PER_MESSAGE} page ranges in one message (limit {MAX_RANGES_PER_MESSAGE})",
+                f"{varints // 2} page ranges in one message (limit {MAX_RANGES_PER_MESSAGE})",
             )
+        numbers = _read_varints(data)
         if len(numbers) % 2:
             raise _invalid("page ranges: odd number of varints")
         range_count = len(numbers) // 2
@@ -179,8 +182,7 @@ def _put_varint(out: bytearray, value: int) -> None:
     out.append(value)
 
 
-def _read_varints(data: bytes, max_count: int) -> list[int] | None:
-    """The varints of `data`, or None as soon as there are more than `max_count` of them."""
+def _read_varints(data: bytes) -> list[int]:
     numbers: list[int] = []
     value = 0
     shift = 0
@@ -193,8 +195,6 @@ def _read_varints(data: bytes, max_count: int) -> list[int] | None:
         if byte & 0x80:
             shift += 7
         else:
-            if len(numbers) == max_count:
-                return None
             numbers.append(value)
             value = shift = width = 0
     if width:
