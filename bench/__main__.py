@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-BENCHES = ["protocol_bench", "policy_bench", "hostd_bench", "agent_bench", "relief_bench"]
+BENCHES = ["protocol_bench", "ledger_bench", "policy_bench", "hostd_bench", "agent_bench", "relief_bench"]
 
 
 def machine() -> dict[str, Any]:

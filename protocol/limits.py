@@ -20,6 +20,13 @@ MAX_MEMSZ_BYTES = 1 << 50  # 1 PiB: no guest is larger; anything above is a bug 
 MAX_PAGES = MAX_MEMSZ_BYTES // PAGE_SIZE_BYTES
 MAX_RANGES_PER_MESSAGE = 32_768  # a lock/unlock batch: ≤ 32 768 (start, count) ranges
 MAX_PAGES_PER_MESSAGE = 1 << 20  # and ≤ 4 GiB of pages
+# A `pages` bin of MAX_RANGES_PER_MESSAGE ranges is at most this long: per range a gap varint
+# below MAX_PAGE_NUMBER (52 bits: 8 bytes) and a count varint ≤ MAX_PAGES_PER_MESSAGE (21 bits:
+# 3 bytes). A longer bin is refused before any of it is parsed.
+MAX_PAGE_RANGES_WIRE_BYTES = MAX_RANGES_PER_MESSAGE * (
+    -(-(MAX_PAGE_NUMBER - 1).bit_length() // 7) + -(-MAX_PAGES_PER_MESSAGE.bit_length() // 7)
+)
+MAX_RANGES_PER_VM = 1 << 20  # one vm's ledger: further lock ranges are REFUSED (≈ 4 GiB of single pages)
 DEFAULT_BATCH_LIMIT_PAGES = 512  # vmw_balloon's batch: one page of 512 u64 entries
 MAX_VM_ID_CHARS = 64
 MAX_SECRET_CHARS = 128  # vm secrets and control tokens (url-safe base64)

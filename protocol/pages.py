@@ -16,9 +16,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.limits import MAX_PAGE_NUMBER, MAX_PAGES_PER_MESSAGE, MAX_RANGES_PER_MESSAGE
+from protocol.limits import (
+    MAX_PAGE_NUMBER,
+    MAX_PAGE_RANGES_WIRE_BYTES,
+    MAX_PAGES_PER_MESSAGE,
+    MAX_RANGES_PER_MESSAGE,
+)
 
 _MAX_VARINT_BYTES = 10  # 70 bits: more than any valid value needs
+_CONTINUATION_BYTES = bytes(range(0x80, 0x100))  # a varint's bytes but its last
 
 
 def _invalid(detail: str) -> ProtocolError:
@@ -129,16 +135,28 @@ class PageRanges:
 
     @classmethod
     def from_wire(cls, data: bytes) -> PageRanges:
-        """Decode and validate; any defect raises ProtocolError (never anything else)."""
+        """Decode and validate; any defect raises ProtocolError (never anything else).
+
+        Bounded work whatever the input: a bin longer than MAX_RANGES_PER_MESSAGE ranges can
+        be, or holding more than 2 × MAX_RANGES_PER_MESSAGE varints, is refused unparsed.
+        """
+        if len(data) > MAX_PAGE_RANGES_WIRE_BYTES:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"page ranges of {len(data)} bytes (limit {MAX_PAGE_RANGES_WIRE_BYTES}: "
+                f"{MAX_RANGES_PER_MESSAGE} ranges)",
+            )
+        # Every varint ends in the one byte of it below 0x80: counted in C, before any parsing.
+        varints = len(data.translate(None, _CONTINUATION_BYTES))
+        if varints > 2 * MAX_RANGES_PER_MESSAGE:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"{varints // 2} page ranges in one message (limit {MAX_RANGES_PER_MESSAGE})",
+            )
         numbers = _read_varints(data)
         if len(numbers) % 2:
             raise _invalid("page ranges: odd number of varints")
         range_count = len(numbers) // 2
-        if range_count > MAX_RANGES_PER_MESSAGE:
-            raise ProtocolError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"{range_count} page ranges in one message (limit {MAX_RANGES_PER_MESSAGE})",
-            )
         ranges: list[tuple[int, int]] = []
         previous_end = 0
         total = 0

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol import PageRanges, ProtocolError
-from protocol.limits import MAX_PAGE_NUMBER, MAX_RANGES_PER_MESSAGE
+from protocol.limits import MAX_PAGE_NUMBER, MAX_PAGE_RANGES_WIRE_BYTES, MAX_PAGES_PER_MESSAGE, MAX_RANGES_PER_MESSAGE
 
 
 @pytest.mark.parametrize(
@@ -73,6 +73,39 @@ def test_from_wire_limits_ranges():
     singles = PageRanges.from_pages(range(0, 2 * (MAX_RANGES_PER_MESSAGE + 1), 2))
     with pytest.raises(ProtocolError, match="LIMIT_EXCEEDED"):
         PageRanges.from_wire(singles.to_wire())
+
+
+@pytest.mark.parametrize(
+    ("wire", "why"),
+    [
+        (b"\x01" * (1 << 20), "1 MiB of 1-byte varints: refused by its length, unread"),
+        (b"\x01" * MAX_PAGE_RANGES_WIRE_BYTES, "as long as allowed, but too many varints"),
+        (b"\x01" * (2 * MAX_RANGES_PER_MESSAGE + 1), "one varint too many (and odd)"),
+        (b"\xff" * MAX_PAGE_RANGES_WIRE_BYTES + b"\x01", "one byte too long"),
+    ],
+)
+def test_from_wire_refuses_oversized_bins_before_parsing(wire, why):
+    with pytest.raises(ProtocolError, match="LIMIT_EXCEEDED"):
+        PageRanges.from_wire(wire)
+
+
+def test_largest_messages_still_fit_the_byte_limit():
+    """MAX_RANGES_PER_MESSAGE ranges with the largest gaps and counts a message may hold."""
+    count = MAX_PAGES_PER_MESSAGE // MAX_RANGES_PER_MESSAGE
+    stride = MAX_PAGE_NUMBER // MAX_RANGES_PER_MESSAGE
+    widest = PageRanges(tuple((i * stride + stride - count, count) for i in range(MAX_RANGES_PER_MESSAGE)))
+    assert PageRanges.from_wire(widest.to_wire()) == widest
+    one_huge_range = PageRanges(((MAX_PAGE_NUMBER - MAX_PAGES_PER_MESSAGE, MAX_PAGES_PER_MESSAGE),))
+    assert PageRanges.from_wire(one_huge_range.to_wire()) == one_huge_range
+    assert len(widest.to_wire()) <= MAX_PAGE_RANGES_WIRE_BYTES
+
+
+@given(st.lists(st.tuples(st.integers(0, MAX_PAGE_NUMBER - 1), st.integers(1, MAX_PAGES_PER_MESSAGE)), max_size=40))
+def test_any_message_sized_set_encodes_within_the_byte_limit(ranges):
+    built = PageRanges.from_ranges((s, min(c, MAX_PAGE_NUMBER - s)) for s, c in ranges)
+    per_range_bytes = len(built.to_wire()) / max(1, len(built.ranges))
+    assert per_range_bytes <= MAX_PAGE_RANGES_WIRE_BYTES / MAX_RANGES_PER_MESSAGE or built.page_count > (
+        MAX_PAGES_PER_MESSAGE)
 
 
 @given(st.lists(st.integers(min_value=0, max_value=1 << 40), max_size=300))

@@ -1,6 +1,8 @@
+import math
+
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from hostd.policy import (
@@ -17,6 +19,7 @@ from hostd.policy import (
     resolve_shares,
     thresholds,
 )
+from tests.conftest import hypothesis_examples
 
 MiB = 256  # pages
 
@@ -72,8 +75,20 @@ vm_strategy = st.tuples(
 )
 
 
-@settings(max_examples=300, deadline=None)
+def _rho(shares, active, pages, k):
+    """Shares per taxed page (the test's own formula, not the policy's)."""
+    taxed = np.where(pages <= active, pages, active + k * (pages - active))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(taxed > 0, shares / np.where(taxed > 0, taxed, 1.0), np.inf)
+
+
+@settings(max_examples=hypothesis_examples(300), deadline=None)
 @given(st.lists(vm_strategy, min_size=1, max_size=12), st.integers(0, 30_000), st.sampled_from([0.0, 0.5, 0.75, 0.9]))
+# The example that failed the old "ρ within 5 %" check about once in 20 runs: the exact solution
+# (62.51 and 1198.49 pages) has ρ = λ = 4.167 for both, whole pages give 63 (ρ 3.971) and 1198
+# (ρ 4.170), a ratio of 1.050; the other rounding (62, 1199) would be 1.056.
+@example(vms=[(0, 0.0, 1, 0.0, 0.0), (0, 0.0, 1, 0.0, 0.0), (0, 0.0, 1, 0.0, 0.0), (411, 0.75, 78, 0.0, 1.0),
+              (28890, 0.25, 2245, 0.0, 1.0)], available=1261, tau=0.9)
 def test_allocation_properties(vms, available, tau):
     memsz = np.array([v[2] for v in vms])
     shares = np.array([float(v[0]) for v in vms])
@@ -89,14 +104,23 @@ def test_allocation_properties(vms, available, tau):
     if can_hold > available:
         assert pages.sum() == available  # overcommitted: every page is handed out
     assert (pages[shares == 0] == reserve[shares == 0]).all() or upper.sum() <= available
-    # ρ is equal (within rounding) across vms not at a bound and with shares.
-    free = (pages > reserve) & (pages < upper) & (shares > 0) & (pages > 50)
-    if free.sum() >= 2:
-        rhos = result.rho[free]
-        assert rhos.max() / rhos.min() < 1.05
+    # ρ across vms not at a bound and with shares. The exact (fractional) solution gives each of
+    # them ρ = λ = 1/x. Whole pages move each by less than one page from it, but one page above
+    # its active pages is k = 1/(1 − τ) taxed pages: at τ 0.9 a vm 10 pages above its active set
+    # (taxed ≈ A + 100) moves ρ by ~10 % with one page. So no fixed ratio between their ρs holds
+    # (the old check, < 5 % for vms above 50 pages, failed on correct allocations). What holds:
+    # λ lies between each such vm's ρ one page above and one page below its allocation.
+    free = (pages > reserve) & (pages < upper) & (shares > 0)
+    x = result.inverse_lambda
+    if free.any() and 0 < x < math.inf:
+        k = 1.0 / (1.0 - tau)
+        s, a, p = shares[free], active[free], pages[free].astype(np.float64)
+        lam = 1.0 / x
+        assert (_rho(s, a, p + 1, k) <= lam * (1 + 1e-9)).all()
+        assert (_rho(s, a, p - 1, k) >= lam * (1 - 1e-9)).all()
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=hypothesis_examples(150), deadline=None)
 @given(st.integers(1, 20_000), st.integers(1, 20_000), st.floats(0, 1), st.floats(0, 1), st.sampled_from([0.0, 0.75]))
 def test_monotone_in_shares_and_activity(s1, s2, f1, f2, tau):
     base = allocate([s1, s2], [f1 * 1000, f2 * 1000], [0, 0], [1000, 1000], 1200, tau)
