@@ -222,7 +222,8 @@ class VmRecord:
 
 class HostCore:
     def __init__(self, config: HostConfig, session_id: str, now_ms: int, control_token: str | None = None,
-                 persisted: Mapping[str, Any] | None = None) -> None:
+                 persisted: Mapping[str, Any] | None = None, max_pfn: int | None = None) -> None:
+        """`max_pfn`: one past the host's highest page frame (PFN ranges beyond are INVALID)."""
         self.config = config
         # Authority for control changes without CURVE: the token in control_token_file.
         self.control_token = control_token
@@ -235,7 +236,7 @@ class HostCore:
         self.settings = HostSettings.from_config(config)
         self.gains = policy.EwmaGains()
         self.vms: dict[str, VmRecord] = {}
-        self.ledger = Ledger()
+        self.ledger = Ledger(max_pfn=max_pfn)
         self.state: policy.State = "high"
         self.started_ms = now_ms
         self.next_balance_ms = now_ms + self.settings.balance_period_ms

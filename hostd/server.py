@@ -66,6 +66,26 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def host_max_pfn(zoneinfo: Path = Path("/proc/zoneinfo")) -> int | None:
+    """One past the highest page frame of any memory zone (None if it cannot be read): each
+    zone block ("Node N, zone X") has `spanned` pages from `start_pfn`."""
+    highest = 0
+    zones: list[dict[str, int]] = []
+    try:
+        for line in zoneinfo.read_text().splitlines():
+            words = line.replace(":", " ").split()
+            if line.startswith("Node "):
+                zones.append({})
+            elif zones and len(words) == 2 and words[0] in ("spanned", "start_pfn"):
+                zones[-1][words[0]] = int(words[1])
+    except (OSError, ValueError):
+        return None
+    for zone in zones:
+        if "spanned" in zone and "start_pfn" in zone:
+            highest = max(highest, zone["start_pfn"] + zone["spanned"])
+    return highest or None
+
+
 def _load_settings(path: Path | None) -> dict[str, Any]:
     if path is None or not path.exists():
         return {}
@@ -110,7 +130,7 @@ class HostServer:
             log.error("no control token (%s): balloonctl changes need %s", exc,
                       "the ipc:// control socket" if self.control_is_ipc else
                       "an operator key (control_allowlist) or the ipc:// control socket")
-        self.core = HostCore(config, self.session_id, now_ms(), control_token)
+        self.core = HostCore(config, self.session_id, now_ms(), control_token, max_pfn=host_max_pfn())
         for line in self.core.restore_settings(_load_settings(config.settings_file), now_ms()):
             log.warning("saved setting skipped: %s", line)
         self.context = context or zmq.Context()
