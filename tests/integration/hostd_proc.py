@@ -34,7 +34,8 @@ class HostdProcess:
              "--settings-file", str(self.settings_file), *flags],
             stderr=self._log, text=True,
         )
-        self.client = HostdClient(self.control_endpoint, credentials=ControlCredentials(token_file=self.token_file))
+        self.client = HostdClient(self.control_endpoint,
+                                  credentials=ControlCredentials.from_environment(str(self.token_file)))
         self.wait_until(lambda s: True, 10, "hostd to answer")
 
     def status(self, timeout_ms: int = 2000) -> dict[str, Any]:
