@@ -162,8 +162,6 @@ def test_s7_a_fake_petabyte_vm_moves_honest_targets_no_more_than_an_honest_host_
 
 
 # ---- S9: lock frames of many one-page ranges -------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=STARVATION + "; a 32,768-range lock is decoded (~60 ms) before the "
-                   "batch limit refuses it")
 def test_s9_lock_frames_of_many_one_page_ranges(tmp_path):
     def attack(hostd: HostdProcess) -> dict[str, Any]:
         return run_attacker("range-bomb", "--endpoint", hostd.agent_endpoint, "--mode", "wide", "--frames", "200",
@@ -173,8 +171,6 @@ def test_s9_lock_frames_of_many_one_page_ranges(tmp_path):
     assert_survived(figures)
 
 
-@pytest.mark.xfail(strict=True, reason=STARVATION + "; hostd/ledger.py RangeSet.add/remove are O(n) list "
-                   "inserts/slices (~80 ms per 512-range frame at 262k ranges)")
 def test_s9_front_inserts_into_a_full_ledger(tmp_path):
     def attack(hostd: HostdProcess) -> dict[str, Any]:
         return run_attacker("range-bomb", "--endpoint", hostd.agent_endpoint, "--mode", "front", "--frames", "700",
