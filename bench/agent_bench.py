@@ -113,15 +113,20 @@ def measure(rounds: int) -> dict[str, Any]:
 
     agents = {"agent_vpn": ("--want-pfn", "false"), "agent_thp": ("--want-pfn", "false", "--huge-pages", "true"),
               "agent_pfn": ("--want-pfn", "true")}
+    baseline_src = os.environ.get("BENCH_BASELINE_SRC")  # another checkout's agent, e.g. before a change
+    ab_only = bool(baseline_src) and os.environ.get("BENCH_AB_ONLY") == "1"  # raw, agent, baseline only
+    if baseline_src:
+        agents["agent_base"] = ("--want-pfn", "false")
     pids: dict[str, int] = {}
     try:
         raw("4k")  # warm-up: the hypervisor backs this memory once
         for name, flags in agents.items():
             process = cgroup.python("-m", "guestagent", "--vm-id", name, "--host-endpoint", host.endpoint,
                                     "--cgroup-path", str(cgroup.path), "--report-interval", "200ms",
-                                    "--log-level", "WARNING", *flags, stderr=subprocess.DEVNULL)
+                                    "--log-level", "WARNING", *flags, stderr=subprocess.DEVNULL,
+                                    cwd=baseline_src if name == "agent_base" else None)
             pids[name] = process.pid
-        host.pump(lambda: len(host.welcomes) == len(agents), 20, "three agents welcomed")
+        host.pump(lambda: len(host.welcomes) == len(agents), 20, "the agents welcomed")
 
         def agent_round(name: str) -> None:
             started = time.perf_counter()
@@ -139,12 +144,18 @@ def measure(rounds: int) -> dict[str, Any]:
             for key, value in raw("4k").items():
                 add(f"raw_4k_{key}", value)
             agent_round("agent_vpn")
+            if baseline_src:
+                agent_round("agent_base")
+            if ab_only:
+                continue
             for key, value in raw("4k", 16).items():
                 add(f"raw_4k_16m_{key}", value)
             for key, value in raw("thp").items():
                 add(f"raw_thp_{key}", value)
             agent_round("agent_thp")
             agent_round("agent_pfn")
+        if ab_only:
+            return _ab_figures(samples, rounds, baseline_src)
         # Reaction time: alternate one batch out and back in around 512 MiB.
         host.set_target("agent_vpn", PAGES // 2)
         host.pump(lambda: host.pages.get("agent_vpn") == PAGES // 2, 60, "512 MiB", poll_ms=1)
@@ -169,6 +180,10 @@ def measure(rounds: int) -> dict[str, Any]:
     figures["ratio_agent_vpn_vs_raw_4k"] = round(best_raw / med["agent_vpn_inflate_s"], 3)
     figures["ratio_agent_vpn_vs_raw_4k_one_call"] = round(med["raw_4k_inflate_s"] / med["agent_vpn_inflate_s"], 3)
     figures["ratio_agent_pfn_vs_raw_4k"] = round(best_raw / med["agent_pfn_inflate_s"], 3)
+    if baseline_src:
+        figures["baseline_src"] = baseline_src
+        figures["ratio_agent_base_vs_raw_4k"] = round(best_raw / med["agent_base_inflate_s"], 3)
+        figures["ratio_deflate_agent_base_vs_raw"] = round(med["raw_4k_deflate_s"] / med["agent_base_deflate_s"], 3)
     figures["ratio_agent_thp_vs_raw_4k"] = round(best_raw / med["agent_thp_inflate_s"], 3)
     figures["ratio_agent_thp_vs_raw_thp"] = round(med["raw_thp_inflate_s"] / med["agent_thp_inflate_s"], 3)
     figures["ratio_deflate_agent_vpn_vs_raw"] = round(med["raw_4k_deflate_s"] / med["agent_vpn_deflate_s"], 3)
@@ -185,6 +200,19 @@ def measure(rounds: int) -> dict[str, Any]:
     return figures
 
 
+def _ab_figures(samples: dict[str, list[float]], rounds: int, baseline_src: str | None) -> dict[str, Any]:
+    med = {name: statistics.median(values) for name, values in samples.items()}
+    return {"rounds": rounds, "baseline_src": baseline_src,
+            "samples": {k: [round(x, 4) for x in v] for k, v in samples.items()},
+            **{f"median_{name}": round(value, 4) for name, value in med.items()},
+            "ratio_agent_vpn_vs_raw_4k": round(med["raw_4k_inflate_s"] / med["agent_vpn_inflate_s"], 3),
+            "ratio_agent_base_vs_raw_4k": round(med["raw_4k_inflate_s"] / med["agent_base_inflate_s"], 3),
+            "ratio_deflate_agent_vpn_vs_raw": round(med["raw_4k_deflate_s"] / med["agent_vpn_deflate_s"], 3),
+            "ratio_deflate_agent_base_vs_raw": round(med["raw_4k_deflate_s"] / med["agent_base_deflate_s"], 3),
+            "wins_agent_vs_base_inflate": sum(a < b for a, b in zip(samples["agent_vpn_inflate_s"],
+                                                                    samples["agent_base_inflate_s"], strict=True))}
+
+
 def run() -> dict[str, Any]:
     if os.geteuid() != 0:
         return {"skipped": "needs root (memory cgroup, mlock of 1 GiB)"}
@@ -195,12 +223,17 @@ def report(figures: dict[str, Any]) -> None:
     if "skipped" in figures:
         print(f"agent_bench: {figures['skipped']}", file=sys.stderr)
         return
+    if "wins_agent_vs_base_inflate" in figures:
+        print(json.dumps(figures, indent=1))
+        return
     print(f"agent: 1 GiB in a 3 GiB cgroup with free memory, median of {figures['rounds']} alternating rounds")
     print(f"{'what':<44}{'inflate s':>10}{'deflate s':>10}{'settled s':>10}")
     for label, key in (("raw mmap+mlock, 4 KiB (one call)", "raw_4k"), ("raw, 4 KiB, 16 MiB per mlock", "raw_4k_16m"),
                        ("raw mmap+MADV_HUGEPAGE+mlock", "raw_thp"),
                        ("agent, VPN page numbers", "agent_vpn"), ("agent, PFN page numbers", "agent_pfn"),
-                       ("agent, --huge-pages (THP batches)", "agent_thp")):
+                       ("agent, --huge-pages (THP batches)", "agent_thp"), ("baseline agent (VPN)", "agent_base")):
+        if f"median_{key}_inflate_s" not in figures:
+            continue
         settled = figures.get(f"median_{key}_deflate_settled_s")
         print(f"{label:<44}{figures[f'median_{key}_inflate_s']:>10.3f}{figures[f'median_{key}_deflate_s']:>10.3f}"
               f"{'' if settled is None else format(settled, '.3f'):>10}")
