@@ -166,7 +166,7 @@ class Message:
 class Hello(Message):
     """agent → host, first message and after every reconnect.
 
-    vm_id: unique per host (also the DEALER routing id). memsz_bytes: the guest's memory
+    vm_id: unique per host (a claim: hostd binds it to this connection at welcome). memsz_bytes: the guest's memory
     (its cgroup limit). page_kind: "pfn" (real frame numbers, CAP_SYS_ADMIN) or "vpn"
     (virtual page numbers of the agent). supports_2m: can pin 2 MiB THP batches.
     cgroup_version: 1, 2, or 0 when unknown. max_batch_pages: largest lock batch it sends.
