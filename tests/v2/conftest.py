@@ -1,0 +1,39 @@
+"""The v2 suite: runs inside the cgroup-v2 guest that `make test-v2` boots under QEMU
+(scripts/vm/), where the runner sets BALLOONLAB_V2_GUEST=1. On the host (cgroup v1 here,
+`make test`) nothing in this directory is collected: these scenarios need a real v2 kernel
+with systemd as init, not the host's hierarchy.
+
+Everything runs under TCG, 15–30× slower than the host: sizes are small (256 MiB guests) and
+every wait is on a condition with a generous deadline. Figures worth reporting go through the
+`figures` fixture into figures.json beside the JUnit XML."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+IN_V2_GUEST = os.environ.get("BALLOONLAB_V2_GUEST") == "1"
+if not IN_V2_GUEST:
+    collect_ignore_glob = ["test_*.py"]
+else:
+    from tests.integration.conftest import context, make_cgroup, minihost  # noqa: F401  (fixtures)
+
+RESULTS = Path(os.environ.get("BALLOONLAB_V2_RESULTS", "/run/balloonlab-v2"))
+_FIGURES: dict[str, dict[str, Any]] = {}
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """A test's measured figures (MiB, seconds, counts): printed, and saved in figures.json."""
+    recorded: dict[str, Any] = {}
+    yield recorded
+    if recorded:
+        _FIGURES[request.node.name] = recorded
+        print(f"FIGURES {request.node.name}: {json.dumps(recorded)}")
+        if RESULTS.is_dir():
+            (RESULTS / "figures.json").write_text(json.dumps(_FIGURES, indent=1) + "\n")
