@@ -42,6 +42,15 @@ else
     tar -C "$REPO" --exclude=.venv --exclude=.git --exclude=artifacts --exclude=__pycache__ -cf "$RUN/src.tar" .
 fi
 tar -C "$RUN/job" -rf "$RUN/src.tar" .balloonlab-v2-job
+# The host's Compose v2 plugin (scripts/setup-docker.sh installs it) for the compose lab inside.
+for plugin in /usr/local/lib/docker/cli-plugins /usr/libexec/docker/cli-plugins /usr/lib/docker/cli-plugins \
+    "$HOME/.docker/cli-plugins"; do
+    if [ -x "$plugin/docker-compose" ]; then
+        tar -C "$plugin" -rf "$RUN/src.tar" --transform 's|^|.balloonlab-v2-extra/|' docker-compose
+        echo "vm: handing in the Compose v2 plugin ($plugin/docker-compose)"
+        break
+    fi
+done
 truncate -s %1M "$RUN/src.tar"
 truncate -s "${SWAP_MIB}M" "$RUN/swap.img" && mkswap -q "$RUN/swap.img" >/dev/null 2>&1 || mkswap "$RUN/swap.img" >/dev/null
 truncate -s 64M "$RUN/results.img"

@@ -22,6 +22,7 @@ if not IN_V2_GUEST:
     collect_ignore_glob = ["test_*.py"]
 else:
     from tests.integration.conftest import context, make_cgroup, minihost  # noqa: F401  (fixtures)
+    from tests.v2.docker_v2 import engine  # noqa: F401  (fixture)
 
 RESULTS = Path(os.environ.get("BALLOONLAB_V2_RESULTS", "/run/balloonlab-v2"))
 _FIGURES: dict[str, dict[str, Any]] = {}
@@ -37,3 +38,8 @@ def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
         print(f"FIGURES {request.node.name}: {json.dumps(recorded)}")
         if RESULTS.is_dir():
             (RESULTS / "figures.json").write_text(json.dumps(_FIGURES, indent=1) + "\n")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The Docker scenarios last: dockerd, once started, would tax every later scenario's CPU."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)

@@ -6,60 +6,20 @@ and blocks it with pause/unpause, and the next hostd undoes what a kill -9 left.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hostd.docker_backend import DockerBackend
-from tests.conftest import require, require_root, require_swap
+from tests.conftest import require_swap
+from tests.v2.docker_v2 import IMAGE, docker
 from tests.v2.hostd_v2 import SlowHostd
-from tests.v2.v2 import ROOT, MiB, mib, require_v2, wait
+from tests.v2.v2 import ROOT, MiB, mib, wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.e2e, pytest.mark.timeout(900)]
-IMAGE = "balloonlab-v2-busybox:latest"
 HELD_MiB = 256
-
-
-def docker(*args: str, timeout_s: float = 120, check: bool = True) -> str:
-    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout_s)
-    if check:
-        assert result.returncode == 0, f"docker {' '.join(args)}: {result.stderr}"
-    return result.stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Iterator[float]:
-    """dockerd started by systemd (the image leaves it disabled at boot); yields its start time."""
-    require_root()
-    require_v2()
-    require(shutil.which("docker") is not None and shutil.which("systemctl") is not None,
-            "needs docker.io and systemd in the guest")
-    started = time.monotonic()
-    subprocess.run(["systemctl", "start", "docker.service"], check=True, timeout=300)
-    wait(lambda: subprocess.run(["docker", "info"], capture_output=True).returncode == 0, 300, "dockerd", 1)
-    ready = time.monotonic() - started
-    stale = docker("ps", "-aq", "--filter", "label=balloonlab.v2=1").split()
-    if stale:
-        docker("rm", "-f", *stale)
-    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode != 0:
-        tree = tmp_path_factory.mktemp("busybox")
-        for directory in ("bin", "dev/shm", "proc", "sys", "tmp"):
-            (tree / directory).mkdir(parents=True)
-        shutil.copy("/bin/busybox", tree / "bin" / "busybox")
-        for applet in ("sh", "dd", "sleep", "cat", "rm"):
-            (tree / "bin" / applet).symlink_to("busybox")
-        tar = subprocess.Popen(["tar", "-C", str(tree), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(["docker", "import", "-", IMAGE], stdin=tar.stdout, check=True, capture_output=True,
-                       timeout=300)
-        assert tar.wait() == 0
-    yield ready
-    # The rest of the suite runs without dockerd's CPU and memory under TCG.
-    subprocess.run(["systemctl", "stop", "docker.service", "docker.socket", "containerd.service"], timeout=300)
 
 
 def test_docker_v2_systemd_driver_update_pause_and_kill_9_recovery(engine, tmp_path: Path, figures) -> None:
@@ -102,7 +62,7 @@ def test_docker_v2_systemd_driver_update_pause_and_kill_9_recovery(engine, tmp_p
         swapped_at = wait(lambda: limit() < 512 * MiB and int((scope / "memory.swap.current").read_text())
                           >= 64 * MiB, 180, "docker update to page the container out", 0.5) + paused_at
         lowered, swap = limit(), int((scope / "memory.swap.current").read_text())
-        assert int((scope / "memory.max").read_text()) == lowered  # docker update reached the cgroup
+        assert int((scope / "memory.max").read_text()) < 512 * MiB  # docker update reached the cgroup
         hostd.stop(kill=True)
         hostd = None
         left = (limit(), state())
