@@ -50,10 +50,11 @@ class ComposeLab:
         command = compose_command()
         assert command is not None, "no docker compose / docker-compose"
         self.command = command
-        self.project = project
+        # E2E_COMPOSE_PROJECT: another project name, for a second checkout's e2e run on the same engine
+        self.project = os.environ.get("E2E_COMPOSE_PROJECT") or project
         self.control_port = free_loopback_port()
         self.http_port = free_loopback_port()
-        self.environ = {**os.environ, "COMPOSE_PROJECT_NAME": project, "BALLOONLAB_IMAGE_TAG": project,
+        self.environ = {**os.environ, "COMPOSE_PROJECT_NAME": self.project, "BALLOONLAB_IMAGE_TAG": self.project,
                         "BALLOONLAB_CONTROL_PORT": str(self.control_port),
                         "BALLOONLAB_HTTP_PORT": str(self.http_port), **overrides}
         if image_exists(OFFLINE_BASE_IMAGE):  # no registry here: the image scripts/build-base-image.sh makes
