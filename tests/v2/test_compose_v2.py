@@ -42,8 +42,13 @@ services:
 """
 
 
+def _progress(what: str, since: float) -> None:
+    print(f"compose-v2: {what} at {time.monotonic() - since:.0f} s", flush=True)
+
+
 @pytest.fixture
 def lab(engine, tmp_path: Path) -> Iterator[ComposeLab]:
+    since = time.monotonic()
     require_swap(1 << 30)
     require(PLUGIN.is_file(), "needs the Compose v2 plugin on the host (scripts/setup-docker.sh installs it); "
                               "scripts/vm/run.sh hands it in")
@@ -61,6 +66,7 @@ def lab(engine, tmp_path: Path) -> Iterator[ComposeLab]:
         assert tar.stdout is not None
         tar.stdout.close()
         tar.wait()
+        _progress(f"{OFFLINE_BASE_IMAGE} imported from the guest's root", since)
     override = tmp_path / "tcg.override.yml"
     override.write_text(TCG_OVERRIDE)
     compose_lab = ComposeLab("balloonlab-v2", {
@@ -72,6 +78,7 @@ def lab(engine, tmp_path: Path) -> Iterator[ComposeLab]:
         "WEB_PHASES": "active 96MiB", "DB_PHASES": "active 80MiB", "BATCH_PHASES": "active 96MiB for 15s, idle 900s",
     })
     compose_lab.down()  # a run killed earlier may have left the project behind
+    _progress("ready for compose up", since)
     try:
         yield compose_lab
     finally:
@@ -86,6 +93,7 @@ def test_compose_lab_comes_up_with_compose_v2_and_balloons(lab: ComposeLab, figu
     started = time.monotonic()
     lab.up()
     up_done = time.monotonic() - started
+    _progress("compose up done", started)
 
     def all_registered() -> dict[str, Any] | None:
         snapshot = lab.status()
@@ -96,6 +104,7 @@ def test_compose_lab_comes_up_with_compose_v2_and_balloons(lab: ComposeLab, figu
 
     assert wait_for(all_registered, timeout_s=300, interval_s=2), f"not every guest registered: {lab.status()}"
     registered = time.monotonic() - started
+    _progress("all guests registered", started)
     latest: dict[str, Any] = {}
 
     def balloons_moving() -> bool:
