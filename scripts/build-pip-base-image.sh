@@ -13,8 +13,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag="${1:-balloonlab-pybase:3.11}"
-if docker image inspect "$tag" >/dev/null 2>&1; then
-    echo "build-pip-base-image: $tag already present"
+# What the project's pyproject asks for (runtime dependencies, the [docker] extra, the build
+# backend): the image is rebuilt when that changes (a label records its hash).
+requirements="$(python3 - <<'PY'
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    project = tomllib.load(f)
+print("\n".join([*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["docker"],
+                 *project["build-system"]["requires"], "wheel"]))
+PY
+)"
+key="$(echo "$requirements" | sha256sum | cut -c1-16)"
+if [ "$(docker image inspect -f '{{index .Config.Labels "balloonlab.requirements"}}' "$tag" 2>/dev/null)" = "$key" ]; then
+    echo "build-pip-base-image: $tag already present for these requirements"
     exit 0
 fi
 command -v debootstrap >/dev/null || { echo "build-pip-base-image: needs debootstrap" >&2; exit 1; }
@@ -26,15 +37,7 @@ started=$(date +%s)
 
 echo "build-pip-base-image: wheels for the project's dependencies (pip download on the host, CPython 3.11 manylinux)"
 python3 -m venv "$work/venv" >/dev/null
-"$work/venv/bin/pip" install --quiet --upgrade pip >/dev/null 2>&1 || true
-# the [docker] extra's and the runtime dependencies, read from pyproject.toml
-"$work/venv/bin/python" - > "$work/requirements.txt" <<'PY'
-import tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))
-print("\n".join(project["project"]["dependencies"] + project["project"]["optional-dependencies"]["docker"]))
-print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))
-print("wheel")
-PY
+echo "$requirements" > "$work/requirements.txt"
 "$work/venv/bin/pip" download --quiet --dest "$work/wheels" --only-binary=:all: --implementation cp \
     --python-version 3.11 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform linux_x86_64 --platform any -r "$work/requirements.txt" \
@@ -57,7 +60,7 @@ rm -rf "$R"/var/cache/apt/archives/*.deb "$R"/var/lib/apt/lists/*
 tar -C "$R" -c . | docker import \
     --change 'ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV PIP_NO_INDEX=1 PIP_FIND_LINKS=/opt/wheels PIP_DISABLE_PIP_VERSION_CHECK=1' \
-    --change 'CMD ["python3"]' - "$tag" >/dev/null
+    --change 'CMD ["python3"]' --change "LABEL balloonlab.requirements=$key" - "$tag" >/dev/null
 docker run --rm --network none "$tag" sh -c 'command -v python3 && command -v pip && python3 -V && pip -V; python3 -c "import zmq" 2>/dev/null && exit 1; true' \
     || { echo "build-pip-base-image: $tag is not a clean /usr/local python" >&2; exit 1; }
 echo "build-pip-base-image: $tag ($(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%d MiB", $1/1048576}')) in $(( $(date +%s) - started )) s"
