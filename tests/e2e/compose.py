@@ -19,13 +19,25 @@ OFFLINE_BASE_IMAGE = "balloonlab-base:bookworm"
 
 
 def compose_command() -> list[str] | None:
-    if shutil.which("docker"):
+    """`docker compose` (the v2 plugin, what the README runs) when it answers, else
+    `docker-compose` (v1). E2E_COMPOSE=v1 or v2 asks for one (None when it is missing)."""
+    wanted = os.environ.get("E2E_COMPOSE", "").lower()
+    if wanted not in ("v1", "v2"):
+        wanted = ""
+    if wanted != "v1" and shutil.which("docker"):
         probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
         if probe.returncode == 0:
             return ["docker", "compose"]
-    if shutil.which("docker-compose"):
+    if wanted != "v2" and shutil.which("docker-compose"):
         return ["docker-compose"]
     return None
+
+
+def compose_version(command: list[str]) -> str:
+    """e.g. "v2 2.40.3" or "v1 1.29.2"."""
+    probe = subprocess.run([*command, "version", "--short"], capture_output=True, text=True)
+    generation = "v2" if command[0] == "docker" else "v1"
+    return f"{generation} {probe.stdout.strip().removeprefix('v')}"
 
 
 def image_exists(tag: str) -> bool:
@@ -37,9 +49,10 @@ class ComposeLab:
         command = compose_command()
         assert command is not None, "no docker compose / docker-compose"
         self.command = command
-        self.project = project
+        # Each run names its own project (the test passes PREFIX<pid>); E2E_COMPOSE_PROJECT overrides it.
+        self.project = os.environ.get("E2E_COMPOSE_PROJECT") or project
         self.http_port = free_loopback_port()
-        self.environ = {**os.environ, "COMPOSE_PROJECT_NAME": project, "BALLOONLAB_IMAGE_TAG": project,
+        self.environ = {**os.environ, "COMPOSE_PROJECT_NAME": self.project, "BALLOONLAB_IMAGE_TAG": self.project,
                         "BALLOONLAB_HTTP_PORT": str(self.http_port), **overrides}
         if image_exists(OFFLINE_BASE_IMAGE):  # no registry here: the image scripts/build-base-image.sh makes
             self.environ.setdefault("BASE_IMAGE", OFFLINE_BASE_IMAGE)
@@ -54,6 +67,7 @@ class ComposeLab:
         return result
 
     def up(self) -> None:
+        print(f"compose lab up with {' '.join(self.command)} ({compose_version(self.command)})")
         self.run("up", "-d", "--build", timeout_s=900)
 
     def down(self) -> None:
