@@ -36,7 +36,11 @@ class HostdProcess:
         )
         self.client = HostdClient(self.control_endpoint,
                                   credentials=ControlCredentials.from_environment(str(self.token_file)))
-        self.wait_until(lambda s: True, 10, "hostd to answer")
+        try:
+            self.wait_until(lambda s: True, 10, "hostd to answer")
+        except BaseException:  # a hostd that never answered is not left running (nor its log open)
+            self.stop(kill=True)
+            raise
 
     def status(self, timeout_ms: int = 2000) -> dict[str, Any]:
         return self.client.status(timeout_ms)
