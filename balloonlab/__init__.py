@@ -1,0 +1,1 @@
+"""balloonlab: test your service under ballooning (public API; filled in below)."""

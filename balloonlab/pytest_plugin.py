@@ -1,0 +1,1 @@
+"""balloonlab's pytest plugin (filled in below)."""
