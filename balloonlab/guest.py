@@ -241,15 +241,23 @@ class Guest:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the guest's agent (it deflates and says bye) and, for a lab-made guest, its command."""
+        self.request_stop()
+        self.wait_stopped(timeout)
+
+    def request_stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)  # the supervisor stops the agent first, then the rest
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-            self.lab.mark(f"{self.vm_id} stopped")
+
+    def wait_stopped(self, timeout: float = 30.0) -> None:
+        if self.process.returncode is not None:
+            return
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self.lab.mark(f"{self.vm_id} stopped")
 
 
 def _mib(size: int) -> str:

@@ -195,9 +195,12 @@ class Lab:
         self._stop_watching.set()
         if self._watcher is not None:
             self._watcher.join(5)
+        for guest in list(self.guests.values()):  # all at once: each agent deflates and says bye
+            with contextlib.suppress(Exception):
+                guest.request_stop()
         for guest in list(self.guests.values()):
             with contextlib.suppress(Exception):
-                guest.stop()
+                guest.wait_stopped()
         if self._parent is not None:
             with contextlib.suppress(cgroups.CgroupSetupError, OSError):
                 cgroups.remove(self._parent)
