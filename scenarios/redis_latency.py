@@ -66,7 +66,7 @@ def main() -> int:
             timeline = lab.watch(0.5)
             redis = lab.attach(f"docker:{name}", vm_id="redis")
             facts = redis.facts()
-            print(f"redis: {facts.usage_bytes / MiB:.0f} MiB in use of {facts.memsz_bytes / MiB:.0f} MiB",
+            print(f"redis: {(facts.usage_bytes or 0) / MiB:.0f} MiB in use of {facts.memsz_bytes / MiB:.0f} MiB",
                   file=sys.stderr)
 
             lab.mark("no balloon")
