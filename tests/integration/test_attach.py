@@ -104,7 +104,7 @@ def _balloon_to(hostd: HostdProcess, vm_id: str, mib: int) -> None:
 
 @pytest.mark.integration
 @pytest.mark.root
-def test_plain_cgroup_is_ballooned_then_detached_then_followed(hostd, tmp_path):
+def test_plain_cgroup_is_ballooned_then_detached_then_followed_by_pid(hostd, tmp_path):
     cgroup = test_cgroups.TestCgroup(256 * MiB, 256 * MiB)
     try:
         holder = cgroup.python("-c", HOLDER.format(size=180), stdout=subprocess.PIPE)
@@ -131,8 +131,9 @@ def test_plain_cgroup_is_ballooned_then_detached_then_followed(hostd, tmp_path):
         assert cgroup.oom_kills() == 0
         hostd.wait_until(lambda s: _left(s, vm_id), 10, "the agent's bye")
 
-        # Attached again, the guest stopping (its last process exits) makes the agent leave.
-        supervisor = _attach(hostd, tmp_path, f"cgroup:{cgroup.path.name}", "--vm-id", vm_id)
+        # Attached again, through the guest's process: its exit (a pidfd) makes the agent leave.
+        supervisor = _attach(hostd, tmp_path, f"pid:{holder.pid}", "--vm-id", vm_id)
+        assert Path(_state(tmp_path, vm_id)["cgroup"]) == cgroup.path
         agent_pid = _state(tmp_path, vm_id)["agent_pid"]
         _balloon_to(hostd, vm_id, 64)
         holder.kill()
@@ -225,9 +226,11 @@ def test_refusals_name_what_cannot_work(hostd, tmp_path):
             (unlimited.path / "memory.limit_in_bytes").write_text("-1")
         else:
             (unlimited.path / "memory.max").write_text("max")
-        for cgroup, expected in ((unlimited, "no memory limit"), (no_swap, "may use no swap")):
+        # (the second one named relative to the memory hierarchy)
+        for target, cgroup, expected in ((f"cgroup:{unlimited.path}", unlimited, "no memory limit"),
+                                         (f"cgroup:{no_swap.path.name}", no_swap, "may use no swap")):
             sleeper = cgroup.spawn(["sleep", "60"])
-            result = _attach(hostd, tmp_path, f"cgroup:{cgroup.path}", "--vm-id", "refused")
+            result = _attach(hostd, tmp_path, target, "--vm-id", "refused")
             assert result.wait(timeout=30) == 1
             assert expected in _logs(tmp_path), _logs(tmp_path)
             sleeper.kill()
