@@ -19,10 +19,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 lint: venv
-	$(BIN)/ruff check protocol hostd guestagent lab tests bench
+	$(BIN)/ruff check protocol hostd guestagent lab tests bench balloonlab
 
 typecheck: venv
-	$(BIN)/mypy protocol hostd guestagent lab
+	$(BIN)/mypy protocol hostd guestagent lab balloonlab
 
 pytest: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

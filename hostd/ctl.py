@@ -10,6 +10,8 @@
     balloonctl plot TIMELINE -o out.png      hostd --timeline file as charts
     balloonctl lab up|down|status            the lab without Docker (root; lab/lab.toml)
     balloonctl experiment idle-tax|balloon-overhead   the paper's Fig. 7 and Fig. 2 (table, CSV, PNG)
+    balloonctl attach docker:NAME|cgroup:PATH|pid:PID [--vm-id VM] | detach VM   a balloon for any guest
+    balloonctl run SCENARIO.toml             a scenario: verdicts, exit 0/1, JUnit XML, CSV, PNG
 """
 
 from __future__ import annotations
@@ -186,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_lab_parser(commands)
     add_experiment_parser(commands)
+    from balloonlab.cli import add_tool_parsers
+
+    add_tool_parsers(commands)
     keys = commands.add_parser("keys", help="CurveZMQ key files and the agent allowlist")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     generate = key_commands.add_parser("generate", help="write NAME.key and NAME.key_secret")
@@ -217,6 +222,10 @@ def run(args: argparse.Namespace) -> str:
         from lab.cli import run_experiment
 
         return run_experiment(args)
+    if args.command in ("attach", "detach", "run"):
+        from balloonlab.cli import run_tool
+
+        return run_tool(args)
     timeout_ms = parse_duration_ms(args.timeout)
     if args.command == "top":
         return run_top_command(args, timeout_ms)
