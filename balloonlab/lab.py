@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, cast
 
 from balloonlab.guest import Guest, Size, to_bytes
 from balloonlab.timeline import Sample, Timeline
@@ -248,9 +248,9 @@ class Lab:
     def elapsed_s(self) -> float:
         return time.monotonic() - self._started
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:  # the StatusDocument, as a plain dict for tests to index
         """hostd's whole status document (`balloonctl status --json`)."""
-        return self.client.status()
+        return cast(dict[str, Any], self.client.status())
 
     def set_host(self, **params: int | float | str | bool | None) -> None:
         """idle_tax_ratio, host_memory_bytes, sample_period_ms, balance_period_ms, ctl_max_percent."""
@@ -356,7 +356,7 @@ class Lab:
             snapshot = self.client.status(2000)
         except CtlError:
             return []
-        by_id = {vm["vm_id"]: vm for vm in snapshot["vms"]}
+        by_id = {vm["vm_id"]: cast(dict[str, Any], vm) for vm in snapshot["vms"]}
         samples = []
         for name, guest in list(self.guests.items()):
             vm = by_id.get(name)
