@@ -21,7 +21,7 @@ from tests.conftest import require, require_root, require_swap
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.swap, pytest.mark.timeout(180)]
 MiB = 1 << 20
-PARENT = "balloonlab-test-backend"
+PARENT = f"balloonlab-test-backend-{os.getpid()}"  # a run of its own: never an earlier run's leftovers
 
 
 def test_lower_limit_swaps_the_guest_out_then_freeze_and_thaw(tmp_path: Path) -> None:
