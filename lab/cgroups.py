@@ -37,6 +37,12 @@ def create_parent(version: int, name: str, root: Path = CGROUP_ROOT) -> Path:
 
 def create_guest(parent: Path, version: int, name: str, memory_bytes: int, swap_bytes: int) -> Path:
     path = parent / name
+    if path.exists():  # left by a run that died: an empty cgroup goes, one still in use is an error
+        try:
+            path.rmdir()
+        except OSError as exc:
+            raise CgroupSetupError(f"{path} is left from an earlier run and still in use ({exc.strerror}): "
+                                   "stop its processes or `balloonctl lab down` first") from None
     path.mkdir()
     if version == 1:
         write_control_file(path / "memory.limit_in_bytes", str(memory_bytes))
