@@ -47,14 +47,16 @@ def test_lower_limit_swaps_the_guest_out_then_freeze_and_thaw(tmp_path: Path) ->
         while (cgroups.usage(guest, version)["memory_bytes"] or 0) < 230 * MiB:
             assert time.monotonic() < deadline, "workload never grew"
             time.sleep(0.2)
-        assert cgroups.usage(guest, version)["swap_bytes"] == 0
+        # (a busy host's own reclaim may have paged a little of it out already)
+        swap_before = cgroups.usage(guest, version)["swap_bytes"] or 0
+        assert swap_before <= 16 * MiB
 
         started = time.monotonic()
         backend.set_limit_bytes(f"{PARENT}/vm", 128 * MiB)  # what a swap target of ~112 MiB would do
         swapped = cgroups.usage(guest, version)["swap_bytes"] or 0
         print(f"limit 512 → 128 MiB: swap {swapped // MiB} MiB after {time.monotonic() - started:.2f} s")
         assert backend.limit_bytes(f"{PARENT}/vm") == 128 * MiB
-        assert swapped >= 90 * MiB
+        assert swapped - swap_before >= 90 * MiB
         assert (cgroups.usage(guest, version)["memory_bytes"] or 0) <= 128 * MiB
         backend.set_limit_bytes(f"{PARENT}/vm", 512 * MiB)
         assert backend.limit_bytes(f"{PARENT}/vm") == 512 * MiB
