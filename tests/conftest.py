@@ -8,24 +8,30 @@ import shutil
 import socket
 
 import pytest
-from hypothesis import HealthCheck, settings
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+try:  # the v2 guest runs its scenarios with Debian's python3 packages, which have no hypothesis
+    from hypothesis import HealthCheck, settings
+except ImportError:
+    settings = None  # type: ignore[assignment]
 
 # Hypothesis profiles. CI (CI=true) is derandomised: the same examples on every run, so a red
 # CI is a regression, not an unlucky draw (random exploration is for developers' runs and the
 # long run). `HYPOTHESIS_PROFILE=long` is the long randomised run: ≥ 20,000 examples for every
 # property that asks for its count through `hypothesis_examples`. No profile has a deadline:
 # a per-example time limit is a timing assertion, and fails on a loaded machine.
-settings.register_profile("dev", deadline=None)
-settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None)
-settings.register_profile("long", max_examples=20_000, deadline=None, database=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("ci" if IN_CI else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+if settings is not None:
+    settings.register_profile("dev", deadline=None)
+    settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None)
+    settings.register_profile("long", max_examples=20_000, deadline=None, database=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile("ci" if IN_CI else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 def hypothesis_examples(count: int) -> int:
     """A property's example count: `count`, or the profile's if that is larger (the long run)."""
+    assert settings is not None, "hypothesis is not installed"
     return max(count, settings.default.max_examples)
 
 
