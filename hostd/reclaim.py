@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import random
-import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from hostd.cgroupfs import BackendError, CgroupfsBackend, TargetGone
 from hostd.docker_backend import PREFIX as DOCKER_PREFIX
 from hostd.docker_backend import DockerBackend
 from hostd.pageout import PageoutResult
+from hostd.statefile import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -140,25 +140,9 @@ class HostReclaimer:
             if not content:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=directory)
+                os.fsync(directory)  # the unlink itself survives a power loss
             else:
-                temporary = f".{name}.{secrets.token_hex(8)}.tmp"
-                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                             dir_fd=directory)
-                try:
-                    data = memoryview(json.dumps(content, sort_keys=True).encode())
-                    while data:
-                        data = data[os.write(fd, data):]
-                    os.fsync(fd)
-                    os.close(fd)
-                    fd = -1
-                    os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
-                except BaseException:
-                    if fd >= 0:
-                        os.close(fd)
-                    with contextlib.suppress(OSError):
-                        os.unlink(temporary, dir_fd=directory)
-                    raise
-            os.fsync(directory)  # the rename (or unlink) itself survives a power loss
+                write_atomically(directory, name, json.dumps(content, sort_keys=True).encode())
         except OSError as exc:
             raise RecordError(f"cannot write the vswap record {self.state_file}: {exc.strerror or exc}") from None
         finally:

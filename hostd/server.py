@@ -19,7 +19,6 @@ import logging
 import os
 import resource
 import secrets
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from hostd.core import HostCore, Outgoing
 from hostd.eventlog import EventLog, TimelineFile, printable
 from hostd.jsonout import dumps
 from hostd.reclaim import HostReclaimer
+from hostd.statefile import write_atomically
 from hostd.timeline import event_record, sample_record
 from protocol.limits import MAX_CONTROL_REQUEST_BYTES, MAX_FRAME_BYTES
 
@@ -98,22 +98,11 @@ def _load_settings(path: Path | None) -> dict[str, Any]:
 
 
 def write_private_json(path: Path, document: dict[str, Any]) -> None:
-    """Atomically (a fresh temp name, fsync of file and directory), mode 0600."""
+    """Atomically and durably, mode 0600 (hostd/statefile.py, as the vswap record)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with os.fdopen(fd, "w") as out:
-            out.write(dumps(document, indent=1))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
+        write_atomically(directory, path.name, dumps(document, indent=1).encode())
     finally:
         os.close(directory)
 

@@ -192,8 +192,9 @@ def test_s10_pfn_locks_beside_many_pfn_vms(tmp_path):
 
 # ---- S11: 20,000 one-shot identities ----------------------------------------------------------------
 @pytest.mark.timeout(200)
-@pytest.mark.xfail(strict=False, reason="hostd falls behind ~100 hellos/s (each join queues an O(vms) recompute and "
-                   "every tick scans all vms): status timeouts, the honest vm lost, RSS +300 MiB at the 10,000-vm cap")
+@pytest.mark.xfail(strict=False, reason="issue 14 acceptance not met yet: under a 20,000-identity flood (one TCP "
+                   "connection each) hostd answers only part of the hellos within 1 s, RSS grows +96..+220 MiB (goal "
+                   "+32) and the honest vm can be lost; per-hello cost is fixed, the rest is unprofiled (see the note)")
 def test_s11_twenty_thousand_one_shot_identities(tmp_path):
     def attack(hostd: HostdProcess) -> dict[str, Any]:
         senders = run_attackers([["identities", "--endpoint", hostd.agent_endpoint, "--count", "5000", "--prefix",
