@@ -73,8 +73,9 @@ def render_lab_status(report: dict[str, Any]) -> str:
     lines = [f"hostd: {'running' if report['hostd_alive'] else 'NOT RUNNING'} ({report['control_endpoint']})"]
     security = report.get("security")
     if security:
-        lines.append(f"security: agents over CurveZMQ, each key bound to its own vm id ({security['agent_allowlist']}); "
-                     f"changes need {security['control_token_file']}; workloads unprivileged")
+        lines.append(f"security: agents over CurveZMQ, each key bound to its own vm id "
+                     f"({security['agent_allowlist']}); changes need {security['control_token_file']}; "
+                     "workloads unprivileged")
     lines.append(f"{'GUEST':<10} {'PID':>8} {'ALIVE':>5} {'MEMORY':>10} {'SWAP':>10} {'WORKLOAD UID:GID':>17}  CGROUP")
     for name, guest in report["guests"].items():
         lines.append(f"{name:<10} {guest['pid']:>8} {'yes' if guest['alive'] else 'no':>5} "
