@@ -7,8 +7,7 @@ Starts `balloon-agent` (configured by its BALLOONLAB_* environment) and a worklo
 the agent through a file; or any COMMAND after `--` (stress-ng, a database...). Both share the
 container's memory cgroup, which is what the balloon squeezes.
 
-The workload is not trusted: it never gets the agent's key paths or any other BALLOONLAB_*
-setting but its own. With BALLOONLAB_WORKLOAD_USER=UID:GID (and BALLOONLAB_WORKLOAD_DIR, its
+The workload is not trusted: it never gets the agent's key paths (BALLOONLAB_CURVE_*). With BALLOONLAB_WORKLOAD_USER=UID:GID (and BALLOONLAB_WORKLOAD_DIR, its
 own directory; `balloonctl lab up` sets both) it runs as that user with no supplementary
 groups and a minimal environment: balloon-workload through guestagent.runas (which drops
 privileges after its imports), any other COMMAND with subprocess's user=/group=.
@@ -37,6 +36,7 @@ log = logging.getLogger("balloon-guest")
 WORKLOAD_ENVIRONMENT = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "PYTHONPATH",
                         "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")
 WORKLOAD_OWN_SETTINGS = ("BALLOONLAB_WORKLOAD_REPORT", "BALLOONLAB_WORKLOAD_PHASES")
+CREDENTIAL_SETTINGS = ("BALLOONLAB_CURVE_", "BALLOONLAB_CONTROL_")
 STOP_TIMEOUT_S = 20.0  # the agent deflates before it leaves: a 1 GiB balloon takes well under a second
 
 
@@ -53,11 +53,10 @@ def _stop(process: subprocess.Popen[bytes], name: str) -> None:
 
 
 def workload_environment(environ: dict[str, str], workdir: Path | None) -> dict[str, str]:
-    """The agent's settings (its key files, hostd's endpoint, the cgroup) are not the
-    workload's business; unprivileged, it gets a minimal environment."""
+    """Where the agent's key files are is not the workload's business; run unprivileged (a
+    workload user), it gets a minimal environment: none of the agent's settings at all."""
     if workdir is None:
-        return {k: v for k, v in environ.items()
-                if not k.startswith("BALLOONLAB_") or k in WORKLOAD_OWN_SETTINGS}
+        return {k: v for k, v in environ.items() if not k.startswith(CREDENTIAL_SETTINGS)}
     kept = {k: v for k, v in environ.items() if k in WORKLOAD_ENVIRONMENT or k in WORKLOAD_OWN_SETTINGS}
     return {**kept, "HOME": str(workdir)}
 
