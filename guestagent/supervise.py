@@ -7,10 +7,11 @@ Starts `balloon-agent` (configured by its BALLOONLAB_* environment) and a worklo
 the agent through a file; or any COMMAND after `--` (stress-ng, a database...). Both share the
 container's memory cgroup, which is what the balloon squeezes.
 
-The workload is not trusted: it never gets the agent's key paths (BALLOONLAB_CURVE_*). With BALLOONLAB_WORKLOAD_USER=UID:GID (and BALLOONLAB_WORKLOAD_DIR, its
-own directory; `balloonctl lab up` sets both) it runs as that user with no supplementary
-groups and a minimal environment: balloon-workload through guestagent.runas (which drops
-privileges after its imports), any other COMMAND with subprocess's user=/group=.
+The workload is not trusted: it never gets the agent's key paths (BALLOONLAB_CURVE_*). With
+BALLOONLAB_WORKLOAD_USER=UID:GID (and BALLOONLAB_WORKLOAD_DIR, its own directory; `balloonctl
+lab up` sets both) it runs as that user with no supplementary groups and a minimal
+environment: balloon-workload through guestagent.runas (which drops privileges after its
+imports), any other COMMAND with subprocess's user=/group=.
 
 SIGTERM/SIGINT: the agent is stopped first (it deflates and says bye), then the workload;
 exit 0. If either child exits on its own, the other is stopped too and the child's exit code
