@@ -17,6 +17,7 @@ Any other command is started by balloon-guest with subprocess's user=/group=/ext
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import os
 import pwd
@@ -29,6 +30,8 @@ from typing import Any
 # code is known. A third-party workload never runs as root before the drop.
 PYTHON_WORKLOADS = frozenset({"guestagent.workload", "lab.skewload"})
 WORKLOAD_UMASK = 0o077
+PR_SET_NO_NEW_PRIVS = 38
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class RunAsError(Exception):
@@ -57,9 +60,17 @@ def parse_user(text: str) -> tuple[int, int]:
     return uid, gid
 
 
+def no_new_privileges() -> None:
+    """PR_SET_NO_NEW_PRIVS: no setuid/setgid binary or file capability gives the workload (or
+    anything it runs) more than it has."""
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
 def drop_privileges(uid: int, gid: int) -> None:
     """setgroups([]) → setgid → setuid (in that order: after setuid the others are refused),
     then check that there is no way back."""
+    no_new_privileges()
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
@@ -77,7 +88,8 @@ def drop_privileges(uid: int, gid: int) -> None:
 
 def drop_popen_arguments(uid: int, gid: int, workdir: Path) -> dict[str, Any]:
     """subprocess.Popen's arguments for a command run as uid:gid from the start."""
-    return {"user": uid, "group": gid, "extra_groups": [], "umask": WORKLOAD_UMASK, "cwd": str(workdir)}
+    return {"user": uid, "group": gid, "extra_groups": [], "umask": WORKLOAD_UMASK, "cwd": str(workdir),
+            "preexec_fn": no_new_privileges}
 
 
 def _relative_to(path_text: str, workdir: Path) -> str:

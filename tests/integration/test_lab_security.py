@@ -92,7 +92,8 @@ def test_a_guest_workload_cannot_steer_the_host_and_the_lab_still_balloons(tmp_p
             uids[guest] = process.uids().real
             assert set(process.uids()) == {uids[guest]} and set(process.gids()) == {uids[guest]}
             assert f"{uids[guest]}:{uids[guest]}" == guests[guest]["workload_user"]
-            assert Path(f"/proc/{pid}/status").read_text().split("Groups:")[1].split("\n")[0].strip() == ""
+            status_lines = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            assert status_lines["Groups"].strip() == "" and status_lines["NoNewPrivs"].strip() == "1"
             assert pid in cgroups.pids_in(Path(guests[guest]["cgroup"]))
             environment = Path(f"/proc/{pid}/environ").read_bytes().decode()
             assert "CURVE" not in environment and "key_secret" not in environment and "TOKEN" not in environment

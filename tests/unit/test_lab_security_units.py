@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from guestagent.runas import PYTHON_WORKLOADS, RunAsError, parse_user
+from guestagent.runas import PYTHON_WORKLOADS, RunAsError, no_new_privileges, parse_user
 from guestagent.supervise import workload_command, workload_environment
 from lab.runner import AUTO_UID_BASE, LabError, workload_users
 from lab.spec import Endpoints, GuestSpec, LabKeys, LabSpecError, WorkloadUser, guest_environment, hostd_argv, parse_lab
@@ -54,7 +54,8 @@ def test_our_python_workloads_drop_privileges_themselves_others_start_unprivileg
     assert popen == {"cwd": "/w"}
     argv, popen = workload_command(["stress-ng", "--vm", "1"], (64200, 64201), Path("/w"))
     assert argv == ["stress-ng", "--vm", "1"]
-    assert popen == {"user": 64200, "group": 64201, "extra_groups": [], "umask": 0o077, "cwd": "/w"}
+    assert popen == {"user": 64200, "group": 64201, "extra_groups": [], "umask": 0o077, "cwd": "/w",
+                     "preexec_fn": no_new_privileges}
     assert workload_command(["stress-ng"], None, None) == (["stress-ng"], {})
     argv, _ = workload_command(["python3", "-m", "some.other.module"], (64200, 64200), Path("/w"))
     assert argv[:3] == ["python3", "-m", "some.other.module"]  # not ours: never root
