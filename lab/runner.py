@@ -188,10 +188,13 @@ def workload_users(spec: LabSpec) -> dict[str, tuple[int, int]]:
                 raise LabError(f"guest {guest.name}: workload_user: {exc}") from None
             continue
         uid = AUTO_UID_BASE + index
-        with contextlib.suppress(KeyError):
-            raise LabError(f"guest {guest.name}: uid {uid} (the lab's default for guest {index}) belongs to the "
-                           f"local user {pwd.getpwuid(uid).pw_name}: set workload_user in the lab file")
-        users[guest.name] = (uid, uid)
+        try:
+            account = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            users[guest.name] = (uid, uid)
+            continue
+        raise LabError(f"guest {guest.name}: uid {uid} (the lab's default for guest {index}) belongs to the "
+                       f"local user {account}: set workload_user in the lab file")
     return users
 
 
@@ -200,8 +203,10 @@ def _workload_dir(state_dir: Path, guest: GuestSpec, user: tuple[int, int]) -> W
     parent = state_dir / WORKLOADS_DIR
     parent.mkdir(mode=0o700, exist_ok=True)
     path = parent / guest.name
-    if path.exists() or path.is_symlink():
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():  # the last run's: its workload owned it (rmtree does not follow symlinks inside)
+        shutil.rmtree(path)
     path.mkdir(mode=0o700)
     os.chown(path, user[0], user[1])
     return WorkloadUser(user[0], user[1], path)
