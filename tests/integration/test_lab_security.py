@@ -162,6 +162,12 @@ def test_a_guest_workload_cannot_steer_the_host_and_the_lab_still_balloons(tmp_p
         assert db["manual_balloon_target_bytes"] is None
         assert sorted(by_vm(after)) == ["batch", "db", "web"]
 
+        # root's balloonctl finds the token by itself: a change is still one command
+        same_tax = balloonctl("host", f"idle_tax={before['host']['idle_tax_ratio']}", endpoint=endpoint)
+        assert same_tax.returncode == 0, same_tax.stderr
+        same_shares = balloonctl("set", "db", "shares=high", endpoint=endpoint)
+        assert same_shares.returncode == 0, same_shares.stderr
+
         latest: dict[str, Any] = {}
 
         def idle_batch_gives_more() -> bool:
