@@ -7,6 +7,12 @@ Starts `balloon-agent` (configured by its BALLOONLAB_* environment) and a worklo
 the agent through a file; or any COMMAND after `--` (stress-ng, a database...). Both share the
 container's memory cgroup, which is what the balloon squeezes.
 
+The workload is not trusted: it never gets the agent's key paths (BALLOONLAB_CURVE_*). With
+BALLOONLAB_WORKLOAD_USER=UID:GID (and BALLOONLAB_WORKLOAD_DIR, its own directory; `balloonctl
+lab up` sets both) it runs as that user with no supplementary groups and a minimal
+environment: balloon-workload through guestagent.runas (which drops privileges after its
+imports), any other COMMAND with subprocess's user=/group=.
+
 SIGTERM/SIGINT: the agent is stopped first (it deflates and says bye), then the workload;
 exit 0. If either child exits on its own, the other is stopped too and the child's exit code
 is returned, so the container's restart policy sees the failure.
@@ -24,8 +30,14 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("balloon-guest")
+# What an unprivileged workload inherits (besides HOME and its own BALLOONLAB_WORKLOAD_* settings).
+WORKLOAD_ENVIRONMENT = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "PYTHONPATH",
+                        "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")
+WORKLOAD_OWN_SETTINGS = ("BALLOONLAB_WORKLOAD_REPORT", "BALLOONLAB_WORKLOAD_PHASES")
+CREDENTIAL_SETTINGS = ("BALLOONLAB_CURVE_", "BALLOONLAB_CONTROL_")
 STOP_TIMEOUT_S = 20.0  # the agent deflates before it leaves: a 1 GiB balloon takes well under a second
 
 
@@ -39,6 +51,30 @@ def _stop(process: subprocess.Popen[bytes], name: str) -> None:
         log.warning("%s did not stop within %.0f s: killing it", name, STOP_TIMEOUT_S)
         process.kill()
         process.wait()
+
+
+def workload_environment(environ: dict[str, str], workdir: Path | None) -> dict[str, str]:
+    """Where the agent's key files are is not the workload's business; run unprivileged (a
+    workload user), it gets a minimal environment: none of the agent's settings at all."""
+    if workdir is None:
+        return {k: v for k, v in environ.items() if not k.startswith(CREDENTIAL_SETTINGS)}
+    kept = {k: v for k, v in environ.items() if k in WORKLOAD_ENVIRONMENT or k in WORKLOAD_OWN_SETTINGS}
+    return {**kept, "HOME": str(workdir)}
+
+
+def workload_command(command: list[str], user: tuple[int, int] | None, workdir: Path | None,
+                     ) -> tuple[list[str], dict[str, Any]]:
+    """The command line and Popen arguments that start the workload (as `user` when given)."""
+    if user is None or workdir is None:
+        return command, {}
+    from guestagent.runas import PYTHON_WORKLOADS, drop_popen_arguments
+
+    if len(command) >= 3 and command[1] == "-m" and command[2] in PYTHON_WORKLOADS:
+        # Ours: started as root (the interpreter may live where the user cannot go), it drops
+        # privileges after its imports and before it touches memory.
+        return [sys.executable, "-m", "guestagent.runas", "--user", f"{user[0]}:{user[1]}", "--dir", str(workdir),
+                *command[2:]], {"cwd": str(workdir)}
+    return command, drop_popen_arguments(user[0], user[1], workdir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     environment = dict(os.environ)
+    user = None
+    workdir = None
+    if environment.get("BALLOONLAB_WORKLOAD_USER"):
+        from guestagent.runas import RunAsError, parse_user
+
+        try:
+            user = parse_user(environment["BALLOONLAB_WORKLOAD_USER"])
+        except RunAsError as exc:
+            log.error("BALLOONLAB_WORKLOAD_USER: %s", exc)
+            return 2
+        workdir = Path(environment.get("BALLOONLAB_WORKLOAD_DIR") or tempfile.gettempdir())
     if not command:
         report = Path(environment.get("BALLOONLAB_WORKLOAD_REPORT")
                       or Path(tempfile.gettempdir()) / "balloonlab-workload.json")
@@ -69,12 +116,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        workload = subprocess.Popen(command, env=environment)
+        argv_, popen_arguments = workload_command(command, user, workdir)
+        workload = subprocess.Popen(argv_, env=workload_environment(environment, workdir if user else None),
+                                    **popen_arguments)
     except OSError as exc:
         log.error("cannot start the workload %s: %s", command[0], exc)
         return 127
     agent = subprocess.Popen([sys.executable, "-m", "guestagent"], env=environment)
-    log.info("workload pid %d (%s), agent pid %d", workload.pid, " ".join(command[:4]), agent.pid)
+    log.info("workload pid %d (%s) as %s, agent pid %d", workload.pid, " ".join(command[:4]),
+             f"uid:gid {user[0]}:{user[1]}" if user else "this user", agent.pid)
     exit_code = 0
     while not stop["signal"]:
         if agent.poll() is not None:

@@ -70,12 +70,17 @@ def run_lab(args: argparse.Namespace) -> str:
 def render_lab_status(report: dict[str, Any]) -> str:
     from hostd.ctl import render_status
 
-    lines = [f"hostd: {'running' if report['hostd_alive'] else 'NOT RUNNING'} ({report['control_endpoint']})",
-             f"{'GUEST':<10} {'PID':>8} {'ALIVE':>5} {'MEMORY':>10} {'SWAP':>10}  CGROUP"]
+    lines = [f"hostd: {'running' if report['hostd_alive'] else 'NOT RUNNING'} ({report['control_endpoint']})"]
+    security = report.get("security")
+    if security:
+        lines.append(f"security: agents over CurveZMQ, each key bound to its own vm id "
+                     f"({security['agent_allowlist']}); changes need {security['control_token_file']}; "
+                     "workloads unprivileged")
+    lines.append(f"{'GUEST':<10} {'PID':>8} {'ALIVE':>5} {'MEMORY':>10} {'SWAP':>10} {'WORKLOAD UID:GID':>17}  CGROUP")
     for name, guest in report["guests"].items():
         lines.append(f"{name:<10} {guest['pid']:>8} {'yes' if guest['alive'] else 'no':>5} "
-                     f"{format_bytes(guest['memory_bytes']):>10} {format_bytes(guest['swap_bytes']):>10}  "
-                     f"{guest['cgroup']}")
+                     f"{format_bytes(guest['memory_bytes']):>10} {format_bytes(guest['swap_bytes']):>10} "
+                     f"{guest.get('workload_user') or '-':>17}  {guest['cgroup']}")
     if report["hostd"]:
         lines += ["", render_status(report["hostd"])]
     return "\n".join(lines)

@@ -1,14 +1,29 @@
 """`balloonctl lab up|down|status`: the compose topology without Docker. hostd runs as a
 process on loopback, every guest in a memory cgroup of its own (limit = memsz, plus its own
 swap) running balloon-guest (the agent beside a workload). What was made is written to a state
-file as it is made, so `down` removes every cgroup and process even after a failed `up`."""
+file as it is made, so `down` removes every cgroup and process even after a failed `up`.
+
+Secure by default, like the compose lab (a guest's workload is untrusted):
+- the state directory is 0700 root; CurveZMQ keys are made there at the first `up`
+  (lab/compose_keys.py's `provision`, kept across `down`/`up`): each guest's agent key is
+  allowlisted for that guest's vm id alone, and each agent pins hostd's key;
+- control stays on loopback, and every change needs the control token (0600 root, at the
+  path balloonctl reads by default), so `balloonctl status/set` stay one command for root;
+- each guest's workload runs as a uid:gid of its own (workload_user, default AUTO_UID_BASE +
+  the guest's index), with no supplementary groups, in its own 0700 directory: it cannot read
+  the token, any key, or another guest's files, nor signal another guest. The agents (ours;
+  they mlock) stay root and get their key files by path, never in an environment variable
+  the workload inherits or on a command line."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pwd
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -21,7 +36,16 @@ import psutil
 
 from hostd.jsonout import dumps
 from lab import cgroups
-from lab.spec import Endpoints, LabSpec, guest_argv, guest_environment, hostd_argv
+from lab.spec import (
+    Endpoints,
+    GuestSpec,
+    LabKeys,
+    LabSpec,
+    WorkloadUser,
+    guest_argv,
+    guest_environment,
+    hostd_argv,
+)
 
 DEFAULT_STATE_DIR = Path("/run/balloonlab-lab")
 DEFAULT_ENDPOINTS = Endpoints("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556")
@@ -29,6 +53,11 @@ DEFAULT_CGROUP_NAME = "balloonlab-lab"
 STATE_FILE = "state.json"
 GUEST_STOP_TIMEOUT_S = 30.0  # agents deflate and say bye before they exit
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Guest i's workload runs as uid = gid = AUTO_UID_BASE + i unless lab.toml names a
+# workload_user: in Debian's 60000-64999 block (allocated on demand, none here), below nobody.
+AUTO_UID_BASE = 64200
+KEYS_DIR = "keys"
+WORKLOADS_DIR = "guests"
 
 Progress = Callable[[str], None]
 # Processes this Python process started (when up and down run in one process, as in the
@@ -116,6 +145,81 @@ def _running(state: dict[str, Any]) -> bool:
     return any(entry and "pid" in entry and _alive(entry) for entry in entries)
 
 
+# ---- security -------------------------------------------------------------------------------
+def _private_state_dir(path: Path) -> None:
+    """The state directory holds the keys and logs: 0700, root's, not a symlink."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise LabError(f"state directory {path} must be a directory owned by uid {os.geteuid()} (not a symlink)")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def provision_keys(spec: LabSpec, keys: LabKeys) -> list[str]:
+    """The compose lab's key service, for the cgroup lab: keys kept, missing ones made, every
+    guest's key bound to its own vm id; a guest no longer in the lab file loses its entry."""
+    from lab.compose_keys import provision
+    from protocol.keys import KeyFileError, allowlist_entries, allowlist_remove
+
+    keys.root.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(keys.root, 0o700)
+    try:
+        done = provision(keys.hostd_dir, {guest.name: keys.guest_dir(guest.name) for guest in spec.guests})
+        for name in set(allowlist_entries(keys.allowlist)) - {guest.name for guest in spec.guests}:
+            allowlist_remove(keys.allowlist, name)
+            done.append(f"{name}: not in the lab file, key no longer allowed")
+    except KeyFileError as exc:
+        raise LabError(f"lab keys in {keys.root}: {exc}") from None
+    return done
+
+
+def workload_users(spec: LabSpec) -> dict[str, tuple[int, int]]:
+    """Each guest's workload uid:gid: workload_user, else AUTO_UID_BASE + its index (a uid no
+    local account has, so that nothing else on the host is reachable with it)."""
+    from guestagent.runas import RunAsError, parse_user
+
+    users = {}
+    for index, guest in enumerate(spec.guests):
+        if guest.workload_user:
+            try:
+                users[guest.name] = parse_user(guest.workload_user)
+            except RunAsError as exc:
+                raise LabError(f"guest {guest.name}: workload_user: {exc}") from None
+            continue
+        uid = AUTO_UID_BASE + index
+        try:
+            account = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            users[guest.name] = (uid, uid)
+            continue
+        raise LabError(f"guest {guest.name}: uid {uid} (the lab's default for guest {index}) belongs to the "
+                       f"local user {account}: set workload_user in the lab file")
+    return users
+
+
+def _workload_dir(state_dir: Path, guest: GuestSpec, user: tuple[int, int]) -> WorkloadUser:
+    """The workload's own directory, made afresh (0700, owned by its uid): its cwd and report."""
+    parent = state_dir / WORKLOADS_DIR
+    parent.mkdir(mode=0o700, exist_ok=True)
+    path = parent / guest.name
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():  # the last run's: its workload owned it (rmtree does not follow symlinks inside)
+        shutil.rmtree(path)
+    path.mkdir(mode=0o700)
+    os.chown(path, user[0], user[1])
+    return WorkloadUser(user[0], user[1], path)
+
+
+def control_token_file() -> Path:
+    """Where this lab's hostd keeps the token (and balloonctl finds it): hostd's default path,
+    or BALLOONLAB_CONTROL_TOKEN_FILE, which both read."""
+    from hostd.client import DEFAULT_TOKEN_FILE
+
+    return Path(os.environ.get("BALLOONLAB_CONTROL_TOKEN_FILE") or DEFAULT_TOKEN_FILE)
+
+
 # ---- up -------------------------------------------------------------------------------------
 def _spawn(argv: list[str], log_path: Path, environment: dict[str, str],
            cgroup_procs: Path | None = None) -> subprocess.Popen[bytes]:
@@ -155,25 +259,32 @@ def up(spec: LabSpec, hostd_config: Path, options: LabOptions, progress: Progres
                        "(scripts/setup-swap.sh makes a swap file)")
     if not hostd_config.is_file():
         raise LabError(f"hostd configuration {hostd_config} not found")
-    options.state_dir.mkdir(parents=True, exist_ok=True)
+    _private_state_dir(options.state_dir)
     previous = read_state(options)
     if previous is not None:
         if _running(previous):
             raise LabError(f"a lab is already up (state {_state_path(options)}): balloonctl lab down first")
         down(options, progress)  # leftovers of a lab that died: clean them before starting again
+    users = workload_users(spec)
+    started = time.monotonic()
+    keys = LabKeys(options.state_dir / KEYS_DIR)
+    for line in provision_keys(spec, keys):
+        progress(f"keys: {line}")
     version = cgroups.memory_cgroup_version()
     parent = cgroups.create_parent(version, options.cgroup_name)
     state: dict[str, Any] = {"cgroup_version": version, "cgroup_parent": str(parent),
                              "agent_endpoint": options.endpoints.agent,
-                             "control_endpoint": options.endpoints.control, "guests": {}}
+                             "control_endpoint": options.endpoints.control, "guests": {},
+                             "security": {"curve": True, "keys": str(keys.root),
+                                          "agent_allowlist": str(keys.allowlist),
+                                          "control_token_file": str(control_token_file())}}
     _write_state(options, state)
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-    started = time.monotonic()
 
     hostd_log = options.state_dir / "hostd.log"
-    hostd = _spawn(hostd_argv(sys.executable, hostd_config, options.endpoints, options.state_dir / "events.jsonl"),
-                   hostd_log, environment)
+    hostd = _spawn(hostd_argv(sys.executable, hostd_config, options.endpoints, options.state_dir / "events.jsonl",
+                              keys), hostd_log, environment)
     state["hostd"] = {**_record(hostd), "log": str(hostd_log)}
     _write_state(options, state)
     while _hostd_status(options.endpoints.control, 500) is None:
@@ -183,7 +294,8 @@ def up(spec: LabSpec, hostd_config: Path, options: LabOptions, progress: Progres
         if time.monotonic() - started > 20:
             down(options, lambda _line: None)
             raise LabError(f"hostd did not answer on {options.endpoints.control} within 20 s:\n{_log_tail(hostd_log)}")
-    progress(f"hostd up on {options.endpoints.control} ({time.monotonic() - started:.1f} s)")
+    progress(f"hostd up on {options.endpoints.control} ({time.monotonic() - started:.1f} s): agents over CurveZMQ "
+             f"(allowlist {keys.allowlist}), changes need the control token {control_token_file()}")
 
     for guest in spec.guests:
         try:
@@ -192,16 +304,21 @@ def up(spec: LabSpec, hostd_config: Path, options: LabOptions, progress: Progres
             down(options, lambda _line: None)
             raise LabError(f"guest {guest.name}: {exc}") from None
         log_path = options.state_dir / f"{guest.name}.log"
-        report = options.state_dir / f"{guest.name}.workload.json"
-        process = _spawn(guest_argv(sys.executable, guest),
-                         log_path, guest_environment(environment, guest, options.endpoints, path, report),
+        user = _workload_dir(options.state_dir, guest, users[guest.name])
+        report = user.workdir / "workload.json"
+        process = _spawn(guest_argv(sys.executable, guest), log_path,
+                         guest_environment(environment, guest, options.endpoints, path, report, keys, user),
                          path / "cgroup.procs")
         state["guests"][guest.name] = {**_record(process), "cgroup": str(path), "log": str(log_path),
                                        "workload_report": str(report), "memory_bytes": guest.memory_bytes,
-                                       "swap_bytes": guest.swap_bytes}
+                                       "swap_bytes": guest.swap_bytes,
+                                       "workload_user": f"{user.uid}:{user.gid}", "workload_dir": str(user.workdir),
+                                       "agent_key": str(keys.guest_secret(guest.name))}
         _write_state(options, state)
+        warning = " (root: it can read the lab's keys and token)" if user.uid == 0 else ""
         progress(f"guest {guest.name}: {guest.memory_bytes >> 20} MiB + {guest.swap_bytes >> 20} MiB swap, "
-                 f"{' '.join(guest.command) or guest.phases} (cgroup {path})")
+                 f"{' '.join(guest.command) or guest.phases} as uid:gid {user.uid}:{user.gid}{warning} "
+                 f"(cgroup {path})")
 
     wanted = sorted(guest.name for guest in spec.guests)
     registered: list[str] = []
@@ -268,7 +385,7 @@ def status(options: LabOptions) -> dict[str, Any]:
     guests = {}
     for name, entry in state.get("guests", {}).items():
         guests[name] = {"alive": _alive(entry), "pid": entry["pid"], "cgroup": entry["cgroup"],
-                        **cgroups.usage(Path(entry["cgroup"]), version)}
+                        "workload_user": entry.get("workload_user"), **cgroups.usage(Path(entry["cgroup"]), version)}
     return {"hostd_alive": bool(state.get("hostd")) and _alive(state["hostd"]),
             "control_endpoint": state["control_endpoint"], "guests": guests,
-            "hostd": _hostd_status(state["control_endpoint"])}
+            "security": state.get("security"), "hostd": _hostd_status(state["control_endpoint"])}

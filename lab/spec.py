@@ -29,6 +29,7 @@ class GuestSpec:
     swap_bytes: int  # the guest's own swap on top of it
     phases: str  # balloon-workload's phase spec; "" when `command` replaces the workload
     command: tuple[str, ...] = ()  # a third-party workload instead (e.g. stress-ng --vm ...)
+    workload_user: str = ""  # NAME, UID or UID:GID the workload runs as; "" = a uid of its own (lab/runner.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +57,20 @@ def _guest(name: str, table: object, source: str) -> GuestSpec:
         raise LabSpecError(f"{where}: a guest name is 1-31 lowercase letters, digits or '-', starting with a letter")
     if not isinstance(table, dict):
         raise LabSpecError(f"{where}: must be a table")
-    unknown = set(table) - {"memory", "swap", "phases", "command"}
+    unknown = set(table) - {"memory", "swap", "phases", "command", "workload_user"}
     if unknown:
-        raise LabSpecError(f"{where}: unknown keys {sorted(unknown)} (memory, swap, phases, command)")
+        raise LabSpecError(f"{where}: unknown keys {sorted(unknown)} (memory, swap, phases, command, workload_user)")
+    workload_user = table.get("workload_user", "")
+    if not isinstance(workload_user, str | int) or isinstance(workload_user, bool):
+        raise LabSpecError(f"{where}: workload_user is a user name, a uid or \"UID:GID\"")
+    workload_user = str(workload_user).strip()
+    if workload_user:
+        from guestagent.runas import RunAsError, parse_user
+
+        try:
+            parse_user(workload_user)
+        except RunAsError as exc:
+            raise LabSpecError(f"{where}: workload_user: {exc}") from None
     try:
         memory_bytes = parse_size_bytes(str(table.get("memory", "")))
         swap_bytes = parse_size_bytes(str(table.get("swap", "0")))
@@ -77,7 +89,7 @@ def _guest(name: str, table: object, source: str) -> GuestSpec:
             parse_phases(phases)
         except PhaseSpecError as exc:
             raise LabSpecError(f"{where}: phases: {exc}") from None
-    return GuestSpec(name, memory_bytes, swap_bytes, phases, tuple(command))
+    return GuestSpec(name, memory_bytes, swap_bytes, phases, tuple(command), workload_user)
 
 
 def load_lab(path: Path) -> LabSpec:
@@ -95,12 +107,52 @@ class Endpoints:
     control: str  # balloonctl's
 
 
-def hostd_argv(python: str, config_path: Path, endpoints: Endpoints, event_log: Path) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class LabKeys:
+    """Where `lab up` keeps the lab's CurveZMQ keys (lab/compose_keys.py's layout): hostd's
+    pair and allowlist in hostd/, each guest's pair and hostd's public key in GUEST/."""
+
+    root: Path
+
+    @property
+    def hostd_dir(self) -> Path:
+        return self.root / "hostd"
+
+    @property
+    def host_secret(self) -> Path:
+        return self.hostd_dir / "host.key_secret"
+
+    @property
+    def allowlist(self) -> Path:
+        return self.hostd_dir / "allow"
+
+    def guest_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def guest_secret(self, name: str) -> Path:
+        return self.guest_dir(name) / f"{name}.key_secret"
+
+    def guest_host_public(self, name: str) -> Path:
+        return self.guest_dir(name) / "host.key"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadUser:
+    uid: int
+    gid: int
+    workdir: Path  # the workload's own directory (owned by uid, 0700): its cwd and its report
+
+
+def hostd_argv(python: str, config_path: Path, endpoints: Endpoints, event_log: Path,
+               keys: LabKeys | None = None) -> list[str]:
     # balloonctl's changes are kept for this lab's hostd only (a new lab starts from its config);
-    # the control token stays at its default path, where balloonctl looks for it.
-    return [python, "-m", "hostd", "--config", str(config_path), "--agent-endpoint", endpoints.agent,
+    # the control token stays at its default path (0600 root), where balloonctl looks for it.
+    argv = [python, "-m", "hostd", "--config", str(config_path), "--agent-endpoint", endpoints.agent,
             "--control-endpoint", endpoints.control, "--event-log", str(event_log),
             "--settings-file", str(event_log.parent / "hostd-settings.json")]
+    if keys is not None:  # agents only with an allowlisted key, each bound to its own vm id
+        argv += ["--curve-secret-key", str(keys.host_secret), "--curve-allowlist", str(keys.allowlist)]
+    return argv
 
 
 def guest_argv(python: str, guest: GuestSpec) -> list[str]:
@@ -111,9 +163,12 @@ def guest_argv(python: str, guest: GuestSpec) -> list[str]:
 
 
 def guest_environment(base: dict[str, str], guest: GuestSpec, endpoints: Endpoints, cgroup_path: Path,
-                      workload_report: Path) -> dict[str, str]:
+                      workload_report: Path, keys: LabKeys | None = None,
+                      workload_user: WorkloadUser | None = None) -> dict[str, str]:
     """The agent is told its cgroup explicitly (it runs inside it, but a lab on a v1 host has
-    several hierarchies) and the workload reports to a file of its own guest."""
+    several hierarchies) and the workload reports to a file of its own guest. Key files go by
+    path (never a key in the environment or on a command line), and balloon-guest passes
+    none of this to the workload, which runs as `workload_user`."""
     environment = {k: v for k, v in base.items() if not k.startswith("BALLOONLAB_")}
     environment.update({
         "BALLOONLAB_HOST_ENDPOINT": endpoints.agent,
@@ -121,6 +176,12 @@ def guest_environment(base: dict[str, str], guest: GuestSpec, endpoints: Endpoin
         "BALLOONLAB_CGROUP_PATH": str(cgroup_path),
         "BALLOONLAB_WORKLOAD_REPORT": str(workload_report),
     })
+    if keys is not None:
+        environment["BALLOONLAB_CURVE_CLIENT_KEY"] = str(keys.guest_secret(guest.name))
+        environment["BALLOONLAB_CURVE_SERVER_PUBLIC_KEY"] = str(keys.guest_host_public(guest.name))
+    if workload_user is not None:
+        environment["BALLOONLAB_WORKLOAD_USER"] = f"{workload_user.uid}:{workload_user.gid}"
+        environment["BALLOONLAB_WORKLOAD_DIR"] = str(workload_user.workdir)
     for name in ("BALLOONLAB_LOG_LEVEL", "BALLOONLAB_REPORT_INTERVAL", "BALLOONLAB_WS_PERIOD"):
         if name in base:
             environment[name] = base[name]
