@@ -44,8 +44,8 @@ from guestagent.balloon import MlockPinner
 from guestagent.cgroup import CgroupReader
 from guestagent.config import AgentConfig
 from guestagent.errors import AgentError, CgroupError
-from guestagent.motion import Counters, Reconnect
 from guestagent.session import AGENT_VERSION, STATS_KEYS, AgentSession
+from guestagent.state import Counters, Reconnect
 from guestagent.wss import WorkingSetSampler
 from protocol import PAGE_SIZE_BYTES, encode
 from protocol.limits import MAX_FRAME_BYTES

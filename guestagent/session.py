@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from guestagent import agent
 from guestagent.cgroup import READING_STATS_KEYS, GuestReading
 from guestagent.config import AgentConfig
-from guestagent.motion import Action, AgentState, Counters, Motion, PressureMemory, Wire
+from guestagent.motion import Motion
 from guestagent.pinning import Pinner
+from guestagent.state import Action, AgentState, Counters, PressureMemory, Registration, Sampling, Wire
 from guestagent.wss import Sample
 from protocol import (
     PAGE_SIZE_BYTES,
@@ -58,37 +58,6 @@ AGENT_VERSION = "0.1.0"
 STATS_KEYS: tuple[str, ...] = (*READING_STATS_KEYS, "givable_bytes", "balloon_returned_bytes", "pressure_deflates",
                                "ws_samples", "ws_current_ratio", "expired_requests", "absurd_target_seqs",
                                *agent.WORKLOAD_REPORT_FIELDS.values())
-
-
-@dataclass
-class Registration:
-    """Who the host is to this agent, and whether it is there."""
-
-    registered: bool = False
-    host_session: str | None = None
-    vm_secret: str | None = None  # from the latest welcome; presented on re-hello, never logged
-    # When a send first failed with no connection up (None: the last send got through or a
-    # frame came in). Time alone proves nothing: the agent itself may have stalled for
-    # seconds pinning pages in a thrashing guest while the host was there all along.
-    unreachable_since_ms: int | None = None
-    host_lost_since_ms: int | None = None
-    next_hello_ms: int = 0
-    hello_backoff_ms: int = 100
-
-
-@dataclass
-class Sampling:
-    """The working-set periods and the agent's timers."""
-
-    report_interval_ms: int
-    host_timeout_ms: int
-    ws_period_ms: int
-    next_report_ms: int = 0
-    next_check_ms: int = 0
-    next_ws_ms: int = 0
-    last_ws: Sample | None = None
-    ws_current: Sample | None = None  # the running period so far, as of the last report
-    ws_samples: int = 0  # completed sampling periods: the host averages each one once
 
 
 class AgentSession:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field, replace
 
 from guestagent.cgroup import GuestReading
 from guestagent.config import AgentConfig
-from guestagent.motion import Reconnect, Send
 from guestagent.pinning import FakePinner
 from guestagent.session import AgentSession
+from guestagent.state import Reconnect, Send
 from hostd.config import HostConfig
 from hostd.core import HostCore
 from protocol import Message, decode, encode

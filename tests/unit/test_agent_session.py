@@ -2,14 +2,16 @@
 and FakePinner calls out. Each of these used to need root, swap and a real cgroup."""
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guestagent.motion import Reconnect, Send
 from guestagent.pinning import FakePinner
 from guestagent.session import STATS_KEYS
+from guestagent.state import Reconnect, Send
 from guestagent.wss import Sample
 from protocol import (
     Error,
@@ -482,3 +484,12 @@ def test_pageranges_of_fake_batches_are_vpns_from_the_base():
     p = FakePinner(1024, base_vpn=1000)
     [b] = p.pin_batches(10, 10)
     assert b.pages == PageRanges(((1000, 10),)) and p.page_kind == "vpn"
+
+
+def test_the_session_is_sans_io():
+    """No zmq, psutil, mmap or ctypes behind the session: those stay in client.py and balloon.py."""
+    code = ("import sys, guestagent.session, guestagent.motion, guestagent.state, guestagent.pinning\n"
+            "print(sorted(m for m in ('zmq', 'psutil', 'mmap', 'ctypes', 'guestagent.client', 'guestagent.balloon',"
+            " 'guestagent.alarm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
