@@ -16,7 +16,7 @@ from collections import deque
 from guestagent import agent
 from guestagent.errors import PinError
 from guestagent.pinning import Batch, Pinner
-from guestagent.state import AgentState, Counters, Pending, PressureMemory, Wire
+from guestagent.state import AgentState, Counters, Pending, PressureMemory, Target, Wire
 from protocol import (
     PAGE_SIZE_BYTES,
     Lock,
@@ -41,10 +41,7 @@ class Motion:
         self.counters = counters
         self.pressure = pressure
         self.batch_limit = batch_pages
-        self.target_pages = 0
-        self.target_seq = 0
-        self.target_seq_ms = 0  # when the target seq high-water mark last moved
-        self.absurd_seq_logged = False  # once per session
+        self.target = Target()
         self.pending: dict[int, Pending] = {}
         # Requests waiting for room in the window (max_rate_batches in flight): adopt locks after a
         # welcome and unlocks of freed pages. A burst of thousands (a 4 GiB balloon re-adopted)
@@ -54,9 +51,7 @@ class Motion:
         self.rate_batches = 1
         self.inflate_paused_until_ms = 0
         self.last_refusal_transient: bool | None = None  # logs a refusal once per kind, not per second
-        self.refused_since_target = 0
         self.state: AgentState = "idle"
-        self.movement: tuple[int, int] | None = None  # (started_ms, balloon pages then) toward a target
         self.reclaim = False  # the host takes the balloon's memory (welcome's settings: "reclaim")
         self.lost_deflate_due_ms = 0
 
@@ -69,14 +64,14 @@ class Motion:
     def window(self) -> int:
         """Batches allowed in flight. Inflating: the adaptive rate (vmw_balloon: halve on
         failure, grow on success, at most max_rate_batches). Deflating is never slowed."""
-        if self.target_pages < self.effective_balloon_pages():
+        if self.target.pages < self.effective_balloon_pages():
             return self.pacing.max_rate_batches
         return self.rate_batches
 
     def busy(self) -> bool:
         """Room in the window and somewhere to go (the caller checks registration)."""
         return (len(self.pending) < self.window()
-                and (self.target_pages != self.effective_balloon_pages() or bool(self.outbox)))
+                and (self.target.pages != self.effective_balloon_pages() or bool(self.outbox)))
 
     def queue(self, message: Lock | Unlock, batch: Batch | None) -> None:
         self.outbox.append((message, batch))
@@ -130,25 +125,25 @@ class Motion:
     # ---- the host's answers ------------------------------------------------------------
     def on_target(self, target_pages: int, target_seq: int, now: int) -> None:
         # seq 0 = the host has not set a target for this session yet; older seqs are stale.
-        verdict = agent.classify_target_seq(target_seq, self.target_seq, now - self.target_seq_ms)
+        verdict = agent.classify_target_seq(target_seq, self.target.seq, now - self.target.seq_ms)
         if verdict == "stale":
             return
         if verdict == "absurd":
             self.counters.absurd_target_seqs += 1
-            if not self.absurd_seq_logged:
-                self.absurd_seq_logged = True
+            if not self.target.absurd_seq_logged:
+                self.target.absurd_seq_logged = True
                 log.warning("ignoring a target with seq %d, %d above the last one (%d): not this host's "
-                            "(logged once per session; counted)", target_seq, target_seq - self.target_seq,
-                            self.target_seq)
+                            "(logged once per session; counted)", target_seq, target_seq - self.target.seq,
+                            self.target.seq)
             return
-        if target_seq != self.target_seq:
-            self.target_seq_ms = now
+        if target_seq != self.target.seq:
+            self.target.seq_ms = now
         target = min(target_pages, self.pinner.capacity_pages)
-        if target != self.target_pages:
-            log.info("target %d → %d pages (seq %d)", self.target_pages, target, target_seq)
-            self.movement = (now, self.pinner.held_pages)
-            self.refused_since_target = 0
-        self.target_pages, self.target_seq = target, target_seq
+        if target != self.target.pages:
+            log.info("target %d → %d pages (seq %d)", self.target.pages, target, target_seq)
+            self.target.movement = (now, self.pinner.held_pages)
+            self.target.refused_pages = 0
+        self.target.pages, self.target.seq = target, target_seq
 
     @staticmethod
     def _results_ok(results: tuple[RangeResult, ...], kinds: tuple[RangeStatus, ...]) -> bool:
@@ -172,7 +167,7 @@ class Motion:
         # The host refused some of it: free the whole batch; tell the host about parts it took.
         refused = sum(r.count for r in result.results if r.status not in accepted)
         self.counters.refused_pages += refused
-        self.refused_since_target += refused
+        self.target.refused_pages += refused
         self.rate_batches = agent.next_rate(self.rate_batches, False, self.pacing)
         self.inflate_paused_until_ms = now + self.pacing.refusal_pause_ms
         taken = PageRanges.from_ranges((r.start, r.count) for r in result.results if r.status in accepted)
@@ -231,18 +226,18 @@ class Motion:
         """One batch toward the target. Returns whether a request was sent."""
         pressure = self.pressure
         plan = agent.plan(
-            balloon_pages=self.effective_balloon_pages(), target_pages=self.target_pages,
+            balloon_pages=self.effective_balloon_pages(), target_pages=self.target.pages,
             givable=pressure.givable_bytes, rate_batches=self.rate_batches, now_ms=now,
             inflate_paused_until_ms=self.inflate_paused_until_ms, cfg=self.pacing,
             ceiling_pages=agent.inflate_ceiling_pages(pressure.backoff, now, self.pacing),
             working_set_cap=working_set_cap,
         )
         if plan.action == "hold":
-            if self.movement is not None and not self.pending and plan.reason == "at target":
-                started_ms, from_pages = self.movement
+            if self.target.movement is not None and not self.pending and plan.reason == "at target":
+                started_ms, from_pages = self.target.movement
                 log.info("balloon %d → %d pages in %d ms: at target (seq %d)", from_pages,
-                         self.pinner.held_pages, now - started_ms, self.target_seq)
-                self.movement = None
+                         self.pinner.held_pages, now - started_ms, self.target.seq)
+                self.target.movement = None
             if self.state != "pressure_deflate" or now >= self.inflate_paused_until_ms:
                 self.state = "idle" if not self.pending else self.state
             return False
@@ -257,7 +252,7 @@ class Motion:
             # Pages already on their way out (unlock sent) are not the guest's to refuse: the
             # shortfall is counted against the balloon that stays. Never below 0 (a status with a
             # negative count is invalid and once killed the agent mid-experiment).
-            self.refused_since_target = max(0, self.target_pages - self.effective_balloon_pages())
+            self.target.refused_pages = max(0, self.target.pages - self.effective_balloon_pages())
             self.inflate_paused_until_ms = now + self.pacing.refusal_pause_ms
             return False
         if plan.action == "inflate":

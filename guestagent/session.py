@@ -97,7 +97,7 @@ class AgentSession:
     def moving(self) -> bool:
         """Requests in flight or the balloon away from its target (libzmq's I/O thread as SCHED_BATCH)."""
         m = self.motion
-        return self.reg.registered and (bool(m.pending) or m.target_pages != self.pinner.held_pages)
+        return self.reg.registered and (bool(m.pending) or m.target.pages != self.pinner.held_pages)
 
     def take_actions(self) -> list[Action]:
         return self.wire.take()
@@ -232,8 +232,8 @@ class AgentSession:
         reg.hello_backoff_ms = 100
         s.next_report_ms = 0
         if new_session:
-            motion.target_pages, motion.target_seq = self.pinner.held_pages, 0
-            motion.absurd_seq_logged = False
+            motion.target.pages, motion.target.seq = self.pinner.held_pages, 0
+            motion.target.absurd_seq_logged = False
         log.info("registered with host session %s (%s); report every %d ms; adopting %d held pages",
                  welcome.host_session_id, "new" if new_session else "same", s.report_interval_ms,
                  self.pinner.held_pages)
@@ -367,8 +367,8 @@ class AgentSession:
         last = s.last_ws
         method_source = last or current
         self.wire.send(Status(
-            balloon_pages=self.pinner.held_pages, acked_target_seq=motion.target_seq,
-            refused_pages=max(0, min(motion.refused_since_target, self.memsz_bytes // PAGE_SIZE_BYTES)),
+            balloon_pages=self.pinner.held_pages, acked_target_seq=motion.target.seq,
+            refused_pages=max(0, min(motion.target.refused_pages, self.memsz_bytes // PAGE_SIZE_BYTES)),
             agent_state=motion.state,
             stats=stats_values(STATS_KEYS, {k: v for k, v in stats.items() if not isinstance(v, bool)}),
             ws_touched_ratio=last.ratio if last else None,

@@ -1,7 +1,7 @@
 """The agent session's state as plain data, and what it hands the loop: numbered sends and
 fresh connections (`Wire`). Grouped by job: `Registration` (who the host is and whether it is
 there), `Sampling` (timers and working-set periods), `PressureMemory` (the last readings and
-the backoff), `Pending` requests, and `Counters`. No I/O here.
+the backoff), `Target`, `Pending` requests, and `Counters`. No I/O here.
 """
 
 from __future__ import annotations
@@ -53,6 +53,18 @@ class Wire:
     def take(self) -> list[Action]:
         actions, self.actions = self.actions, []
         return actions
+
+
+@dataclass
+class Target:
+    """The host's target as the balloon follows it."""
+
+    pages: int = 0
+    seq: int = 0  # the session's high-water mark (0: none accepted yet)
+    seq_ms: int = 0  # when the high-water mark last moved
+    absurd_seq_logged: bool = False  # once per session
+    movement: tuple[int, int] | None = None  # (started_ms, balloon pages then) toward the target
+    refused_pages: int = 0  # what the guest could not give since the target was set
 
 
 @dataclass

@@ -82,7 +82,7 @@ def test_target_seq_verdicts(high_water, seq, pages, accepted):
     target(a, 50, high_water)
     target(a, pages, seq)
     motion = a.session.motion
-    assert (motion.target_pages, motion.target_seq) == ((pages, seq) if accepted else (50, high_water))
+    assert (motion.target.pages, motion.target.seq) == ((pages, seq) if accepted else (50, high_water))
     assert a.session.counters.absurd_target_seqs == (seq - high_water > 1_000_000)
 
 
@@ -91,16 +91,16 @@ def test_absurd_target_seqs_are_counted_each_and_target_clamped_to_capacity():
     target(a, 50, 1)
     for _ in range(3):
         target(a, 100, 10_000_000)
-    assert a.session.counters.absurd_target_seqs == 3 and a.session.motion.absurd_seq_logged
+    assert a.session.counters.absurd_target_seqs == 3 and a.session.motion.target.absurd_seq_logged
     target(a, 10**9, 2)
-    assert a.session.motion.target_pages == a.pinner.capacity_pages
+    assert a.session.motion.target.pages == a.pinner.capacity_pages
 
 
 def test_traffic_before_the_welcome_is_ignored():
     a = Agent()
     target(a, 1000)
     a.session.on_message(3, LockResult(results=(), target_pages=5, target_seq=9), a.now)
-    assert a.session.motion.target_pages == 0 and not a.session.registered
+    assert a.session.motion.target.pages == 0 and not a.session.registered
 
 
 # ---- inflating ----------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def test_partly_refused_lock_frees_the_batch_tells_the_taken_half_and_backs_off(
     a.session.on_message(seq, answer(lock, RangeStatus.OK, RangeStatus.REFUSED, target_pages=4096), a.now)
     motion = a.session.motion
     assert a.pinner.held_pages == 0 and a.session.counters.refused_pages == 256
-    assert motion.refused_since_target == 256 and motion.rate_batches == 2
+    assert motion.target.refused_pages == 256 and motion.rate_batches == 2
     assert motion.inflate_paused_until_ms == a.now + a.session.pacing.refusal_pause_ms
     [unlock] = [x.message for x in a.take() if isinstance(x, Send)]
     assert isinstance(unlock, Unlock) and unlock.pages.page_count == 256  # the half the host took
@@ -165,7 +165,7 @@ def test_guest_with_nothing_to_give_refuses_and_reports_the_shortfall():
     target(a, 10_000)
     a.read_guest()
     assert locks(a) == []
-    assert a.session.state == "refusing" and a.session.motion.refused_since_target == 10_000
+    assert a.session.state == "refusing" and a.session.motion.target.refused_pages == 10_000
     a.session.report(None)
     [status] = a.sent()
     assert isinstance(status, Status) and status.agent_state == "refusing" and status.refused_pages == 10_000
@@ -181,7 +181,7 @@ def test_refused_pages_in_a_status_is_never_negative(held_batches, leaving, targ
     batches = a.pinner.pin_batches(held_batches * 512, 512) if held_batches else []
     for batch in batches[:leaving]:
         motion.request(Unlock(pages=batch.pages), batch, a.now)
-    motion.target_pages, motion.rate_batches = target_pages, 64
+    motion.target.pages, motion.rate_batches = target_pages, 64
     a.read_guest()
     a.session.tick(a.now)
     a.session.report(None)
@@ -314,7 +314,7 @@ def test_a_new_host_session_takes_the_held_balloon_as_its_target(session, target
     target(a, 4096, 7)
     a.pinner.pin_batches(1024, 512)
     a.session.on_message(0, welcome(session=session), a.now)
-    assert a.session.motion.target_pages == target_after
+    assert a.session.motion.target.pages == target_after
     adopts = [x.message for x in a.take() if isinstance(x, Send)]
     assert [m.adopt for m in adopts] == [True, True] and sum(m.pages.page_count for m in adopts) == 1024
 

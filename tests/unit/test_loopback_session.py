@@ -84,7 +84,7 @@ def test_deflate_frees_then_tells_the_host():
 
 def test_stale_target_seq_is_ignored():
     lb = inflated(4_000)
-    seq = lb.session.motion.target_seq
+    seq = lb.session.motion.target.seq
     lb.session.on_frame(encode(SetTarget(target_pages=0, target_seq=seq - 1), 99), lb.agent.now)
     lb.run(300)
     assert lb.agent.pinner.held_pages == 4_000
