@@ -23,10 +23,10 @@ import logging
 import os
 import resource
 from array import array
-from dataclasses import dataclass
 from pathlib import Path
 
 from guestagent.errors import PinError
+from guestagent.pinning import Batch, SlotBook
 from protocol import PAGE_SIZE_BYTES, PageRanges
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,6 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 for _name in ("munmap", "mlock", "munlock"):
     getattr(_libc, _name).argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """A pinned run of the region: `offset_pages` into it, `page_count` long."""
-
-    offset_pages: int
-    page_count: int
-    pages: PageRanges  # the page numbers reported to the host (PFN or VPN)
 
 
 def has_cap_ipc_lock(status_text: str) -> bool:
@@ -105,11 +96,13 @@ def thp_available(sysfs: Path = Path("/sys/kernel/mm/transparent_hugepage/enable
         return False
 
 
-class Pinner:
-    """Pins and releases batches of a reserved region. Not thread-safe (one agent loop)."""
+class MlockPinner(SlotBook):
+    """Pins and releases batches of a reserved region. Not thread-safe (one agent loop).
+    Implements `guestagent.pinning.Pinner`; the books (batches, holes, dropped) are the
+    shared `SlotBook`, so `FakePinner` allocates exactly as this one does."""
 
     def __init__(self, capacity_pages: int, *, want_pfn: bool = True, huge_pages: bool = False) -> None:
-        self.capacity_pages = capacity_pages
+        super().__init__(capacity_pages)
         length = capacity_pages * PAGE_SIZE_BYTES + _HUGE_BYTES
         address = _libc.mmap(None, length, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE,
                              -1, 0)
@@ -122,12 +115,6 @@ class Pinner:
         if self.huge_pages and _libc.madvise(self._base, capacity_pages * PAGE_SIZE_BYTES, _MADV_HUGEPAGE):
             log.warning("MADV_HUGEPAGE refused (%s): pinning 4 KiB pages", os.strerror(ctypes.get_errno()))
             self.huge_pages = False
-        self._batches: dict[int, Batch] = {}  # by offset_pages
-        self._holes: list[tuple[int, int]] = []  # released (offset, count) below the top
-        self._top_pages = 0
-        self._held_pages = 0
-        self._dropped: set[int] = set()  # offsets of batches whose memory went back to the host
-        self._dropped_pages = 0
         self._pagemap_fd = os.open("/proc/self/pagemap", os.O_RDONLY)
         self.page_kind = "pfn" if want_pfn and self._probe_pfn() else "vpn"
 
@@ -157,44 +144,6 @@ class Pinner:
         return ranges_from_pagemap(self._read_pfns(first, count))
 
     # ---- pin / release ---------------------------------------------------------------
-    @property
-    def held_pages(self) -> int:
-        return self._held_pages
-
-    @property
-    def batches(self) -> tuple[Batch, ...]:
-        """Pinned batches in address order (the last one is the newest at the top)."""
-        return tuple(self._batches[offset] for offset in sorted(self._batches))
-
-    def _take_slot(self, page_count: int) -> int:
-        """First fit among the holes left by released batches, else the top of the region."""
-        for index, (offset, count) in enumerate(self._holes):
-            if count >= page_count:
-                if count == page_count:
-                    del self._holes[index]
-                else:
-                    self._holes[index] = (offset + page_count, count - page_count)
-                return offset
-        if self._top_pages + page_count > self.capacity_pages:
-            raise PinError(errno_module.EINVAL, page_count * PAGE_SIZE_BYTES,
-                           f"pin {page_count} pages: balloon capacity is {self.capacity_pages} pages")
-        offset = self._top_pages
-        self._top_pages += page_count
-        return offset
-
-    def _return_slot(self, offset: int, page_count: int) -> None:
-        self._holes.append((offset, page_count))
-        self._holes.sort()
-        merged: list[tuple[int, int]] = []
-        for start, count in self._holes:
-            if merged and merged[-1][0] + merged[-1][1] == start:
-                merged[-1] = (merged[-1][0], merged[-1][1] + count)
-            else:
-                merged.append((start, count))
-        if merged and merged[-1][0] + merged[-1][1] == self._top_pages:
-            self._top_pages = merged.pop()[0]
-        self._holes = merged
-
     def pin(self, page_count: int) -> Batch:
         """Pin `page_count` more pages as one batch. On failure nothing stays pinned."""
         return self.pin_batches(page_count, page_count)[0]
@@ -215,14 +164,7 @@ class Pinner:
             self._return_slot(offset, page_count)
             hint = memlock_problem(length) if err in (errno_module.EPERM, errno_module.ENOMEM) else None
             raise PinError(err, length, hint or f"mlock of {length >> 10} KiB failed: {os.strerror(err)}")
-        batches = []
-        for start in range(offset, offset + page_count, batch_pages):
-            count = min(batch_pages, offset + page_count - start)
-            batch = Batch(offset_pages=start, page_count=count, pages=self._page_numbers(start, count))
-            self._batches[start] = batch
-            batches.append(batch)
-        self._held_pages += page_count
-        return batches
+        return self._record(offset, page_count, batch_pages)
 
     def _unpin_memory(self, offset_pages: int, page_count: int) -> None:
         """munlock + MADV_DONTNEED: the pages' memory goes back to the kernel now, not when
@@ -234,12 +176,7 @@ class Pinner:
 
     def release(self, batch: Batch) -> None:
         """Unpin a batch and give its pages back to the guest at once."""
-        if self._batches.get(batch.offset_pages) != batch:
-            raise PinError(errno_module.EINVAL, 0, f"batch at page offset {batch.offset_pages} is not pinned")
-        del self._batches[batch.offset_pages]
-        if batch.offset_pages in self._dropped:
-            self._dropped.discard(batch.offset_pages)
-            self._dropped_pages -= batch.page_count
+        self._forget(batch)
         self._unpin_memory(batch.offset_pages, batch.page_count)
         self._held_pages -= batch.page_count
         self._return_slot(batch.offset_pages, batch.page_count)
@@ -248,23 +185,8 @@ class Pinner:
         """Reclaim mode: the host has the batch's page numbers in its ledger and will lower the
         guest's limit by them, so the memory itself goes back now (munlock + MADV_DONTNEED):
         the balloon keeps the pages in its count, the host gets the RAM."""
-        if self._batches.get(batch.offset_pages) != batch or batch.offset_pages in self._dropped:
-            return
-        self._unpin_memory(batch.offset_pages, batch.page_count)
-        self._dropped.add(batch.offset_pages)
-        self._dropped_pages += batch.page_count
-
-    @property
-    def dropped_pages(self) -> int:
-        """Balloon pages whose memory was handed back to the host (reclaim mode)."""
-        return self._dropped_pages
-
-    def batches_from_top(self) -> list[Batch]:
-        """Pinned batches, the newest at the top of the region first (deflate order)."""
-        return [self._batches[offset] for offset in sorted(self._batches, reverse=True)]
-
-    def holds(self, batch: Batch) -> bool:
-        return self._batches.get(batch.offset_pages) == batch
+        if self._mark_dropped(batch):
+            self._unpin_memory(batch.offset_pages, batch.page_count)
 
     def release_last(self) -> Batch:
         """Release the newest batch at the top of the region."""
@@ -283,3 +205,7 @@ class Pinner:
         address, length = self._mapping
         _libc.munmap(address, length)
         os.close(self._pagemap_fd)
+
+
+# The name callers used before the `Pinner` protocol (guestagent.pinning) existed.
+Pinner = MlockPinner
