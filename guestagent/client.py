@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import time
 
 import psutil
@@ -252,8 +253,8 @@ class AgentLoop:
         if self.cfg.workload_report is None:
             return None
         # Not written yet, or the workload is gone: its figures are then simply unknown.
-        with contextlib.suppress(OSError):
-            return agent.workload_stats(self.cfg.workload_report.read_text(), time.time())
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            return agent.workload_stats(read_workload_report(self.cfg.workload_report), time.time())
         return None
 
     def _shutdown(self) -> None:
@@ -265,3 +266,23 @@ class AgentLoop:
             self.alarm.close()
         if self.socket is not None:
             self.socket.close(linger=100)
+
+
+WORKLOAD_REPORT_MAX_BYTES = 64 * 1024  # a real report is ~200 bytes
+
+
+def read_workload_report(path: os.PathLike[str] | str) -> str:
+    """The workload's report file, read as untrusted input: the workload writes it (and in the
+    cgroup lab runs as another user), so it could be a symlink to /dev/zero, a FIFO nobody
+    writes, or a huge file. Only a regular file, never followed through a final symlink,
+    opened without blocking and read up to WORKLOAD_REPORT_MAX_BYTES; OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        data = os.read(fd, WORKLOAD_REPORT_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > WORKLOAD_REPORT_MAX_BYTES:
+        raise OSError(f"{path} is larger than {WORKLOAD_REPORT_MAX_BYTES} bytes")
+    return data.decode()
