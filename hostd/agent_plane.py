@@ -116,9 +116,9 @@ class AgentPlane:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, f"key {user_id!r} may not speak for vm {vm.vm_id}")
         vm.last_seen_ms = now_ms
         if isinstance(message, Lock):
-            return self._on_lock(route, seq, vm, link, message)
+            return self._on_lock(route, seq, vm, message)
         if isinstance(message, Unlock):
-            return self._on_unlock(route, seq, vm, link, message)
+            return self._on_unlock(route, seq, vm, message)
         if isinstance(message, Status):
             return self._on_status(route, vm, link, message, now_ms)
         if isinstance(message, Bye):
@@ -242,7 +242,7 @@ class AgentPlane:
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"{kind} of {page_count} pages: the batch limit is "
                                 f"{limit} pages")
 
-    def _on_lock(self, identity: bytes, seq: int, vm: VmRecord, link: AgentLink, lock: Lock) -> Outgoing:
+    def _on_lock(self, identity: bytes, seq: int, vm: VmRecord, lock: Lock) -> Outgoing:
         self._check_batch("lock", lock.pages.page_count)
         targets = vm.targets
         cap = vm.memsz_pages if lock.adopt else max(targets.balloon_max_pages, targets.balloon_target_pages,
@@ -258,7 +258,7 @@ class AgentPlane:
         reply = LockResult(results=results, target_pages=targets.balloon_target_pages, target_seq=targets.target_seq)
         return [(identity, self.ctx.frame(reply, seq))]
 
-    def _on_unlock(self, identity: bytes, seq: int, vm: VmRecord, link: AgentLink, unlock: Unlock) -> Outgoing:
+    def _on_unlock(self, identity: bytes, seq: int, vm: VmRecord, unlock: Unlock) -> Outgoing:
         self._check_batch("unlock", unlock.pages.page_count)
         results = self.ctx.ledger.unlock(vm.vm_id, unlock.pages)
         vm.traffic.unlock_batches += 1
