@@ -251,6 +251,7 @@ def test_a_guest_without_an_agent_is_swapped_by_the_host_and_given_its_limit_bac
     h.send("busy", status(usage=300 * MiB, ws=1.0, samples=1))
     h.core.observe_cgroup("plain", 400 * MiB, 0, 512 * MiB, h.now)  # no agent: known by its cgroup
     assert h.core.vms["plain"].has_agent is False and h.core.vms["plain"].memsz_pages == 512 * PAGES_PER_MiB
+    assert h.core.vms["plain"].agent is None  # no fabricated hello: an agentless vm has no agent link
     h.tick()
     assert h.core.state in ("hard", "low")  # 700 MiB held on a 600 MiB host
     plain = h.core.vms["plain"]
