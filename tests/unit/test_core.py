@@ -86,7 +86,7 @@ def test_hello_welcome_and_adoption():
     h = Harness()
     out = h.send("a", hello("a", held=1000))
     assert isinstance(out[0][1], Welcome) and out[0][1].host_session_id == "sess"
-    assert h.core.vms["a"].balloon_target_pages == 1000  # adopted until the policy decides
+    assert h.core.vms["a"].targets.balloon_target_pages == 1000  # adopted until the policy decides
     lock = h.send("a", Lock(pages=PageRanges(((0, 1000),)), adopt=True))
     assert [r.status for r in lock[0][1].results] == [RangeStatus.OK]
 
@@ -154,7 +154,7 @@ def test_ledger_mismatch_resets_after_three_reports():
 def test_lock_refused_beyond_cap_and_unlock():
     h = Harness()
     h.send("a", hello("a", memsz=100 * MiB))
-    cap = h.core.vms["a"].balloon_max_pages  # 65 % of memsz
+    cap = h.core.vms["a"].targets.balloon_max_pages  # 65 % of memsz
     [(_, result)] = h.send("a", Lock(pages=PageRanges(((0, cap + 1),)), adopt=False))
     assert isinstance(result, LockResult) and result.results[0].status == RangeStatus.REFUSED
     h.send("a", Lock(pages=PageRanges(((0, 100),)), adopt=False))
@@ -251,10 +251,12 @@ def test_a_guest_without_an_agent_is_swapped_by_the_host_and_given_its_limit_bac
     h.send("busy", status(usage=300 * MiB, ws=1.0, samples=1))
     h.core.observe_cgroup("plain", 400 * MiB, 0, 512 * MiB, h.now)  # no agent: known by its cgroup
     assert h.core.vms["plain"].has_agent is False and h.core.vms["plain"].memsz_pages == 512 * PAGES_PER_MiB
+    assert h.core.vms["plain"].agent is None  # no fabricated hello: an agentless vm has no agent link
     h.tick()
     assert h.core.state in ("hard", "low")  # 700 MiB held on a 600 MiB host
     plain = h.core.vms["plain"]
-    assert plain.balloon_target_pages == 0 and plain.swap_target_pages > 0  # no balloon: all host swap
+    # no balloon: all host swap
+    assert plain.targets.balloon_target_pages == 0 and h.core.registry.outcome(plain).swap_target_pages > 0
     actions = h.core.host_actions(h.now)
     assert ("plain", "lab/plain", "limit", 336 * MiB) in actions  # a step below the 400 MiB it holds
     assert all(vm != "busy" for vm, *_ in actions if _[1] == "limit")  # no cgroup configured for busy
@@ -281,7 +283,7 @@ def test_an_agent_lost_hands_its_guest_to_host_swap_and_a_new_agent_takes_it_bac
     [(_, reply)] = h.send("a", status())
     assert reply.code == ErrorCode.NOT_REGISTERED  # a status is no hello
     assert isinstance(h.send("a", hello("a"))[0][1], Welcome)  # not a CONFLICT: nobody else holds it
-    assert h.core.vms["a"].has_agent and h.core.vms["a"].host_target == "lab/a"
+    assert h.core.vms["a"].has_agent and h.core.registry.host_targets.get("a") == "lab/a"
 
 
 def test_low_state_blocks_the_guest_above_target_and_thaws_it():
@@ -295,7 +297,7 @@ def test_low_state_blocks_the_guest_above_target_and_thaws_it():
     h.core.observe_cgroup("plain", 300 * MiB, 290 * MiB, 1024 * MiB, h.now)  # paged out: free recovers
     h.tick()
     assert ("plain", "lab/plain", "thaw", None) in h.core.host_actions(h.now)
-    assert h.core.vms["plain"].frozen_since_ms is None
+    assert h.core.vms["plain"].host.frozen_since_ms is None
 
 
 def test_a_failed_backend_action_is_reported_and_undone_in_the_record():
@@ -306,7 +308,7 @@ def test_a_failed_backend_action_is_reported_and_undone_in_the_record():
     assert any(a[2] == "limit" for a in actions)
     h.core.host_action_failed("plain", "limit", "permission denied writing x: this needs root", h.now)
     vm = h.core.vms["plain"]
-    assert vm.vswap_limit_pages is None and "permission denied" in vm.backend_error
+    assert vm.host.vswap_limit_pages is None and "permission denied" in vm.host.backend_error
     assert h.core.counters["host_action_failures"] == 1
 
 
@@ -317,7 +319,7 @@ def test_reclaim_mode_lowers_the_limit_by_the_balloon_and_gives_it_back():
     [(_, other)] = h.send("plain", hello("plain"))
     assert other.settings["reclaim"] is False  # no cgroup to lower: its memory would stay the guest's
     h.core.observe_cgroup("rec", 200 * MiB, 0, 512 * MiB, h.now)
-    h.core.vms["rec"].balloon_target_pages = 64 * PAGES_PER_MiB  # as a set_target would allow
+    h.core.vms["rec"].targets.balloon_target_pages = 64 * PAGES_PER_MiB  # as a set_target would allow
     h.send("rec", Lock(pages=PageRanges(((0, 64 * PAGES_PER_MiB),)), adopt=False))
     limits = [a[3] for a in h.core.host_actions(h.now) if a[2] == "limit"]
     assert limits == [448 * MiB]  # its own 512 MiB less the 64 MiB balloon, at once

@@ -67,7 +67,7 @@ def test_a_live_vm_cannot_be_claimed_without_its_secret():
     # The intruder's connection speaks for nobody; the live agent keeps everything.
     [(_, reply)] = send(h, INTRUDER, Lock(pages=PageRanges(((512, 1),)), adopt=False))
     assert isinstance(reply, Error) and reply.code == ErrorCode.NOT_REGISTERED
-    assert h.core.ledger.held_pages("db") == 512 and h.core.vms["db"].route == VICTIM
+    assert h.core.ledger.held_pages("db") == 512 and h.core.vms["db"].agent.route == VICTIM
     assert h.core.counters["identity_conflicts"] == len(attempts)
     [(route, reply)] = send(h, VICTIM, Lock(pages=PageRanges(((512, 1),)), adopt=False))
     assert route == VICTIM and isinstance(reply, LockResult)
@@ -160,7 +160,7 @@ def test_settings_survive_a_restart():
     assert restarted.restore_settings(document, 0) == []
     assert restarted.settings.idle_tax_ratio == 0.3 and restarted.settings.host_memory_pages == 300 * 256
     restarted.handle_agent(VICTIM, encode(hello("db"), 1), 0)
-    assert restarted.vms["db"].params.shares == "high" and restarted.vms["db"].manual_balloon_pages == 1000
+    assert restarted.vms["db"].params.shares == "high" and restarted.vms["db"].targets.manual_balloon_pages == 1000
     bad = restarted.restore_settings({"host": {"idle_tax_ratio": 7}, "vms": {"../x": {}, "ok": {"params": 3}}}, 0)
     assert len(bad) == 3 and restarted.settings.idle_tax_ratio == 0.3
 
@@ -208,8 +208,9 @@ def test_a_fake_giant_moves_honest_targets_no_more_than_an_honest_vm_of_host_siz
         h.core.handle_agent(INTRUDER, raw_status([fake_memsz, 1, 1.0]), 0)
         h.tick()
         web = h.core.vms["web"]
-        return {"state": h.core.state, "alloc": web.alloc_target_pages, "balloon": web.balloon_target_pages,
-                "swap": web.swap_target_pages}
+        outcome = h.core.registry.outcome(web)
+        return {"state": h.core.state, "alloc": outcome.alloc_target_pages,
+                "balloon": web.targets.balloon_target_pages, "swap": outcome.swap_target_pages}
 
     assert run(memsz) == run(400 * MiB)  # capped at host memory: the same as an honest host-sized vm
 
@@ -234,7 +235,7 @@ def test_host_memory_too_small_for_anything_is_refused_and_rho_stays_finite():
 def test_batches_over_the_limit_are_refused_before_the_ledger_works():
     h = Harness(batch_limit_pages=512)
     register(h, VICTIM, "db")
-    h.core.vms["db"].balloon_target_pages = 10_000
+    h.core.vms["db"].targets.balloon_target_pages = 10_000
     [(_, reply)] = send(h, VICTIM, Lock(pages=PageRanges(tuple((2 * i, 1) for i in range(513))), adopt=False))
     assert isinstance(reply, Error) and reply.code == ErrorCode.LIMIT_EXCEEDED
     assert h.core.ledger.held_pages("db") == 0
@@ -258,7 +259,7 @@ def test_a_failing_handler_answers_internal_and_the_core_goes_on(monkeypatch):
     def broken(*_args, **_kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(h.core, "_on_status", broken)
+    monkeypatch.setattr(h.core.agents, "_on_status", broken)
     [(_, reply)] = send(h, VICTIM, status())
     assert isinstance(reply, Error) and reply.code == ErrorCode.INTERNAL
     assert h.core.protocol_errors["INTERNAL"] == 1
@@ -301,9 +302,9 @@ def test_a_refusal_is_remembered_until_the_balloon_reaches_its_target():
         send(h, route, status(usage=250 * MiB, ws=0.9, samples=1))
     h.tick()
     a = h.core.vms["a"]
-    assert a.balloon_target_pages > 0 and h.core.state in ("hard", "low")
+    assert a.targets.balloon_target_pages > 0 and h.core.state in ("hard", "low")
     refusing = status(usage=250 * MiB, ws=0.9, samples=1, state="refusing")
     send(h, VICTIM, refusing)
     send(h, VICTIM, status(usage=250 * MiB, ws=0.9, samples=1, state="idle"))  # between two refusals
     h.core.recompute(h.now, "test")
-    assert a.refusing and a.swap_target_pages > 0
+    assert a.agent.refusing and h.core.registry.outcome(a).swap_target_pages > 0

@@ -390,7 +390,7 @@ def test_an_out_of_range_cgroup_limit_is_no_limit_not_a_crash(limit):
     core.observe_cgroup("plain", 100 * MiB, 0, 512 * MiB, 2000)
     assert core.vms["plain"].memsz_pages == 512 * MiB // 4096
     core.observe_cgroup("plain", 100 * MiB, 0, limit, 3000)  # a known vm keeps its last good limit
-    assert core.vms["plain"].cgroup_limit_pages == 512 * MiB // 4096
+    assert core.vms["plain"].host.cgroup_limit_pages == 512 * MiB // 4096
 
 
 def test_a_failed_thaw_is_retried_until_it_works(tmp_path):
