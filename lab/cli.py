@@ -68,7 +68,7 @@ def run_lab(args: argparse.Namespace) -> str:
 
 
 def render_lab_status(report: dict[str, Any]) -> str:
-    from hostd.ctl import render_status
+    from hostd.render import render_status
 
     lines = [f"hostd: {'running' if report['hostd_alive'] else 'NOT RUNNING'} ({report['control_endpoint']})"]
     security = report.get("security")
