@@ -33,24 +33,8 @@ BALLOON_MiB = 120
 HELD_MiB = 180
 
 
-COMPACT_UNEVICTABLE = Path("/proc/sys/vm/compact_unevictable_allowed")
-
-
 @pytest.fixture
-def no_unevictable_compaction() -> Iterator[None]:
-    """The attached agent reports physical frame numbers (root, the default). With Debian's
-    default vm.compact_unevictable_allowed=1 the kernel's compaction may move an mlocked balloon
-    page, which leaves hostd's PFN ledger holding a frame the guest reuses: the next batches are
-    refused as DUPLICATE and the balloon stalls (seen in this guest under TCG). Pinned pages that
-    stay put are what a balloon needs, so the scenario runs with 0 (restored after)."""
-    before = COMPACT_UNEVICTABLE.read_text().strip()
-    COMPACT_UNEVICTABLE.write_text("0")
-    yield
-    COMPACT_UNEVICTABLE.write_text(before)
-
-
-@pytest.fixture
-def hostd(tmp_path: Path, no_unevictable_compaction) -> Iterator[SlowHostd]:
+def hostd(tmp_path: Path) -> Iterator[SlowHostd]:
     require_root()
     require_v2()
     require_swap(1 << 30)
