@@ -38,7 +38,10 @@ def hostd(tmp_path: Path) -> Iterator[SlowHostd]:
     require_root()
     require_v2()
     require_swap(1 << 30)
-    process = SlowHostd(tmp_path, "--host-memory", "4GiB", "--report-interval", "500ms",
+    # Reports every 2 s: an agent re-registers when a lock stays unanswered for two host timeouts
+    # ((3 + 2) reports each), and hostd under TCG on a loaded host can take over the 5 s that a
+    # 500 ms interval allows; the re-adopted balloon then stalls on DUPLICATE refusals (seen).
+    process = SlowHostd(tmp_path, "--host-memory", "4GiB", "--report-interval", "2s",
                         "--vswap-state-file", str(tmp_path / "vswap.json"))
     yield process
     process.stop()
@@ -49,7 +52,7 @@ def _attach(hostd: SlowHostd, tmp_path: Path, target: str, *extra: str) -> subpr
         return subprocess.Popen([sys.executable, "-m", "hostd.ctl", "--endpoint", hostd.control_endpoint,
                                  "--token-file", str(hostd.token_file), "attach", target, "--host-endpoint",
                                  hostd.agent_endpoint, "--state-dir", str(tmp_path / "attach"), "--report-interval",
-                                 "500ms", *extra], stderr=log, text=True)
+                                 "2s", *extra], stderr=log, text=True)
 
 
 def _detach(hostd: SlowHostd, tmp_path: Path, vm_id: str) -> subprocess.CompletedProcess[str]:
