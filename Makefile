@@ -29,11 +29,15 @@ pytest: venv
 
 # The v2 lane (root; .ci/run runs it after `make test`): a cgroup-v2 Debian guest with systemd
 # booted under QEMU (TCG, or KVM where the CPU has real VT-x/AMD-V) runs tests/v2 inside; the
-# image is built from Debian's packages once and cached, keyed on its inputs
-# (scripts/vm/build-image.sh). Fails when a scenario fails, the guest does not boot, or the
-# run exceeds BALLOONLAB_VM_TIMEOUT (default 1200 s). JUnit XML and logs: artifacts/v2/.
-# V2_ARGS go to pytest inside the guest, e.g. make test-v2 V2_ARGS='-k docker'; V2_COMPOSE=1
-# adds the compose lab with Compose v2 (not in CI's set: too slow under TCG for its budget).
+# image is built from Debian's packages once and cached, keyed on its inputs, with Docker's
+# images already imported (scripts/vm/build-image.sh; BALLOONLAB_VM_CACHE moves the cache).
+# Two runs at once are safe: each shares a lock on its image, a build removes only unlocked
+# old images. Fails when a scenario fails, the guest does not boot, or the run exceeds
+# BALLOONLAB_VM_TIMEOUT (default 1200 s). JUnit XML, figures.json and logs: artifacts/v2/.
+# V2_ARGS go to pytest inside the guest, split on spaces: write -k expressions without them,
+# e.g. make test-v2 V2_ARGS="-k '(attach)or(reclaim)'". V2_COMPOSE=1 adds the compose lab with
+# Compose v2 (not in CI's set: under TCG at host load 10-30 `compose up --build` alone took 555 s
+# and the scenario >= 15 min, while the lane without it already overran 1200 s; README).
 V2_COMPOSE ?= 0
 test-v2:
 	V2_COMPOSE=$(V2_COMPOSE) scripts/vm/run.sh $(V2_ARGS)

@@ -3,7 +3,8 @@
 # its inputs (packages.txt and the recipe files in scripts/vm): Debian's own kernel (unpacked
 # with dpkg-deb, never installed on the host) booted as an uncompressed vmlinux, a busybox
 # initramfs, and an ext4 root made by debootstrap with systemd as init, Debian's python3
-# packages and docker.io. Needs root.
+# packages and docker.io; then booted once, writable, to import Docker's images the suite
+# uses (guest/balloonlab-v2-provision), so that no test run pays for that. Needs root.
 #
 #   scripts/vm/build-image.sh          prints the image directory (reuses it when inputs match)
 #   BALLOONLAB_VM_CACHE=DIR            cache location (default /var/cache/balloonlab-vm)
@@ -25,7 +26,9 @@ step() { echo "vm-build [$(( $(date +%s) - T0 )) s] $*" >&2; }
 BUILD="$CACHE/build-$KEY"
 rm -rf "$BUILD"
 mkdir -p "$BUILD"/{debs,kernel}
+QEMU_PID=""
 cleanup() {
+    [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null || true
     umount "$BUILD/rootfs/proc" 2>/dev/null || true
     rm -rf "$BUILD"
 }
@@ -67,6 +70,7 @@ for d in virtio block char net md; do cp -a "$BUILD/kx/lib/modules/$KV/kernel/dr
 rm -rf "$M"/kernel/drivers/net/{wireless,ethernet,usb,can}
 chroot "$R" depmod "$KV"
 install -m 755 "$VM_DIR/guest/balloonlab-v2-run" "$R/usr/local/sbin/balloonlab-v2-run"
+install -m 755 "$VM_DIR/guest/balloonlab-v2-provision" "$R/usr/local/sbin/balloonlab-v2-provision"
 install -m 644 "$VM_DIR/guest/balloonlab-v2.service" "$R/etc/systemd/system/balloonlab-v2.service"
 mkdir -p "$R/etc/systemd/system/multi-user.target.wants"
 ln -sf /etc/systemd/system/balloonlab-v2.service "$R/etc/systemd/system/multi-user.target.wants/"
@@ -89,12 +93,31 @@ install -m 755 "$VM_DIR/guest/initramfs-init" "$I/init"
 python3 "$VM_DIR/mkinitramfs.py" "$KV" "$R" "$I" virtio_pci virtio_blk ext4 crc32c_intel >>"$LOG"
 (cd "$I" && find . | /bin/busybox cpio -o -H newc 2>/dev/null | gzip -1 > "$BUILD/kernel/initrd.gz")
 
-step "root image: mkfs.ext4 -d (opened snapshot=on at boot: never modified)"
-mkfs.ext4 -q -F -L root -d "$R" "$BUILD/kernel/rootfs.ext4" 3G >>"$LOG" 2>&1 || fail "mkfs.ext4"
+step "root image: mkfs.ext4 -d"
+mkfs.ext4 -q -F -L root -d "$R" "$BUILD/kernel/rootfs.ext4" 4G >>"$LOG" 2>&1 || fail "mkfs.ext4"
+rm -rf "$R"
+
+step "provisioning boot (writable root): Docker's images for the suite"
+P="$BUILD/provision"
+mkdir -p "$P/job"
+touch "$P/job/.balloonlab-v2-provision"
+tar -C "$P/job" -cf "$P/job.tar" ./.balloonlab-v2-provision && truncate -s %1M "$P/job.tar"
+truncate -s 256M "$P/swap.img" && mkswap "$P/swap.img" >/dev/null
+truncate -s 16M "$P/results.img"
+boot_guest "$BUILD/kernel" "file=$BUILD/kernel/rootfs.ext4,if=virtio,format=raw" "$P/job.tar" "$P/swap.img" \
+    "$P/results.img" "$P/serial.log" "${BALLOONLAB_VM_PROVISION_TIMEOUT:-2400}" >&2 || true
+mkdir -p "$P/results" && tar -xf "$P/results.img" -C "$P/results" 2>/dev/null || true
+[ "$(cat "$P/results/rc" 2>/dev/null)" = 0 ] || { cat "$P/serial.log" >> "$LOG"; fail "the provisioning boot failed"; }
+fsck_rc=0
+e2fsck -f -y "$BUILD/kernel/rootfs.ext4" >>"$LOG" 2>&1 || fsck_rc=$?
+[ "$fsck_rc" -le 1 ] || fail "e2fsck after the provisioning boot (rc $fsck_rc)"
+rm -rf "$P"
+
 { echo "key $KEY"; echo "kernel $KV"; echo "suite $SUITE"; echo "mirror $MIRROR"; echo "built $(date -u +%FT%TZ) in $(( $(date +%s) - T0 )) s"; } \
     > "$BUILD/kernel/manifest.txt"
 touch "$BUILD/kernel/complete"
-rm -rf "$CACHE"/image-*
+rm -rf "$IMAGE"
 mv "$BUILD/kernel" "$IMAGE"
+prune_images "$IMAGE"
 step "image $IMAGE ($(du -sh "$IMAGE" | cut -f1))"
 echo "$IMAGE"

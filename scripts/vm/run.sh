@@ -19,7 +19,15 @@ OUT="${BALLOONLAB_VM_OUT:-$REPO/artifacts/v2}"
 MEMORY="${BALLOONLAB_VM_MEMORY:-2048}" CPUS="${BALLOONLAB_VM_CPUS:-2}" SWAP_MIB="${BALLOONLAB_VM_SWAP:-2048}"
 T0=$(date +%s)
 
-IMAGE="$("$VM_DIR/build-image.sh")"
+# The image, share-locked for the whole run (fd 8): a concurrent build of another recipe
+# never removes it under this run (common.sh prune_images). Retried if it went in between.
+for _ in 1 2 3; do
+    IMAGE="$("$VM_DIR/build-image.sh")"
+    exec 8<"$IMAGE/complete" && flock -s 8 && [ -e "$IMAGE/complete" ] && break
+    exec 8<&-
+    IMAGE=""
+done
+[ -n "$IMAGE" ] || { echo "vm: FAILED: the image kept being replaced under this run" >&2; exit 1; }
 echo "vm: image $IMAGE ($(sed -n 's/^built //p' "$IMAGE/manifest.txt"))"
 mkdir -p "$OUT"
 rm -rf "${OUT:?}"/*
@@ -57,26 +65,11 @@ truncate -s %1M "$RUN/src.tar"
 truncate -s "${SWAP_MIB}M" "$RUN/swap.img" && mkswap -q "$RUN/swap.img" >/dev/null 2>&1 || mkswap "$RUN/swap.img" >/dev/null
 truncate -s 64M "$RUN/results.img"
 
-ACCEL="$(accelerator)"
-if [ "$ACCEL" = kvm ]; then accel_args=(-enable-kvm -cpu host); else accel_args=(-accel tcg,thread=multi,tb-size=256 -cpu max); fi
 SERIAL="$OUT/serial.log"
-echo "vm: booting ($ACCEL, $CPUS vCPUs, $MEMORY MiB, ${SWAP_MIB} MiB swap disk), bounded at ${TIMEOUT} s; serial: $SERIAL"
-timeout -k 10 "$TIMEOUT" qemu-system-x86_64 "${accel_args[@]}" -smp "$CPUS" -m "$MEMORY" \
-    -display none -no-reboot -nodefaults -nic none -serial "file:$SERIAL" \
-    -bios /usr/share/qemu/qboot.rom -kernel "$IMAGE/vmlinux" -initrd "$IMAGE/initrd.gz" \
-    -append "console=ttyS0 root=/dev/vda rw init=/lib/systemd/systemd quiet loglevel=4 panic=1 psi=1 \
-systemd.unified_cgroup_hierarchy=1 systemd.mask=serial-getty@ttyS0.service systemd.show_status=auto apparmor=0" \
-    -drive "file=$IMAGE/rootfs.ext4,if=virtio,format=raw,snapshot=on" \
-    -drive "file=$RUN/src.tar,if=virtio,format=raw,readonly=on" \
-    -drive "file=$RUN/swap.img,if=virtio,format=raw,cache=unsafe" \
-    -drive "file=$RUN/results.img,if=virtio,format=raw" &
-QEMU_PID=$!
-touch "$SERIAL"
-tail -n +1 -f --pid="$QEMU_PID" "$SERIAL" | sed -u 's/^/vm| /' &
+echo "vm: booting ($(accelerator), $CPUS vCPUs, $MEMORY MiB, ${SWAP_MIB} MiB swap disk), bounded at ${TIMEOUT} s; serial: $SERIAL"
 qemu_rc=0
-wait "$QEMU_PID" || qemu_rc=$?
-QEMU_PID=""
-sleep 0.5   # tail's last lines
+boot_guest "$IMAGE" "file=$IMAGE/rootfs.ext4,if=virtio,format=raw,snapshot=on" "$RUN/src.tar" "$RUN/swap.img" \
+    "$RUN/results.img" "$SERIAL" "$TIMEOUT" || qemu_rc=$?
 WALL=$(( $(date +%s) - T0 ))
 tar -xf "$RUN/results.img" -C "$OUT" 2>/dev/null || true
 if [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then

@@ -11,9 +11,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import require, require_root
+from tests.e2e.compose import OFFLINE_BASE_IMAGE
 from tests.v2.v2 import require_v2, wait
 
+# Both in the VM image already (scripts/vm/guest/balloonlab-v2-provision, at build time):
+# busybox-static alone, and the guest's own root as the compose lab's offline base image.
 IMAGE = "balloonlab-v2-busybox:latest"
+BASE_IMAGE = OFFLINE_BASE_IMAGE
 
 
 def docker(*args: str, timeout_s: float = 120, check: bool = True) -> str:
@@ -24,7 +28,7 @@ def docker(*args: str, timeout_s: float = 120, check: bool = True) -> str:
 
 
 @pytest.fixture(scope="session")
-def engine(tmp_path_factory) -> Iterator[float]:
+def engine() -> Iterator[float]:
     """dockerd started by systemd (the image leaves it disabled at boot); yields its start time."""
     require_root()
     require_v2()
@@ -37,19 +41,9 @@ def engine(tmp_path_factory) -> Iterator[float]:
     stale = docker("ps", "-aq", "--filter", "label=balloonlab.v2=1").split()
     if stale:
         docker("rm", "-f", *stale)
-    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode != 0:
-        tree = tmp_path_factory.mktemp("busybox")
-        for directory in ("bin", "dev/shm", "proc", "sys", "tmp"):
-            (tree / directory).mkdir(parents=True)
-        shutil.copy("/bin/busybox", tree / "bin" / "busybox")
-        for applet in ("sh", "dd", "sleep", "cat", "rm"):
-            (tree / "bin" / applet).symlink_to("busybox")
-        tar = subprocess.Popen(["tar", "-C", str(tree), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(["docker", "import", "-", IMAGE], stdin=tar.stdout, check=True, capture_output=True,
-                       timeout=300)
-        assert tar.wait() == 0
-        assert tar.stdout is not None
-        tar.stdout.close()
+    for image in (IMAGE, BASE_IMAGE):  # imported once, at image build time
+        assert subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0, \
+            f"{image} is missing: scripts/vm/guest/balloonlab-v2-provision imports it when the VM image is built"
     yield ready
     # The Docker tests run last (conftest): the VM shuts down without dockerd in the way.
     subprocess.run(["systemctl", "stop", "docker.service", "docker.socket", "containerd.service"], timeout=300)
