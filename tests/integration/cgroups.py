@@ -12,16 +12,18 @@ import time
 import uuid
 from pathlib import Path
 
-from guestagent.cgroup import CgroupReader, parse_flat_keyed
-from hostd import cgroupfs
+import cgroups
+from cgroups import CgroupError
+from cgroups.parse import parse_flat_keyed
+from cgroups.reader import CgroupReader
 
 ROOT = Path("/sys/fs/cgroup")
 
 
 def memory_cgroup_version() -> int | None:
     try:
-        return cgroupfs.memory_cgroup_version(ROOT)
-    except cgroupfs.BackendError:
+        return cgroups.memory_cgroup_version(ROOT)
+    except CgroupError:
         return None
 
 
@@ -32,7 +34,7 @@ class TestCgroup:
         self.version = memory_cgroup_version()
         if self.version is None:
             raise RuntimeError("no memory cgroup controller mounted")
-        base = ROOT / "memory" if self.version == 1 else ROOT
+        base = cgroups.memory_hierarchy(self.version, ROOT)
         self.path = base / (name or f"balloonlab-test-{uuid.uuid4().hex[:8]}")
         self.path.mkdir()
         self.processes: list[subprocess.Popen[str]] = []
@@ -179,7 +181,7 @@ class GuestTree:
         self.version = version
         self.stale_removed = remove_stale_trees(prefix)
         self.name = f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.memory = cgroupfs.memory_hierarchy(version, ROOT) / self.name
+        self.memory = cgroups.memory_hierarchy(version, ROOT) / self.name
         self.memory.mkdir()
         if version == 2:
             (self.memory / "cgroup.subtree_control").write_text("+memory")
