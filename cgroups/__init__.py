@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CGROUP_ROOT", "UNLIMITED_V1_BYTES", "CgroupError", "CgroupGone", "memory_cgroup_version",
-           "memory_hierarchy", "parse_proc_cgroup"]
+__all__ = ["CGROUP_ROOT", "UNLIMITED_V1_BYTES", "CgroupError", "CgroupGone", "docker_cgroup_paths",
+           "memory_cgroup_path", "memory_cgroup_version", "memory_hierarchy", "parse_proc_cgroup"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 UNLIMITED_V1_BYTES = 1 << 62  # v1 reports "no limit" as a huge page-aligned number (~2^63)
@@ -73,6 +73,15 @@ def memory_cgroup_version(root: Path = CGROUP_ROOT) -> int:
 def memory_hierarchy(version: int, root: Path = CGROUP_ROOT) -> Path:
     """The directory the memory cgroups of that version live under."""
     return root / "memory" if version == 1 else root
+
+
+def docker_cgroup_paths(container_id: str, root: Path = CGROUP_ROOT) -> tuple[Path, ...]:
+    """Where a Docker container's memory cgroup may be, in the order to try: v1 cgroupfs
+    driver, v1 systemd driver, v2 cgroupfs driver, v2 systemd driver."""
+    return (root / "memory" / "docker" / container_id,
+            root / "memory" / "system.slice" / f"docker-{container_id}.scope",
+            root / "docker" / container_id,
+            root / "system.slice" / f"docker-{container_id}.scope")
 
 
 def memory_cgroup_path(version: int, relative: str, root: Path = CGROUP_ROOT) -> Path:

@@ -41,7 +41,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cgroups import CGROUP_ROOT, CgroupError, memory_cgroup_path, memory_hierarchy, parse_proc_cgroup
+from cgroups import (
+    CGROUP_ROOT,
+    CgroupError,
+    memory_cgroup_path,
+    memory_cgroup_version,
+    memory_hierarchy,
+    parse_proc_cgroup,
+)
 from cgroups.parse import parse_limit
 
 log = logging.getLogger("balloon-attach")
@@ -160,7 +167,10 @@ def resolve(text: str, root: Path = CGROUP_ROOT,
         return AttachTarget(text, kind, path, version, vm_id_from(name), pid, str(document.get("Id", "")))
     path = Path(value)
     if not path.is_absolute():
-        version = 1 if (root / "memory" / "memory.limit_in_bytes").exists() else 2
+        try:
+            version = memory_cgroup_version(root)
+        except (CgroupError, OSError):  # no controller found: the unified hierarchy's layout
+            version = 2
         path = memory_hierarchy(version, root) / value.strip("/")
     if not path.is_dir():
         raise AttachError(f"cgroup {value!r}: {path} does not exist")
