@@ -8,6 +8,7 @@ ARG INSTALL=pip
 WORKDIR /opt/balloonlab
 COPY pyproject.toml README.md ./
 COPY protocol protocol
+COPY cgroups cgroups
 COPY guestagent guestagent
 COPY hostd hostd
 COPY lab lab

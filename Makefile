@@ -19,10 +19,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 lint: venv
-	$(BIN)/ruff check protocol hostd guestagent lab tests bench balloonlab
+	$(BIN)/ruff check protocol hostd guestagent lab tests bench balloonlab cgroups
 
 typecheck: venv
-	$(BIN)/mypy protocol hostd guestagent lab balloonlab
+	$(BIN)/mypy protocol hostd guestagent lab balloonlab cgroups
 
 pytest: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

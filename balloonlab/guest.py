@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guestagent.cgroup import CgroupReader, GuestReading
-from guestagent.errors import CgroupError
+from cgroups import CgroupError
+from cgroups.parse import GuestReading
+from cgroups.reader import CgroupReader
 from protocol.limits import PAGE_SIZE_BYTES
 from protocol.units import parse_size_bytes
 

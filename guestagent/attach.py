@@ -41,12 +41,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cgroups import (
+    CGROUP_ROOT,
+    CgroupError,
+    memory_cgroup_path,
+    memory_cgroup_version,
+    memory_hierarchy,
+    parse_proc_cgroup,
+)
+from cgroups.parse import parse_limit
+
 log = logging.getLogger("balloon-attach")
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 DEFAULT_STATE_DIR = Path("/run/balloonlab/attach")
 DEFAULT_HOST_ENDPOINT = "tcp://127.0.0.1:5555"
-UNLIMITED_V1 = 1 << 62
 AGENT_STOP_TIMEOUT_S = 20.0  # the agent deflates before it leaves: well under a second for 1 GiB
 FOLLOW_POLL_S = 0.1
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -79,24 +87,12 @@ def parse_target(text: str) -> tuple[str, str]:
 
 
 def memory_cgroup_of(proc_cgroup_text: str) -> tuple[int, str]:
-    """(version, path below the hierarchy) of a /proc/PID/cgroup: the v1 memory line if there
-    is one (a hybrid host has both), else the v2 `0::` line."""
-    unified = None
-    for line in proc_cgroup_text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if "memory" in parts[1].split(","):
-            return 1, parts[2]
-        if parts[0] == "0" and parts[1] == "":
-            unified = parts[2]
-    if unified is None:
-        raise AttachError("the process is in no memory cgroup (no memory controller line in /proc/PID/cgroup)")
-    return 2, unified
-
-
-def hierarchy(version: int, root: Path = CGROUP_ROOT) -> Path:
-    return root / "memory" if version == 1 else root
+    """(version, path below the hierarchy) of a /proc/PID/cgroup (cgroups.parse_proc_cgroup)."""
+    try:
+        return parse_proc_cgroup(proc_cgroup_text)
+    except CgroupError:
+        raise AttachError("the process is in no memory cgroup "
+                          "(no memory controller line in /proc/PID/cgroup)") from None
 
 
 def version_of(path: Path) -> int:
@@ -130,7 +126,7 @@ def _cgroup_of_pid(pid: int, root: Path) -> tuple[int, Path]:
     except OSError as exc:
         raise AttachError(f"cannot read /proc/{pid}/cgroup: {exc.strerror}") from None
     version, relative = memory_cgroup_of(text)
-    return version, hierarchy(version, root) / relative.lstrip("/")
+    return version, memory_cgroup_path(version, relative, root)
 
 
 def docker_inspect(name: str, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run
@@ -171,8 +167,11 @@ def resolve(text: str, root: Path = CGROUP_ROOT,
         return AttachTarget(text, kind, path, version, vm_id_from(name), pid, str(document.get("Id", "")))
     path = Path(value)
     if not path.is_absolute():
-        version = 1 if (root / "memory" / "memory.limit_in_bytes").exists() else 2
-        path = hierarchy(version, root) / value.strip("/")
+        try:
+            version = memory_cgroup_version(root)
+        except (CgroupError, OSError):  # no controller found: the unified hierarchy's layout
+            version = 2
+        path = memory_hierarchy(version, root) / value.strip("/")
     if not path.is_dir():
         raise AttachError(f"cgroup {value!r}: {path} does not exist")
     return AttachTarget(text, kind, path, version_of(path), vm_id_from(path.name), None)
@@ -188,11 +187,7 @@ class Limits:
 
 def read_limits(path: Path, version: int) -> Limits:
     def number(name: str) -> int | None:
-        text = (path / name).read_text().strip()
-        if text == "max":
-            return None
-        value = int(text)
-        return None if value >= UNLIMITED_V1 else value
+        return parse_limit((path / name).read_text())
 
     try:
         if version == 1:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from guestagent.config import ConfigError, load_config
-from guestagent.errors import AgentError
+from guestagent.errors import AgentError, CgroupError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         loop = AgentLoop(cfg)
-    except AgentError as exc:
+    except (AgentError, CgroupError) as exc:
         print(f"balloon-agent: {exc}", file=sys.stderr)
         return 1
     logging.getLogger("guestagent").info("effective configuration: %s", cfg)

@@ -1,22 +1,20 @@
 """Exceptions of the guest agent.
 
     AgentError
-      CgroupError(path, detail)      a cgroup file is missing or unreadable
       PinError(errno, requested_bytes, detail)   mmap/mlock failed
+    CgroupError (cgroups.CgroupError)            a cgroup file is missing or unreadable; the
+                                                 cgroups package's one error, re-exported here
 """
 
 from __future__ import annotations
 
+from cgroups import CgroupError
+
+__all__ = ["AgentError", "CgroupError", "PinError"]
+
 
 class AgentError(Exception):
-    """Base of everything the agent raises on purpose."""
-
-
-class CgroupError(AgentError):
-    def __init__(self, path: str, detail: str) -> None:
-        super().__init__(f"{path}: {detail}")
-        self.path = path
-        self.detail = detail
+    """Base of everything the agent raises on purpose (cgroup trouble is a CgroupError)."""
 
 
 class PinError(AgentError):

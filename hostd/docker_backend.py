@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cgroups import docker_cgroup_paths
 from hostd.cgroupfs import BackendError, TargetGone, usage_of
 from protocol.errors import ProtocolError
 from protocol.messages import check_vm_id
@@ -99,10 +100,7 @@ class DockerBackend:
 
     def cgroup_path(self, container_id: str) -> Path:
         root = self.cgroup_root
-        for path in (root / "memory" / "docker" / container_id,  # v1, cgroupfs driver
-                     root / "memory" / "system.slice" / f"docker-{container_id}.scope",  # v1, systemd
-                     root / "docker" / container_id,  # v2, cgroupfs driver
-                     root / "system.slice" / f"docker-{container_id}.scope"):  # v2, systemd
+        for path in docker_cgroup_paths(container_id, root):
             if path.is_dir():
                 return path
         raise BackendError(f"container {container_id[:12]}: no memory cgroup found under {root} "

@@ -455,8 +455,9 @@ def _run_swap_case(setup: BalloonVsSwapSetup, cold_kind: str, method: str, hostd
     import json
     import sys
 
-    from guestagent.cgroup import CgroupReader
-    from hostd.cgroupfs import CgroupfsBackend, memory_cgroup_version, memory_hierarchy
+    from cgroups import memory_cgroup_version, memory_hierarchy
+    from cgroups.reader import CgroupReader
+    from hostd.cgroupfs import CgroupfsBackend
     from hostd.client import HostdClient
     from hostd.reclaim import HostReclaimer
     from protocol.limits import PAGE_SIZE_BYTES

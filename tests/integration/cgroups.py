@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-from guestagent.cgroup import CgroupReader, parse_flat_keyed
-from hostd import cgroupfs
+import cgroups
+from cgroups import CgroupError, writer
+from cgroups.parse import parse_flat_keyed
+from cgroups.reader import CgroupReader
 
 ROOT = Path("/sys/fs/cgroup")
 
 
 def memory_cgroup_version() -> int | None:
     try:
-        return cgroupfs.memory_cgroup_version(ROOT)
-    except cgroupfs.BackendError:
+        return cgroups.memory_cgroup_version(ROOT)
+    except CgroupError:
         return None
 
 
@@ -32,18 +32,10 @@ class TestCgroup:
         self.version = memory_cgroup_version()
         if self.version is None:
             raise RuntimeError("no memory cgroup controller mounted")
-        base = ROOT / "memory" if self.version == 1 else ROOT
-        self.path = base / (name or f"balloonlab-test-{uuid.uuid4().hex[:8]}")
-        self.path.mkdir()
+        self.path = writer.create_guest(cgroups.memory_hierarchy(self.version, ROOT), self.version,
+                                        name or f"balloonlab-test-{uuid.uuid4().hex[:8]}", limit_bytes, swap_bytes)
         self.processes: list[subprocess.Popen[str]] = []
         self.logs: list[Path] = []
-        if self.version == 1:
-            (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
-            (self.path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes + swap_bytes))
-            (self.path / "memory.swappiness").write_text("60")
-        else:
-            (self.path / "memory.max").write_text(str(limit_bytes))
-            (self.path / "memory.swap.max").write_text(str(swap_bytes))
         self.reader = CgroupReader(self.path, self.version)
 
     def spawn(self, argv: list[str], **kwargs: object) -> subprocess.Popen[str]:
@@ -84,20 +76,7 @@ class TestCgroup:
             for stream in (process.stdout, process.stderr):
                 if stream is not None:
                     stream.close()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                for pid in (self.path / "cgroup.procs").read_text().split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        writer.remove(self.path)
 
 
 def vm_locked_bytes(pid: int) -> int:
@@ -129,23 +108,7 @@ def remove_tree(path: Path, timeout_s: float = 10.0) -> None:
         return
     if path.is_relative_to(FREEZER_ROOT):
         thaw_tree(path)
-    for child in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
-        remove_tree(child, timeout_s)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with contextlib.suppress(FileNotFoundError):
-            for pid in (path / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    writer.remove(path, timeout_s)
 
 
 def remove_stale_trees(prefix: str) -> list[Path]:
@@ -179,10 +142,7 @@ class GuestTree:
         self.version = version
         self.stale_removed = remove_stale_trees(prefix)
         self.name = f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.memory = cgroupfs.memory_hierarchy(version, ROOT) / self.name
-        self.memory.mkdir()
-        if version == 2:
-            (self.memory / "cgroup.subtree_control").write_text("+memory")
+        self.memory = writer.create_parent(version, self.name, ROOT)
         self.freezer: Path | None = None
         self.processes: list[subprocess.Popen[bytes]] = []
 
@@ -190,20 +150,12 @@ class GuestTree:
         return f"{self.name}/{guest}"
 
     def add(self, guest: str, limit_bytes: int, swap_bytes: int, freezer: bool) -> Path:
-        path = self.memory / guest
-        path.mkdir()
-        if self.version == 1:
-            (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
-            (path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes + swap_bytes))
-            (path / "memory.swappiness").write_text("60")
-            if freezer:
-                if not FREEZER_ROOT.is_dir():
-                    raise RuntimeError("no v1 freezer hierarchy mounted")
-                self.freezer = FREEZER_ROOT / self.name
-                (self.freezer / guest).mkdir(parents=True, exist_ok=True)
-        else:
-            (path / "memory.max").write_text(str(limit_bytes))
-            (path / "memory.swap.max").write_text(str(swap_bytes))
+        path = writer.create_guest(self.memory, self.version, guest, limit_bytes, swap_bytes)
+        if self.version == 1 and freezer:
+            if not FREEZER_ROOT.is_dir():
+                raise RuntimeError("no v1 freezer hierarchy mounted")
+            self.freezer = FREEZER_ROOT / self.name
+            (self.freezer / guest).mkdir(parents=True, exist_ok=True)
         return path
 
     def freezer_of(self, guest: str) -> Path | None:
