@@ -51,7 +51,11 @@ COALESCE_S = 0.010
 AGENT_FRAMES_PER_PASS = 512  # then the control socket and the tick get their turn
 PASS_BUDGET_S = 0.020  # nor longer than this per socket: an expensive frame cannot hold the others off
 CONTROL_FRAMES_PER_PASS = 32
+CONTROL_CHECK_FRAMES = 32  # within an agent pass, a waiting control request is served every this many frames
 CONTROL_SNDHWM = 64  # replies queued for one control client; a client that never reads loses them
+IO_THREADS = 2
+AGENT_IO_AFFINITY = 0b01  # the agent socket's connections: I/O thread 0
+CONTROL_IO_AFFINITY = 0b10  # the control socket's: I/O thread 1
 KEYS_RELOAD_MS = 1_000  # allowlists re-read this often (a removed key stops working within it)
 
 
@@ -122,7 +126,10 @@ class HostServer:
         self.core = HostCore(config, self.session_id, now_ms(), control_token, max_pfn=host_max_pfn())
         for line in self.core.restore_settings(_load_settings(config.settings_file), now_ms()):
             log.warning("saved setting skipped: %s", line)
-        self.context = context or zmq.Context()
+        # Two libzmq I/O threads: the agent socket's connections on one, the control socket's on
+        # the other (ZMQ_AFFINITY), so a flood of agent frames (read, decoded and answered by the
+        # agent socket's I/O thread) never holds a balloonctl request or its answer back.
+        self.context = context or zmq.Context(io_threads=IO_THREADS)
         # CURVE's ZAP handler before any bind: no handshake is ever accepted without it.
         self.gate: CurveGate | None = None
         if config.curve_allowlist is not None:
@@ -134,10 +141,10 @@ class HostServer:
         self._sent_in_pass = 0
         self._read_errors: dict[str, str] = {}  # vm → the last reason its cgroup could not be read
         self.agent_socket = self._router(config.agent_endpoint, AGENT_DOMAIN if self.gate else None,
-                                         max_frame_bytes=MAX_FRAME_BYTES)
+                                         max_frame_bytes=MAX_FRAME_BYTES, affinity=AGENT_IO_AFFINITY)
         self.control_socket = self._router(
             config.control_endpoint, CONTROL_DOMAIN if self.gate and config.control_allowlist else None,
-            max_frame_bytes=MAX_CONTROL_REQUEST_BYTES, sndhwm=CONTROL_SNDHWM)
+            max_frame_bytes=MAX_CONTROL_REQUEST_BYTES, sndhwm=CONTROL_SNDHWM, affinity=CONTROL_IO_AFFINITY)
         # A connection to the control socket is an operator when CURVE let only operators in,
         # or when the ipc:// socket's file mode let only its owner (and group) in.
         self.control_operator = config.control_allowlist is not None or self.control_is_ipc
@@ -165,8 +172,10 @@ class HostServer:
             os.chown(path, -1, grp.getgrnam(self.config.control_socket_group).gr_gid)
 
     def _router(self, endpoint: str, curve_domain: str | None, max_frame_bytes: int,
-                sndhwm: int = 10_000) -> zmq.Socket[bytes]:
+                sndhwm: int = 10_000, affinity: int = 0) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.context.socket(zmq.ROUTER)
+        if affinity and self.context.get(zmq.IO_THREADS) >= IO_THREADS:
+            sock.setsockopt(zmq.AFFINITY, affinity)  # a bit per I/O thread; before bind
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises, never silently drops
@@ -206,9 +215,11 @@ class HostServer:
         """One bounded batch; True if frames are left for the next pass."""
         curve = self.gate is not None
         deadline = time.monotonic() + PASS_BUDGET_S
-        for _ in range(AGENT_FRAMES_PER_PASS):
+        for index in range(AGENT_FRAMES_PER_PASS):
             if time.monotonic() >= deadline:
                 return True
+            if index % CONTROL_CHECK_FRAMES == CONTROL_CHECK_FRAMES - 1 and self._control_waiting():
+                self._on_control_readable()  # balloonctl is served between batches, not after the pass
             user_id: str | None = None
             try:
                 if curve:  # the ZAP User-Id travels with every frame of the connection
@@ -224,6 +235,9 @@ class HostServer:
             body = parts[1] if len(parts) == 2 else b""
             self._send(self.core.handle_agent(parts[0], body, now_ms(), user_id))
         return True
+
+    def _control_waiting(self) -> bool:
+        return bool(self.control_socket.get(zmq.EVENTS) & zmq.POLLIN)
 
     def _on_control_readable(self) -> bool:
         for _ in range(CONTROL_FRAMES_PER_PASS):
@@ -331,7 +345,7 @@ class HostServer:
                 backlog = False  # a batch was cut short: poll again at once, no coalescing
                 if self.agent_socket in ready:
                     backlog |= self._on_agent_readable()
-                if self.control_socket in ready:
+                if self.control_socket in ready or (ready and self._control_waiting()):
                     backlog |= self._on_control_readable()
                     self._sent_in_pass += 1
                 if ready and not self._sent_in_pass and not backlog and not self.stop_requested:
