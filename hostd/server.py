@@ -237,7 +237,7 @@ class HostServer:
         return True
 
     def _control_waiting(self) -> bool:
-        return bool(self.control_socket.get(zmq.EVENTS) & zmq.POLLIN)
+        return bool(int(self.control_socket.get(zmq.EVENTS)) & zmq.POLLIN)
 
     def _on_control_readable(self) -> bool:
         for _ in range(CONTROL_FRAMES_PER_PASS):
