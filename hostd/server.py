@@ -13,7 +13,6 @@ CURVE, the control token file, and the ipc:// control socket's file mode.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import grp
 import json
 import logging
@@ -58,23 +57,11 @@ IO_THREADS = 2
 AGENT_IO_AFFINITY = 0b01  # the agent socket's connections: I/O thread 0
 CONTROL_IO_AFFINITY = 0b10  # the control socket's: I/O thread 1
 AGENT_BACKLOG = 1024  # connections waiting to be accepted (libzmq's default, 100, drops a burst of connects)
-TRIM_MS = 10_000  # freed heap handed back to the system this often (glibc keeps what libzmq's threads freed)
 KEYS_RELOAD_MS = 1_000  # allowlists re-read this often (a removed key stops working within it)
 
 
 def now_ms() -> int:
     return time.monotonic_ns() // 1_000_000
-
-
-def _malloc_trim() -> Any:
-    """glibc's malloc_trim(0), or None: a flood of connections leaves libzmq's freed buffers in
-    malloc's arenas (RSS), and this hands what is free back to the system."""
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
 
 
 def raise_fd_limit() -> None:
@@ -348,8 +335,6 @@ class HostServer:
         poller.register(self.control_socket, zmq.POLLIN)
         next_tick = now_ms() + TICK_MS
         next_publish = next_reclaim = next_discovery = next_keys = 0
-        next_trim = now_ms() + TRIM_MS
-        trim = _malloc_trim()
         if self.reclaimer is not None:
             for line in self.reclaimer.recover():
                 self.core.counters["recovered_cgroups"] += 1
@@ -372,9 +357,6 @@ class HostServer:
                 if now_ms() >= next_tick:  # on its deadline, whatever the sockets bring
                     next_tick = now_ms() + TICK_MS
                     self._periodic("tick", lambda: self._send(self.core.tick(now_ms())))
-                    if trim is not None and now_ms() >= next_trim:
-                        next_trim = now_ms() + TRIM_MS
-                        trim(0)
                     if now_ms() >= next_keys:
                         next_keys = now_ms() + KEYS_RELOAD_MS
                         self._periodic("keys", self._reload_keys)
