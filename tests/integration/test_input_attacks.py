@@ -193,7 +193,7 @@ def test_s10_pfn_locks_beside_many_pfn_vms(tmp_path):
 # ---- S11: 20,000 one-shot identities ----------------------------------------------------------------
 @pytest.mark.timeout(200)
 # Profiled 2026-12-01 (2 cores, load 8-25; hostd alone, no pytest): RSS 50 → 154..237 MiB (+103..+188),
-# status p99 1.1..1.9 s, 90..2,733 of 20,000 hellos answered within 1 s, the rest never reach hostd's
+# status p99 1.1..1.9 s, 90..6,886 of 20,000 hellos answered within 1 s (6 runs); the rest never reach hostd's
 # main thread: it is saturated (cProfile: recompute() ~48 ms per join-triggered tick with ~1,000 live
 # one-shot vms, 213 in 45 s; every get_status rebuilds the snapshot, since each agent frame drops the
 # cache, and check_plain_data validates it, ~170 ms a status), so the attacker closes its connections
