@@ -53,10 +53,6 @@ PASS_BUDGET_S = 0.020  # nor longer than this per socket: an expensive frame can
 CONTROL_FRAMES_PER_PASS = 32
 CONTROL_CHECK_FRAMES = 32  # within an agent pass, a waiting control request is served every this many frames
 CONTROL_SNDHWM = 64  # replies queued for one control client; a client that never reads loses them
-IO_THREADS = 2
-AGENT_IO_AFFINITY = 0b01  # the agent socket's connections: I/O thread 0
-CONTROL_IO_AFFINITY = 0b10  # the control socket's: I/O thread 1
-AGENT_BACKLOG = 1024  # connections waiting to be accepted (libzmq's default, 100, drops a burst of connects)
 KEYS_RELOAD_MS = 1_000  # allowlists re-read this often (a removed key stops working within it)
 
 
@@ -127,10 +123,7 @@ class HostServer:
         self.core = HostCore(config, self.session_id, now_ms(), control_token, max_pfn=host_max_pfn())
         for line in self.core.restore_settings(_load_settings(config.settings_file), now_ms()):
             log.warning("saved setting skipped: %s", line)
-        # Two libzmq I/O threads: the agent socket's connections on one, the control socket's on
-        # the other (ZMQ_AFFINITY), so a flood of agent frames (read, decoded and answered by the
-        # agent socket's I/O thread) never holds a balloonctl request or its answer back.
-        self.context = context or zmq.Context(io_threads=IO_THREADS)
+        self.context = context or zmq.Context()
         # CURVE's ZAP handler before any bind: no handshake is ever accepted without it.
         self.gate: CurveGate | None = None
         if config.curve_allowlist is not None:
@@ -142,11 +135,10 @@ class HostServer:
         self._sent_in_pass = 0
         self._read_errors: dict[str, str] = {}  # vm → the last reason its cgroup could not be read
         self.agent_socket = self._router(config.agent_endpoint, AGENT_DOMAIN if self.gate else None,
-                                         max_frame_bytes=MAX_FRAME_BYTES, affinity=AGENT_IO_AFFINITY,
-                                         backlog=AGENT_BACKLOG)
+                                         max_frame_bytes=MAX_FRAME_BYTES)
         self.control_socket = self._router(
             config.control_endpoint, CONTROL_DOMAIN if self.gate and config.control_allowlist else None,
-            max_frame_bytes=MAX_CONTROL_REQUEST_BYTES, sndhwm=CONTROL_SNDHWM, affinity=CONTROL_IO_AFFINITY)
+            max_frame_bytes=MAX_CONTROL_REQUEST_BYTES, sndhwm=CONTROL_SNDHWM)
         # A connection to the control socket is an operator when CURVE let only operators in,
         # or when the ipc:// socket's file mode let only its owner (and group) in.
         self.control_operator = config.control_allowlist is not None or self.control_is_ipc
@@ -174,12 +166,8 @@ class HostServer:
             os.chown(path, -1, grp.getgrnam(self.config.control_socket_group).gr_gid)
 
     def _router(self, endpoint: str, curve_domain: str | None, max_frame_bytes: int,
-                sndhwm: int = 10_000, affinity: int = 0, backlog: int = 0) -> zmq.Socket[bytes]:
+                sndhwm: int = 10_000) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.context.socket(zmq.ROUTER)
-        if affinity and self.context.get(zmq.IO_THREADS) >= IO_THREADS:
-            sock.setsockopt(zmq.AFFINITY, affinity)  # a bit per I/O thread; before bind
-        if backlog:
-            sock.setsockopt(zmq.BACKLOG, backlog)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises, never silently drops

@@ -1,6 +1,6 @@
 """hostd/server.py's loop under a backlog of agent frames: a control request that arrives
 while agent frames are queued is answered within the agent pass (between batches of frames),
-not only once the pass is over; the sockets are set up for bursts of connections."""
+not only once the pass is over."""
 
 from __future__ import annotations
 
@@ -73,9 +73,3 @@ def test_a_control_request_is_answered_between_batches_of_agent_frames(server, m
         agent.close()
         control.close()
         context.term()
-
-
-def test_sockets_take_bursts_of_connections_and_the_control_plane_has_its_own_io_thread(server):
-    assert server.agent_socket.get(zmq.BACKLOG) == server_module.AGENT_BACKLOG
-    assert server.context.get(zmq.IO_THREADS) == server_module.IO_THREADS
-    assert server.agent_socket.get(zmq.AFFINITY) != server.control_socket.get(zmq.AFFINITY)
