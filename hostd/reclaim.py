@@ -14,6 +14,11 @@ never waits for the record: a guest is thawed and given its limit back first, th
 updated after (a failure there only leaves an entry whose undoing is a no-op). Thawing and
 restoring the limit are independent: one failing never stops the other.
 
+The guest's own limit is never learned from a limit hostd set: a limit write that reports a
+failure is taken as undone only once the limit reads back as it was (it may have happened: a
+client timeout, an interrupted write), and a reading equal to a lowered limit hostd wrote,
+with no record left to undo it, keeps the known own limit and puts it back.
+
 A "pageout" action (vswap_mode = "blind") pages out random resident pages of the guest's
 processes (hostd/pageout.py) just before the "limit" action that holds the cgroup there; it
 changes nothing that must be undone (the pages fault back in), so it is not recorded.
@@ -47,6 +52,11 @@ log = logging.getLogger(__name__)
 MIN_OWN_LIMIT_BYTES = 4096  # a recorded own limit outside these is not one hostd could have seen (S24)
 MAX_OWN_LIMIT_BYTES = 1 << 50
 _FLAGS = ("limited", "freezing", "frozen")
+_UNKNOWN = object()  # a limit that could not be read back
+
+
+def _mib(limit: int | None) -> str:
+    return "none" if limit is None else f"{limit >> 20} MiB"
 
 
 class RecordError(BackendError):
@@ -98,7 +108,8 @@ class HostReclaimer:
         self._thaw_retry: set[str] = set()  # thaws that failed (the core does not ask again)
         self._restore_errors: dict[str, list[str]] = {}  # target → why undoing it failed (logged once)
         self._dirty = False  # the file is behind self._record (an update after an undo failed)
-        self._own_limits: dict[str, int | None] = {}
+        self._own_limits: dict[str, int | None] = {}  # target → its own limit (never one hostd set)
+        self._set_by_us: dict[str, set[int]] = {}  # target → lowered limits hostd wrote since its own was seen
         self._failed: dict[tuple[str, str], str] = {}  # (vm, action) → the last failure
         self._record_problem: str | None = None  # the last record write failure (logged once)
         self._rng = random.Random()  # blind host swap's page choice
@@ -300,10 +311,23 @@ class HostReclaimer:
         entry = self._record.get(target)
         try:
             usage, swap = backend.usage_bytes(target)
-            if entry is None or not entry["limited"]:  # not lowered by us: whatever it is now is its own
-                own = self._own_limits[target] = backend.limit_bytes(target)
-                if entry is not None:
-                    entry["own_limit_bytes"] = own
+            if entry is None or not entry["limited"]:  # not lowered by us: what it is now is its own...
+                current = backend.limit_bytes(target)
+                known = self._own_limits.get(target)
+                if known is not None and current != known and current in self._set_by_us.get(target, ()):
+                    # ...unless it is a limit hostd set itself and lost track of (a write that said it
+                    # failed but happened, or said it was undone but was not): never the guest's own.
+                    log.error("%s: its limit is %s, a limit hostd set, with nothing recorded to undo it: kept "
+                              "%s as its own and put it back", target, _mib(current), _mib(known))
+                    entry = self._record[target] = dict(entry or {"freezing": False, "frozen": False})
+                    entry.update(own_limit_bytes=known, limited=True)
+                    self._pending.add(target)  # undone at the next step, unless the core takes it over
+                    self._save_best_effort()
+                else:
+                    self._own_limits[target] = current
+                    self._set_by_us.pop(target, None)
+                    if entry is not None:
+                        entry["own_limit_bytes"] = current
         except BackendError:
             raise
         except Exception as exc:  # a backend's bug must not stop hostd: this vm is unreadable (logged once)
@@ -358,7 +382,7 @@ class HostReclaimer:
         for target in list(self._pending):
             line, _ = self._restore(target, "(retry)")
             if line is not None:
-                log.warning("recovered from a previous hostd: %s", line)
+                log.warning("put back (left by a previous hostd, or a change hostd lost track of): %s", line)
                 self._dirty = True
 
     def _apply_one(self, target: str, action: str, limit_bytes: int | None) -> None:
@@ -371,15 +395,39 @@ class HostReclaimer:
                 entry.update(own_limit_bytes=self._own_limits.get(target), limited=True)
                 try:
                     self._save()  # write-ahead: no record, no lowered limit
-                    backend.set_limit_bytes(target, limit_bytes)
                 except Exception:
                     self._put_back(target, previous)
                     raise
+                self._set_by_us.setdefault(target, set()).add(limit_bytes)
+                try:
+                    backend.set_limit_bytes(target, limit_bytes)
+                except Exception:
+                    # A write that failed may still have happened (a client timeout, an interrupted
+                    # write): the entry is put back only once the limit reads back unchanged.
+                    now = self._limit_now(backend, target)
+                    if now == limit_bytes:
+                        log.warning("%s: the limit write reported a failure but took effect", target)
+                        return
+                    if now == entry["own_limit_bytes"] and now is not _UNKNOWN:
+                        self._put_back(target, previous)
+                    else:  # unknown: the intent stays recorded (undone next step unless the core acts)
+                        self._pending.add(target)
+                    raise
             else:
-                backend.set_limit_bytes(target, limit_bytes)
+                self._set_by_us.setdefault(target, set()).add(limit_bytes)
+                try:
+                    backend.set_limit_bytes(target, limit_bytes)
+                except Exception:
+                    if self._limit_now(backend, target) != limit_bytes:
+                        raise
+                    log.warning("%s: the limit write reported a failure but took effect", target)
         elif action == "limit":
             if entry is not None and entry["limited"]:
-                backend.set_limit_bytes(target, entry["own_limit_bytes"])
+                try:
+                    backend.set_limit_bytes(target, entry["own_limit_bytes"])
+                except Exception:
+                    if self._limit_now(backend, target) != entry["own_limit_bytes"]:
+                        raise
                 entry["limited"] = False
                 self._drop_if_done(target)
             else:
@@ -418,6 +466,14 @@ class HostReclaimer:
             if entry is not None:
                 entry["frozen"] = entry["freezing"] = False
                 self._drop_if_done(target)
+
+    @staticmethod
+    def _limit_now(backend: HostBackend, target: str) -> object:
+        """The limit as it reads now, or _UNKNOWN when it cannot be read."""
+        try:
+            return backend.limit_bytes(target)
+        except Exception:
+            return _UNKNOWN
 
     def _put_back(self, target: str, previous: dict[str, Any] | None) -> None:
         """An action that failed: the entry as it was before it (and the file, best effort)."""

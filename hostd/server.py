@@ -51,6 +51,7 @@ COALESCE_S = 0.010
 AGENT_FRAMES_PER_PASS = 512  # then the control socket and the tick get their turn
 PASS_BUDGET_S = 0.020  # nor longer than this per socket: an expensive frame cannot hold the others off
 CONTROL_FRAMES_PER_PASS = 32
+CONTROL_CHECK_FRAMES = 32  # within an agent pass, a waiting control request is served every this many frames
 CONTROL_SNDHWM = 64  # replies queued for one control client; a client that never reads loses them
 KEYS_RELOAD_MS = 1_000  # allowlists re-read this often (a removed key stops working within it)
 
@@ -206,9 +207,11 @@ class HostServer:
         """One bounded batch; True if frames are left for the next pass."""
         curve = self.gate is not None
         deadline = time.monotonic() + PASS_BUDGET_S
-        for _ in range(AGENT_FRAMES_PER_PASS):
+        for index in range(AGENT_FRAMES_PER_PASS):
             if time.monotonic() >= deadline:
                 return True
+            if index % CONTROL_CHECK_FRAMES == CONTROL_CHECK_FRAMES - 1 and self._control_waiting():
+                self._on_control_readable()  # balloonctl is served between batches, not after the pass
             user_id: str | None = None
             try:
                 if curve:  # the ZAP User-Id travels with every frame of the connection
@@ -224,6 +227,9 @@ class HostServer:
             body = parts[1] if len(parts) == 2 else b""
             self._send(self.core.handle_agent(parts[0], body, now_ms(), user_id))
         return True
+
+    def _control_waiting(self) -> bool:
+        return bool(int(self.control_socket.get(zmq.EVENTS)) & zmq.POLLIN)
 
     def _on_control_readable(self) -> bool:
         for _ in range(CONTROL_FRAMES_PER_PASS):
@@ -331,7 +337,7 @@ class HostServer:
                 backlog = False  # a batch was cut short: poll again at once, no coalescing
                 if self.agent_socket in ready:
                     backlog |= self._on_agent_readable()
-                if self.control_socket in ready:
+                if self.control_socket in ready or (ready and self._control_waiting()):
                     backlog |= self._on_control_readable()
                     self._sent_in_pass += 1
                 if ready and not self._sent_in_pass and not backlog and not self.stop_requested:

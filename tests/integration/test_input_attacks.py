@@ -192,9 +192,18 @@ def test_s10_pfn_locks_beside_many_pfn_vms(tmp_path):
 
 # ---- S11: 20,000 one-shot identities ----------------------------------------------------------------
 @pytest.mark.timeout(200)
-@pytest.mark.xfail(strict=False, reason="issue 14 acceptance not met yet: under a 20,000-identity flood (one TCP "
-                   "connection each) hostd answers only part of the hellos within 1 s, RSS grows +96..+220 MiB (goal "
-                   "+32) and the honest vm can be lost; per-hello cost is fixed, the rest is unprofiled (see the note)")
+# Profiled 2026-12-01 (2 cores, load 8-25; hostd alone, no pytest): RSS 50 → 154..237 MiB (+103..+188),
+# status p99 1.1..1.9 s, 90..6,886 of 20,000 hellos answered within 1 s (6 runs); the rest never reach hostd's
+# main thread: it is saturated (cProfile: recompute() ~48 ms per join-triggered tick with ~1,000 live
+# one-shot vms, 213 in 45 s; every get_status rebuilds the snapshot, since each agent frame drops the
+# cache, and check_plain_data validates it, ~170 ms a status), so the attacker closes its connections
+# and the frames queued in their pipes are dropped unread. MALLOC_ARENA_MAX=1: +126 MiB; malloc_trim(0):
+# -26 MiB once (and a ~100 ms stall of the loop). The fixes are in hostd/core.py (recompute rate,
+# snapshot reuse): not done here. In this test (scripts/attacks/run_attacks.py, 3 runs): RSS +61, +232, +312 MiB,
+# status p99 419, 1013, 484 ms.
+@pytest.mark.xfail(strict=False, reason="issue 14 acceptance not met: under a 20,000-identity flood RSS grows "
+                   "+61..+312 MiB (goal +32), status p99 0.4-1.9 s (goal < 1 s), most hellos unanswered within 1 s; "
+                   "hostd's loop is saturated by per-join recompute and per-status snapshot rebuilds (see above)")
 def test_s11_twenty_thousand_one_shot_identities(tmp_path):
     def attack(hostd: HostdProcess) -> dict[str, Any]:
         senders = run_attackers([["identities", "--endpoint", hostd.agent_endpoint, "--count", "5000", "--prefix",

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -64,13 +65,30 @@ def _state_dir(tmp_path: Path) -> Path:
     return state
 
 
+STARTUP_S = 60.0
+START_TIMES: list[float] = []  # how long each hostd took to answer (its start-up, recover() included)
+
+
+class _Hostd(HostdProcess):
+    """hostd's start-up fsyncs (its control token, the record in recover()); with the guests
+    swapping, an fsync can wait behind their I/O for more than HostdProcess's 10 s (seen at
+    load 10-25: a hostd that had not logged its first line after 10 s)."""
+
+    def wait_until(self, predicate, timeout_s: float, what: str):
+        return super().wait_until(predicate, max(timeout_s, STARTUP_S) if what == "hostd to answer" else timeout_s,
+                                  what)
+
+
 def _hostd(tmp_path: Path, tree: GuestTree, guests: list[str], *flags: str, state: Path | None = None,
            vm_table: str = "") -> HostdProcess:
     config = tmp_path / "hostd.toml"
     config.write_text("".join(f'[vms.{g}]\ncgroup = "{tree.relative(g)}"\n{vm_table}' for g in guests))
     state_file = (state or _state_dir(tmp_path)) / "vswap.json"
-    return HostdProcess(tmp_path, "--config", str(config), "--vswap-state-file", str(state_file),
-                        "--balance-period", "1s", "--report-interval", "200ms", *flags)
+    started = time.monotonic()
+    hostd = _Hostd(tmp_path, "--config", str(config), "--vswap-state-file", str(state_file),
+                   "--balance-period", "1s", "--report-interval", "200ms", *flags)
+    START_TIMES.append(time.monotonic() - started)
+    return hostd
 
 
 def _squeezed(tree: GuestTree, guest: str) -> bool:
@@ -179,14 +197,12 @@ def _leftovers(tree: GuestTree, state_file: Path) -> list[str]:
     return left
 
 
-# Open bug (issue 14 note): in one clean-clone CI run at load ~10 (seed 14) a kill left guest b's
-# record with its *lowered* limit (48 MiB) as the guest's own, so every later hostd "restored" b to
-# 48 MiB (iterations 3-50). Three runs on the reclaim branch and one on main before passed with 0
-# left behind. Until the cause is found this runs and reports, but does not fail the suite.
-@pytest.mark.xfail(strict=False, reason="known bug: a record can keep a lowered limit as the guest's own "
-                   "(seen once at load ~10); see the issue 14 note")
+# Issue 14: a CI run at load ~10 (seed 14) once left guest b's record with its lowered limit (48 MiB)
+# as the guest's own, so every later hostd "restored" b to 48 MiB. hostd/reclaim.py now never
+# takes a limit it set for the guest's own (tests/unit/test_reclaim_record.py, the own-limit tests).
+@pytest.mark.timeout(900)  # ~135 s on an idle host; 50 iterations took > 420 s at load 16
 def test_kill_9_at_random_moments_never_leaves_a_guest_squeezed_or_frozen(tree, tmp_path):
-    seed = 14 if IN_CI else random.randrange(1 << 32)
+    seed = int(os.environ.get("FAULT_SEED") or (14 if IN_CI else random.randrange(1 << 32)))
     rng = random.Random(seed)
     print(f"fault injection: seed {seed}")
     for guest in GUESTS:
@@ -240,7 +256,7 @@ def test_kill_9_at_random_moments_never_leaves_a_guest_squeezed_or_frozen(tree, 
     counts = {kind: sum(e["event"] == kind for e in events) for kind in ("vswap", "block", "unblock", "recovered")}
     print(f"fault injection: {ITERATIONS} kill -9s in {took:.0f} s (seed {seed}); {behind_at_kill} left a guest "
           f"squeezed or frozen ({what_was_left}); events {counts}; left behind after the next start: "
-          f"{len(failures)}")
+          f"{len(failures)}; slowest start-up {max(START_TIMES):.1f} s")
     assert not failures, failures
     assert not state_file.exists()
     assert counts["recovered"] > 0 and counts["block"] > 0  # the run did exercise what it claims

@@ -461,3 +461,69 @@ def test_a_freeze_that_failed_but_may_have_happened_is_undone(tmp_path):
     assert record_of(tmp_path)["docker:b"]["freezing"] is True  # may be paused: kept for a thaw
     backend.set_frozen = real
     assert reclaim.apply([]) == [] and not backend.frozen and not (tmp_path / "vswap.json").exists()
+
+
+# ---- the own limit is never learned from a limit hostd set (issue 14: "b restored to 48 MiB") ----
+def test_a_lowering_that_failed_but_happened_is_never_taken_for_the_guests_own_limit(tmp_path):
+    """The bad interleaving: write-ahead record, lower the limit, the write reports a failure
+    although the limit did change (a client timeout, an interrupted write), the entry was put
+    back as if nothing happened, the next reading took the lowered 48 MiB for the guest's own
+    limit, and every later hostd "restored" the guest to 48 MiB."""
+    backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
+    reclaim = reclaimer(tmp_path, backend)
+    assert reclaim.read("a").own_limit_bytes == 512 * MiB
+    real = backend.set_limit_bytes
+
+    def happened_then_failed(target, limit_bytes):
+        real(target, limit_bytes)
+        raise BackendError(f"cannot write {limit_bytes} to {target}: Interrupted")
+
+    backend.set_limit_bytes = happened_then_failed
+    reclaim.apply([("a", "lab/a", "limit", 48 * MiB)])
+    backend.set_limit_bytes = real
+    assert backend.limits["lab/a"] == 48 * MiB  # it did happen
+    assert reclaim.read("a").own_limit_bytes == 512 * MiB  # not the 48 MiB hostd set
+    assert record_of(tmp_path)["lab/a"] == {"own_limit_bytes": 512 * MiB, "limited": True, "freezing": False,
+                                            "frozen": False}
+    # kill -9 here: the next hostd puts the guest back to its own limit, and learns that one
+    again = reclaimer(tmp_path, backend)
+    again.recover()
+    assert backend.limits["lab/a"] == 512 * MiB and again.read("a").own_limit_bytes == 512 * MiB
+    assert not (tmp_path / "vswap.json").exists()
+
+
+@pytest.mark.parametrize("step", ["first lowering", "next lowering"])
+def test_a_lowering_that_failed_and_did_not_happen_changes_nothing(tmp_path, step):
+    backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
+    reclaim = reclaimer(tmp_path, backend)
+    reclaim.read("a")
+    if step == "next lowering":
+        assert reclaim.apply([("a", "lab/a", "limit", 300 * MiB)]) == []
+    backend.fail.add("lab/a")  # EBUSY: the kernel could not reclaim down to it, the limit is unchanged
+    assert reclaim.apply([("a", "lab/a", "limit", 48 * MiB)])[0][:2] == ("a", "limit")
+    backend.fail.discard("lab/a")
+    if step == "first lowering":
+        assert backend.limits["lab/a"] == 512 * MiB and not (tmp_path / "vswap.json").exists()
+    else:
+        assert backend.limits["lab/a"] == 300 * MiB and record_of(tmp_path)["lab/a"]["own_limit_bytes"] == 512 * MiB
+    assert reclaim.read("a").own_limit_bytes == 512 * MiB
+
+
+def test_a_restore_that_did_not_take_is_not_learned_as_the_own_limit(tmp_path, caplog):
+    """A limit hostd set that it no longer holds a record of (the write said it was put back,
+    the backend still shows the lowered value) is not the guest's own: kept, and put back."""
+    backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
+    reclaim = reclaimer(tmp_path, backend)
+    reclaim.read("a")
+    reclaim.apply([("a", "lab/a", "limit", 300 * MiB), ("a", "lab/a", "limit", 48 * MiB)])
+    real = backend.set_limit_bytes
+    backend.set_limit_bytes = lambda target, limit_bytes: None  # says done, did nothing
+    reclaim.apply([("a", "lab/a", "limit", None)])
+    backend.set_limit_bytes = real
+    assert backend.limits["lab/a"] == 48 * MiB
+    assert reclaim.read("a").own_limit_bytes == 512 * MiB
+    assert record_of(tmp_path)["lab/a"]["limited"] is True and "a limit hostd set" in caplog.text
+    reclaim.apply([])  # put back at the next step
+    assert backend.limits["lab/a"] == 512 * MiB and not (tmp_path / "vswap.json").exists()
+    backend.limits["lab/a"] = 1024 * MiB  # the operator raised it: that is its own now
+    assert reclaim.read("a").own_limit_bytes == 1024 * MiB
