@@ -77,10 +77,10 @@ __doc__ += "\n".join(f"- {key}: {text}" for key, text in DEVIATIONS.items())
 
 
 def hello(vm_id: str = "a", held: int = 0, session: str | None = None, secret: str | None = None,
-          memsz: int = MEMSZ) -> Hello:
+          memsz: int = MEMSZ, stats_keys: tuple[str, ...] = STATS_KEYS) -> Hello:
     return Hello(vm_id=vm_id, memsz_bytes=memsz, agent_version="contract", page_kind="vpn", supports_2m=False,
                  cgroup_version=2, max_batch_pages=BATCH, held_pages=held, last_host_session_id=session,
-                 stats_keys=STATS_KEYS, vm_secret=secret)
+                 stats_keys=stats_keys, vm_secret=secret)
 
 
 def status(balloon_pages: int = 0, stats: tuple = (100 * MiB, 0, None)) -> Status:
@@ -306,8 +306,9 @@ def test_a_second_claim_on_a_live_vm_gets_conflict_and_the_live_agent_keeps_it(h
     owner.reply(lock(0, 32))
     secret = {"no secret": None, "wrong secret": "x" * 32, "stale session": welcome.vm_secret}[claim]
     session = "other-session" if claim == "stale session" else host.session_id
-    assert host.connect("intruder").error(hello(secret=secret, session=session)) == ErrorCode.CONFLICT
-    assert owner.send(status(32)) == []  # still registered, ledger intact
+    claim_hello = hello(secret=secret, session=session, stats_keys=("usage_bytes",))
+    assert host.connect("intruder").error(claim_hello) == ErrorCode.CONFLICT
+    assert owner.send(status(32)) == []  # still registered (statuses checked against its own hello)
     assert host.ledger_pages("a") == 32
 
 

@@ -84,6 +84,7 @@ class MiniHost:
         self.target_pages: dict[bytes, int] = {}
         self.vm_target_seq: dict[bytes, int] = {}  # vm id → the seq of the last target it was sent
         self.memsz_pages: dict[bytes, int] = {}
+        self.vm_hellos: dict[str, Hello] = {}  # vm id → the hello its registration welcomed
         self.target_seq = 0  # the host's counter, shared by all vms (as hostd's)
         self.target_sent_at: dict[int, float] = {}
         self.refuse_locks = False
@@ -188,6 +189,7 @@ class MiniHost:
         # Adopt what the agent still holds: its balloon stays until a target says otherwise.
         self.target_pages.setdefault(identity, hello.held_pages)
         self.memsz_pages[identity] = hello.memsz_bytes // 4096
+        self.vm_hellos[vm_id] = hello
         welcome = Welcome(host_session_id=self.session_id, report_interval_ms=self.report_interval_ms,
                           host_timeout_ms=self.host_timeout_ms, batch_limit_pages=self.batch_limit_pages,
                           settings=dict(self.settings), vm_secret=self.vm_secrets[vm_id])
@@ -270,7 +272,7 @@ class MiniHost:
             self._reply(route, UnlockResult(results=tuple(unlocked), target_pages=target, target_seq=target_seq),
                         seq)
         elif isinstance(message, Status):
-            hello = next((h for h in reversed(self.hellos) if h.vm_id == vm_id), None)
+            hello = self.vm_hellos.get(vm_id)  # not a refused claim's hello
             if hello is not None and len(message.stats) != len(hello.stats_keys):
                 raise ProtocolError(ErrorCode.INVALID_FIELD, f"status.stats has {len(message.stats)} values; the "
                                     f"hello named {len(hello.stats_keys)}")
