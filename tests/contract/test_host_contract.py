@@ -526,3 +526,13 @@ def test_minihost_pump_answers_over_its_socket(context):
     finally:
         dealer.close(linger=0)
         mini.close()
+
+
+@pytest.mark.parametrize("claim", ["no secret", "wrong secret"])
+def test_a_hello_without_the_secret_on_the_vms_own_connection_gets_conflict(host, claim):
+    """Even its own connection must prove it: a live registration is never restarted by a bare hello."""
+    peer, _ = registered(host)
+    peer.reply(lock(0, 16))
+    secret = None if claim == "no secret" else "y" * 32
+    assert peer.error(hello(secret=secret, session=host.session_id)) == ErrorCode.CONFLICT
+    assert host.ledger_pages("a") == 16 and peer.send(status(16)) == []

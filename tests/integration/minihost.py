@@ -4,9 +4,9 @@ the test (pump until a condition holds, with a deadline): no threads, no sleeps.
 
 Identity as hostd has it since protocol v3: the ROUTER assigns routing ids (no handover);
 a welcome binds the vm to the connection (routing id) its hello came from and carries a
-fresh `vm_secret`; a hello for a vm bound to another connection is welcomed only with that
-secret and the current session id (the same agent reconnecting keeps its ledger), anything
-else gets CONFLICT. Replies go to the routing id the request came from. `ledger`,
+fresh `vm_secret`; a hello for a registered vm (on another connection or its own) is welcomed
+only with that secret and the current session id (the same agent reconnecting keeps its
+ledger), anything else gets CONFLICT. Replies go to the routing id the request came from. `ledger`,
 `target_pages` stay keyed by the vm id (as bytes). Test knobs: `refuse_locks`,
 `drop_replies` (lock/unlock replies to drop, like hostd's EAGAIN drop), `forget()` (the vm's
 connection no longer registered: NOT_REGISTERED) and `reopen()` (every connection drops,
@@ -171,7 +171,8 @@ class MiniHost:
         held_by = self.vm_routes.get(vm_id)
         proven = (held_by is not None and hello.vm_secret is not None
                   and hello.last_host_session_id == self.session_id and hello.vm_secret == self.vm_secrets.get(vm_id))
-        if (bound is not None and bound != vm_id) or (held_by is not None and held_by != route and not proven):
+        # Like hostd: a live registration is taken over only with its secret, even on its own connection.
+        if (bound is not None and bound != vm_id) or (held_by is not None and not proven):
             self.conflicts += 1
             self._send(route, Error(code=int(ErrorCode.CONFLICT), detail=f"vm {vm_id} is registered elsewhere",
                                     in_reply_to=seq), seq)
