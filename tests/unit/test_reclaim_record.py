@@ -21,6 +21,10 @@ MiB = 1 << 20
 
 
 class FakeBackend:
+    """A host backend in memory. Kept honest by tests/contract/test_backend_contract.py (the same
+    suite as CgroupfsBackend's and DockerBackend's): a target it does not know, or one in
+    `gone`, is TargetGone for every call; a negative limit is a BackendError."""
+
     root = None
 
     def __init__(self, limits: dict[str, int | None]) -> None:
@@ -36,23 +40,29 @@ class FakeBackend:
     def discover(self, label: str, label_filter: str) -> dict[str, str]:
         return dict(self.labelled)
 
+    def _check(self, target: str) -> None:
+        if target in self.gone or target not in self.limits:
+            raise TargetGone(f"{target} is gone")
+
     def usage_bytes(self, target: str) -> tuple[int, int | None]:
+        self._check(target)
         return 300 * MiB, 0
 
     def limit_bytes(self, target: str) -> int | None:
+        self._check(target)
         return self.limits[target]
 
     def set_limit_bytes(self, target: str, limit_bytes: int | None) -> None:
-        if target in self.gone:
-            raise TargetGone(f"{target} is gone")
+        self._check(target)
+        if limit_bytes is not None and limit_bytes < 0:
+            raise BackendError(f"limit {limit_bytes}: must be ≥ 0")
         if target in self.fail:
             raise BackendError(f"cannot write {target}")
         self.log.append(("limit", target, limit_bytes))
         self.limits[target] = limit_bytes
 
     def set_frozen(self, target: str, frozen: bool) -> None:
-        if target in self.gone:
-            raise TargetGone(f"{target} is gone")
+        self._check(target)
         if target in self.fail or target in self.fail_freezer or (frozen and target in self.no_freezer):
             raise BackendError(f"no freezer for {target}")
         if target in self.no_freezer:
