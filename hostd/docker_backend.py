@@ -114,6 +114,8 @@ class DockerBackend:
         if limit_bytes is None:
             raise BackendError(f"container {target.removeprefix(PREFIX)}: Docker cannot lift a memory limit "
                                "once set (and hostd only schedules containers that have one)")
+        if limit_bytes < 0:  # checked before the engine sees it, as CgroupfsBackend does
+            raise BackendError(f"limit {limit_bytes}: must be ≥ 0")
         container = self._container(target)
         host_config = container.attrs["HostConfig"]
         memory_and_swap = int(host_config.get("MemorySwap") or 0)
