@@ -141,12 +141,17 @@ def _cgroup_of_pid(pid: int, root: Path) -> tuple[int, Path]:
     except OSError as exc:
         raise AttachError(f"cannot read /proc/{pid}/cgroup: {exc.strerror}") from None
     version, relative = memory_cgroup_of(text)
+    return version, cgroup_directory(version, relative, root, f"process {pid}'s cgroup")
+
+
+def cgroup_directory(version: int, relative: str, root: Path, what: str = "the cgroup") -> Path:
+    """The directory of a /proc/PID/cgroup path below the hierarchy mounted at `root`."""
     if "/.." in f"{relative}/":
         # Seen from a private cgroup namespace (Docker's default on cgroup v2): the kernel would
         # also refuse to move a process into a cgroup outside this namespace's root.
-        raise AttachError(f"process {pid}'s cgroup ({relative}) is outside this process's cgroup namespace: run "
-                          "attach in the host's cgroup namespace (docker run --cgroupns host; compose: cgroup: host)")
-    return version, hierarchy(version, root) / relative.lstrip("/")
+        raise AttachError(f"{what} ({relative}) is outside this process's cgroup namespace: run attach in the "
+                          "host's cgroup namespace (docker run --cgroupns host; compose: cgroup: host)")
+    return hierarchy(version, root) / relative.lstrip("/")
 
 
 def docker_inspect(name: str, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run
