@@ -106,9 +106,12 @@ def test_compose_lab_balloons_the_idle_guest_more_than_the_active_one(lab: Compo
 
     # Secure by default: a workload in a guest can neither change host settings nor speak for
     # another guest; the guests it tried to impersonate keep their registration.
-    probe = lab.guest_python("web", (Path(__file__).parent / "guest_probe.py").read_text(), "db")
-    assert probe.returncode == 0, probe.stderr
-    tried = json.loads(probe.stdout.strip().splitlines()[-1])
+    for _ in range(3):  # a guest hostd froze (low state) or a host at load 20 may miss the 3 s answer
+        probe = lab.guest_python("web", (Path(__file__).parent / "guest_probe.py").read_text(), "db")
+        assert probe.returncode == 0, probe.stderr
+        tried = json.loads(probe.stdout.strip().splitlines()[-1])
+        if tried["hello_as_other"] != "no answer":
+            break
     print(f"from inside web: {tried}")
     assert tried["control_change"] == "no answer", tried  # not even reachable
     assert tried["hello_as_other"] == f"Error {int(ErrorCode.UNAUTHORIZED)}", tried
