@@ -73,8 +73,12 @@ def test_compose_lab_balloons_the_idle_guest_more_than_the_active_one(lab: Compo
     lab.up()
     up_done = time.monotonic()
 
+    swap_at_start: dict[str, int] = {}
+
     def all_registered() -> dict[str, Any] | None:
         snapshot = lab.status()
+        for vm in (snapshot or {}).get("vms", []):  # each guest's swap when hostd first reported it
+            swap_at_start.setdefault(vm["vm_id"], vm["swap_current_bytes"] or 0)
         if snapshot and sorted(vm["vm_id"] for vm in snapshot["vms"] if vm["alive"] and vm["has_agent"]) == sorted(
                 [*GUESTS, ATTACHED]):
             return snapshot
@@ -85,7 +89,7 @@ def test_compose_lab_balloons_the_idle_guest_more_than_the_active_one(lab: Compo
     registered = time.monotonic()
     print(f"compose up {up_done - up_started:.1f} s; all guests registered {registered - up_done:.1f} s later "
           f"(redis's attached agent included)")
-    swap_at_start = {vm_id: vm["swap_current_bytes"] or 0 for vm_id, vm in by_vm(first).items()}
+    # (not when all had registered: at load 14 that took 54 s here, and batch had swapped by then)
 
     redis_by_policy: dict[str, float] = {}
 
