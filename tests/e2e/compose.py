@@ -98,7 +98,10 @@ class ComposeLab:
         return snapshot
 
     def ctl(self, *args: str) -> str:
-        result = self.balloonctl(*args)
+        for _ in range(3):  # a 2-core host shared with other jobs: hostd may miss balloonctl's 3 s
+            result = self.balloonctl(*args)
+            if result.returncode == 0 or "no answer from hostd" not in result.stderr:
+                break
         assert result.returncode == 0, f"balloonctl {' '.join(args)}: {result.stderr}"
         return result.stdout
 
