@@ -18,6 +18,10 @@ are freed a moment later), then stopped (it deflates and says bye). SIGTERM/SIGI
 `balloonctl detach VM`) stop the agent while it is still inside: it deflates and says bye,
 and the guest's memory is its own again.
 
+The host's cgroup tree is /sys/fs/cgroup, or $BALLOONLAB_CGROUP_ROOT where it is mounted
+elsewhere (the compose lab's `attach` service: the host's tree at /host/sys/fs/cgroup, redis's
+pid namespace, `cgroup: host`, and `pid:1` for redis's init).
+
 Refused with a reason: no memory limit (a balloon squeezes a guest against its limit), no
 swap accounting or no swap allowance (the guest's kernel would have nowhere to put what the
 balloon displaces but the OOM killer), no permission to join the cgroup, no swap on the host.
@@ -53,6 +57,7 @@ from cgroups.parse import parse_limit
 
 log = logging.getLogger("balloon-attach")
 
+CGROUP_ROOT_ENV = "BALLOONLAB_CGROUP_ROOT"  # the host's cgroup tree mounted elsewhere (a container)
 DEFAULT_STATE_DIR = Path("/run/balloonlab/attach")
 DEFAULT_HOST_ENDPOINT = "tcp://127.0.0.1:5555"
 AGENT_STOP_TIMEOUT_S = 20.0  # the agent deflates before it leaves: well under a second for 1 GiB
@@ -95,6 +100,12 @@ def memory_cgroup_of(proc_cgroup_text: str) -> tuple[int, str]:
                           "(no memory controller line in /proc/PID/cgroup)") from None
 
 
+def cgroup_root() -> Path:
+    """The host's cgroup tree: /sys/fs/cgroup, or $BALLOONLAB_CGROUP_ROOT (run from a container
+    that mounts the host's tree elsewhere, as the compose lab's `attach` service does)."""
+    return Path(os.environ.get(CGROUP_ROOT_ENV) or CGROUP_ROOT)
+
+
 def version_of(path: Path) -> int:
     if (path / "memory.limit_in_bytes").exists():
         return 1
@@ -126,7 +137,17 @@ def _cgroup_of_pid(pid: int, root: Path) -> tuple[int, Path]:
     except OSError as exc:
         raise AttachError(f"cannot read /proc/{pid}/cgroup: {exc.strerror}") from None
     version, relative = memory_cgroup_of(text)
-    return version, memory_cgroup_path(version, relative, root)
+    return version, cgroup_directory(version, relative, root, f"process {pid}'s cgroup")
+
+
+def cgroup_directory(version: int, relative: str, root: Path, what: str = "the cgroup") -> Path:
+    """The directory of a /proc/PID/cgroup path below the hierarchy mounted at `root`."""
+    if "/.." in f"{relative}/":
+        # Seen from a private cgroup namespace (Docker's default on cgroup v2): the kernel would
+        # also refuse to move a process into a cgroup outside this namespace's root.
+        raise AttachError(f"{what} ({relative}) is outside this process's cgroup namespace: run attach in the "
+                          "host's cgroup namespace (docker run --cgroupns host; compose: cgroup: host)")
+    return memory_cgroup_path(version, relative, root)
 
 
 def docker_inspect(name: str, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run
@@ -146,9 +167,10 @@ def docker_inspect(name: str, run: Callable[..., subprocess.CompletedProcess[str
     return document
 
 
-def resolve(text: str, root: Path = CGROUP_ROOT,
+def resolve(text: str, root: Path | None = None,
             inspect: Callable[[str], dict[str, Any]] = docker_inspect) -> AttachTarget:
     kind, value = parse_target(text)
+    root = cgroup_root() if root is None else root
     if kind == "pid":
         pid = int(value)
         version, path = _cgroup_of_pid(pid, root)
@@ -347,8 +369,8 @@ class _Follower:
             os.close(self.pidfd)
 
 
-def _own_memory_cgroup_procs(version: int, root: Path = CGROUP_ROOT) -> Path:
-    _, path = _cgroup_of_pid(os.getpid(), root)
+def _own_memory_cgroup_procs(version: int, root: Path | None = None) -> Path:
+    _, path = _cgroup_of_pid(os.getpid(), cgroup_root() if root is None else root)
     return path / "cgroup.procs"
 
 

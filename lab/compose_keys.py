@@ -5,7 +5,8 @@
 hostd's DIR gets its key pair (host.key, host.key_secret) and an allowlist (allow/) in which
 each guest's public key is bound to that guest's vm id alone. Each guest's DIR (its own
 volume, mounted only into that guest) gets its key pair and hostd's public key: a guest can
-prove who it is and check that it talks to this lab's hostd, and nothing else. Run again, it
+prove who it is and check that it talks to this lab's hostd, and nothing else (redis's key
+goes to the `attach` service, the agent that balloons redis from outside its image). Run again, it
 keeps every key that exists (restarts and `up` after `down` without `-v` keep the lab's keys)
 and adds what is missing.
 """
