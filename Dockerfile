@@ -13,6 +13,7 @@ COPY guestagent guestagent
 COPY hostd hostd
 COPY lab lab
 COPY balloonlab balloonlab
+COPY balloonctl balloonctl
 RUN if [ "$INSTALL" = pip ]; then pip install --no-cache-dir ".[docker]" ; fi \
  && python3 -c "import zmq, msgpack, psutil, numpy, prometheus_client, rich, docker" \
  || { echo "the base image lacks python3 modules zmq/msgpack/psutil/numpy/prometheus_client/rich/docker: use INSTALL=pip" >&2; exit 1; }

@@ -19,10 +19,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 lint: venv
-	$(BIN)/ruff check protocol hostd guestagent lab tests bench balloonlab cgroups
+	$(BIN)/ruff check protocol hostd guestagent lab tests bench balloonlab cgroups balloonctl
 
 typecheck: venv
-	$(BIN)/mypy protocol hostd guestagent lab balloonlab cgroups
+	$(BIN)/mypy protocol hostd guestagent lab balloonlab cgroups balloonctl
 
 pytest: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

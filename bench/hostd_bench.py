@@ -32,7 +32,7 @@ import psutil
 import zmq
 
 from guestagent.client import STATS_KEYS  # the names a real agent reports
-from hostd.ctl import CtlError
+from hostd.client import CtlError
 from protocol import Hello, Status, encode
 from tests.conftest import free_loopback_port
 from tests.integration.hostd_proc import HostdProcess

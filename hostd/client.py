@@ -124,7 +124,7 @@ def request(endpoint: str, message: Message, timeout_ms: int = 3000,
         sock.close(linger=0)
 
 
-def _checked(reply: Message) -> Message:
+def checked_reply(reply: Message) -> Message:
     if isinstance(reply, Error):
         name = ErrorCode(reply.code).name if reply.code in ErrorCode._value2member_map_ else str(reply.code)
         raise CtlError(f"refused ({name}): {reply.detail}")
@@ -143,7 +143,7 @@ class HostdClient:
         self.credentials = credentials or ControlCredentials.from_environment()
 
     def _call(self, message: Message, timeout_ms: int | None = None) -> Message:
-        return _checked(request(self.endpoint, message, timeout_ms or self.timeout_ms, self.credentials))
+        return checked_reply(request(self.endpoint, message, timeout_ms or self.timeout_ms, self.credentials))
 
     def status(self, timeout_ms: int | None = None) -> StatusDocument:
         reply = self._call(GetStatus(), timeout_ms)

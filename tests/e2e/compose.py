@@ -83,7 +83,7 @@ class ComposeLab:
     def balloonctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """balloonctl inside hostd's container: the control endpoint is on its loopback only
         (unreachable from the guests), and the token it needs is in its state volume."""
-        return self.run("exec", "-T", "hostd", "python3", "-m", "hostd.ctl", "--endpoint", "tcp://127.0.0.1:5556",
+        return self.run("exec", "-T", "hostd", "python3", "-m", "balloonctl", "--endpoint", "tcp://127.0.0.1:5556",
                         *args, timeout_s=60, check=False)
 
     def status(self) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from hostd.ctl import CtlError, request
+from hostd.client import CtlError, request
 from protocol import GetStatus, StatusReply
 from tests.integration.hostd_proc import HostdProcess
 

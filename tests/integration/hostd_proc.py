@@ -46,7 +46,7 @@ class HostdProcess:
         return self.client.status(timeout_ms)
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint", self.control_endpoint,
+        return subprocess.run([sys.executable, "-m", "balloonctl", "--endpoint", self.control_endpoint,
                                "--token-file", str(self.token_file), *args],
                               capture_output=True, text=True, timeout=30)
 

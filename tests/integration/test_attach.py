@@ -63,7 +63,7 @@ def hostd(tmp_path: Path) -> Iterator[HostdProcess]:
 
 def _attach(hostd: HostdProcess, tmp_path: Path, target: str, *extra: str) -> subprocess.Popen[str]:
     with open(tmp_path / f"attach-{uuid.uuid4().hex[:6]}.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "hostd.ctl", "--endpoint", hostd.control_endpoint,
+        return subprocess.Popen([sys.executable, "-m", "balloonctl", "--endpoint", hostd.control_endpoint,
                                  "--token-file", str(hostd.token_file), "attach", target, "--host-endpoint",
                                  hostd.agent_endpoint, "--state-dir", str(tmp_path / "attach"), "--report-interval",
                                  "500ms", *extra], stderr=log, text=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from hostd.ctl import ControlCredentials, request
+from hostd.client import ControlCredentials, request
 from protocol import (
     Error,
     ErrorCode,
@@ -61,7 +61,7 @@ def keep_alive_and_lock(victim: SimAgent, cycles: int = 1) -> list[str]:
 
 
 def balloonctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hostd.ctl", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "balloonctl", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
 
 

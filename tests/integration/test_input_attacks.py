@@ -266,7 +266,7 @@ def test_s15_tiny_host_memory_is_refused_and_every_json_output_stays_json(tmp_pa
                 stream.close()
             with urllib.request.urlopen(f"{hostd.http_url}/status.json", timeout=5) as response:
                 document = strict_json(response.read().decode())
-            status_json = subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint", hostd.control_endpoint,
+            status_json = subprocess.run([sys.executable, "-m", "balloonctl", "--endpoint", hostd.control_endpoint,
                                           "status", "--json"], capture_output=True, text=True, timeout=30, cwd=REPO)
     finally:
         hostd.stop()

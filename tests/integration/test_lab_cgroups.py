@@ -100,7 +100,7 @@ def run_in_pty(argv: list[str], timeout_s: float = 30) -> str:
 
 
 def balloonctl(*args: str, endpoint: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint", endpoint, *args],
+    return subprocess.run([sys.executable, "-m", "balloonctl", "--endpoint", endpoint, *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -161,7 +161,7 @@ def test_lab_up_balloons_the_idle_guest_and_lab_down_leaves_nothing(tmp_path: Pa
         assert table[0]["VM"] == "batch"  # sorted by balloon size, largest first
         assert float(table[0]["MCTLSZ(MiB)"]) > 32 and all(row["MCTL?"] == "Y" for row in table)
         # ...and the live view in a pseudo-terminal
-        screen = run_in_pty([sys.executable, "-m", "hostd.ctl", "--endpoint", endpoint, "top", "-n", "2",
+        screen = run_in_pty([sys.executable, "-m", "balloonctl", "--endpoint", endpoint, "top", "-n", "2",
                              "-d", "500ms"])
         for part in ("STATE", "IDLE TAX 0.75", "MCTLSZ", "web", "batch", "db"):
             assert part in screen, f"{part!r} not on the live screen:\n{screen[-3000:]}"

@@ -45,7 +45,7 @@ value = 0
 
 
 def _run(scenario: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hostd.ctl", "run", str(scenario), "--out", str(out)],
+    return subprocess.run([sys.executable, "-m", "balloonctl", "run", str(scenario), "--out", str(out)],
                           capture_output=True, text=True, timeout=180, cwd=ROOT)
 
 

@@ -49,14 +49,14 @@ def hostd(tmp_path: Path) -> Iterator[SlowHostd]:
 
 def _attach(hostd: SlowHostd, tmp_path: Path, target: str, *extra: str) -> subprocess.Popen[str]:
     with open(tmp_path / f"attach-{uuid.uuid4().hex[:6]}.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "hostd.ctl", "--endpoint", hostd.control_endpoint,
+        return subprocess.Popen([sys.executable, "-m", "balloonctl", "--endpoint", hostd.control_endpoint,
                                  "--token-file", str(hostd.token_file), "attach", target, "--host-endpoint",
                                  hostd.agent_endpoint, "--state-dir", str(tmp_path / "attach"), "--report-interval",
                                  "2s", *extra], stderr=log, text=True)
 
 
 def _detach(hostd: SlowHostd, tmp_path: Path, vm_id: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint", hostd.control_endpoint, "--token-file",
+    return subprocess.run([sys.executable, "-m", "balloonctl", "--endpoint", hostd.control_endpoint, "--token-file",
                            str(hostd.token_file), "detach", vm_id, "--state-dir", str(tmp_path / "attach")],
                           capture_output=True, text=True, timeout=180)
 

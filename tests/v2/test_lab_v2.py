@@ -40,7 +40,7 @@ report_interval_ms = "1s"
 
 
 def balloonctl(*args: str, endpoint: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hostd.ctl", "--endpoint", endpoint, *args],
+    return subprocess.run([sys.executable, "-m", "balloonctl", "--endpoint", endpoint, *args],
                           capture_output=True, text=True, timeout=timeout_s)
 
 

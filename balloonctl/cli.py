@@ -30,11 +30,11 @@ from hostd.client import (
     ControlCredentials,
     CtlError,
     HostdClient,
-    _checked,
+    checked_reply,
     request,
 )
 from hostd.jsonout import dumps
-from hostd.render import render_status as render_status  # re-exported: lab/cli.py imports it from here
+from hostd.render import render_status
 from hostd.status_doc import StatusDocument
 from protocol import (
     ControlOk,
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "plot":
         return run_plot(args)
     if args.command == "status":
-        reply = _checked(request(args.endpoint, GetStatus(), timeout_ms, _credentials(args)))
+        reply = checked_reply(request(args.endpoint, GetStatus(), timeout_ms, _credentials(args)))
         assert isinstance(reply, StatusReply)
         document = cast(StatusDocument, reply.snapshot)
         return dumps(reply.snapshot, indent=2) if args.json else render_status(document, args.unit)
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> str:
     else:
         pages = None if args.size == "auto" else _size("size", args.size) // PAGE_SIZE_BYTES
         message = SetManualTarget(vm_id=args.vm, balloon_target_pages=pages)
-    reply = _checked(request(args.endpoint, message, timeout_ms, _credentials(args)))
+    reply = checked_reply(request(args.endpoint, message, timeout_ms, _credentials(args)))
     assert isinstance(reply, ControlOk)
     return reply.detail
 
