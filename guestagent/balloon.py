@@ -188,18 +188,6 @@ class MlockPinner(SlotBook):
         if self._mark_dropped(batch):
             self._unpin_memory(batch.offset_pages, batch.page_count)
 
-    def release_last(self) -> Batch:
-        """Release the newest batch at the top of the region."""
-        batch = self._batches[max(self._batches)]
-        self.release(batch)
-        return batch
-
-    def release_all(self) -> int:
-        released = self._held_pages
-        for batch in list(self._batches.values()):
-            self.release(batch)
-        return released
-
     def close(self) -> None:
         self.release_all()
         address, length = self._mapping

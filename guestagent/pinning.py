@@ -159,6 +159,21 @@ class SlotBook:
     def holds(self, batch: Batch) -> bool:
         return self._batches.get(batch.offset_pages) == batch
 
+    def release(self, batch: Batch) -> None:  # each pinner frees its memory its own way
+        raise NotImplementedError
+
+    def release_last(self) -> Batch:
+        """Release the newest batch at the top of the region."""
+        batch = self._batches[max(self._batches)]
+        self.release(batch)
+        return batch
+
+    def release_all(self) -> int:
+        released = self._held_pages
+        for batch in list(self._batches.values()):
+            self.release(batch)
+        return released
+
 
 class FakePinner(SlotBook):
     """The real pinner's books and page numbers (VPNs from `base_vpn`) without memory: every
@@ -194,14 +209,3 @@ class FakePinner(SlotBook):
     def drop_backing(self, batch: Batch) -> None:
         if self._mark_dropped(batch):
             self.calls.append(("drop", batch.page_count))
-
-    def release_last(self) -> Batch:
-        batch = self._batches[max(self._batches)]
-        self.release(batch)
-        return batch
-
-    def release_all(self) -> int:
-        released = self._held_pages
-        for batch in list(self._batches.values()):
-            self.release(batch)
-        return released
