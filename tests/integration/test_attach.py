@@ -78,6 +78,24 @@ def _state(tmp_path: Path, vm_id: str, timeout_s: float = 15) -> dict:
     return json.loads(path.read_text())
 
 
+def _stop(processes: list[subprocess.Popen[str]]) -> None:
+    """A failed test must not leave its attach supervisors (they deflate on SIGTERM) or its
+    guest running: an un-waited Popen also turns into a warning in whichever test runs next."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# mlocked pages reach the unevictable LRU through per-CPU batches (up to 15 pages each): right
+# after the mlock a few pages may still be counted elsewhere (seen: 13 pages short of 120 MiB).
+LRU_BATCH_SLACK_BYTES = 1 * MiB
+
+
 def _stat(cgroup: Path) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split() for line in (cgroup / "memory.stat").read_text().splitlines())}
 
@@ -106,18 +124,21 @@ def _balloon_to(hostd: HostdProcess, vm_id: str, mib: int) -> None:
 @pytest.mark.root
 def test_plain_cgroup_is_ballooned_then_detached_then_followed_by_pid(hostd, tmp_path):
     cgroup = test_cgroups.TestCgroup(256 * MiB, 256 * MiB)
+    started: list[subprocess.Popen[str]] = []
     try:
         holder = cgroup.python("-c", HOLDER.format(size=180), stdout=subprocess.PIPE)
+        started.append(holder)
         assert holder.stdout.readline().strip() == "ready"
         swap_before = _guest_swap(cgroup.path)
         vm_id = f"plain-{uuid.uuid4().hex[:6]}"
         supervisor = _attach(hostd, tmp_path, f"cgroup:{cgroup.path}", "--vm-id", vm_id)
+        started.append(supervisor)
         agent_pid = _state(tmp_path, vm_id)["agent_pid"]
         _balloon_to(hostd, vm_id, 120)
         # The pinned pages are the guest's: unevictable in its cgroup, and its idle memory went to its swap.
         assert agent_pid in [int(p) for p in (cgroup.path / "cgroup.procs").read_text().split()]
         assert vm_locked_bytes(agent_pid) >= 120 * MiB
-        assert _stat(cgroup.path)["unevictable"] >= 120 * MiB
+        assert _stat(cgroup.path)["unevictable"] >= 120 * MiB - LRU_BATCH_SLACK_BYTES
         swapped = _guest_swap(cgroup.path) - swap_before
         assert swapped >= 32 * MiB, f"only {swapped >> 20} MiB of the guest went to its swap"
         print(f"cgroup v{cgroup.version}: balloon 120 MiB, guest swap +{swapped >> 20} MiB")
@@ -133,6 +154,7 @@ def test_plain_cgroup_is_ballooned_then_detached_then_followed_by_pid(hostd, tmp
 
         # Attached again, through the guest's process: its exit (a pidfd) makes the agent leave.
         supervisor = _attach(hostd, tmp_path, f"pid:{holder.pid}", "--vm-id", vm_id)
+        started.append(supervisor)
         assert Path(_state(tmp_path, vm_id)["cgroup"]) == cgroup.path
         agent_pid = _state(tmp_path, vm_id)["agent_pid"]
         _balloon_to(hostd, vm_id, 64)
@@ -145,6 +167,7 @@ def test_plain_cgroup_is_ballooned_then_detached_then_followed_by_pid(hostd, tmp
         print(_logs(tmp_path))
         raise
     finally:
+        _stop(started)
         cgroup.destroy()
 
 
@@ -181,15 +204,17 @@ def container() -> Iterator[str]:
 @pytest.mark.root
 @pytest.mark.e2e
 def test_container_without_agent_is_ballooned_and_its_stop_ends_the_agent(hostd, tmp_path, container):
+    started: list[subprocess.Popen[str]] = []
     try:
         supervisor = _attach(hostd, tmp_path, f"docker:{container}")  # vm id: the container's name
+        started.append(supervisor)
         state = _state(tmp_path, container)
         cgroup, agent_pid = Path(state["cgroup"]), state["agent_pid"]
         swap_before = _guest_swap(cgroup)
         _balloon_to(hostd, container, 120)
         assert vm_locked_bytes(agent_pid) >= 120 * MiB
         unevictable = _stat(cgroup)["unevictable"]
-        assert unevictable >= 120 * MiB
+        assert unevictable >= 120 * MiB - LRU_BATCH_SLACK_BYTES
         swapped = _guest_swap(cgroup) - swap_before
         assert swapped >= 32 * MiB, f"only {swapped >> 20} MiB of the container went to its swap"
         print(f"container {cgroup}: unevictable {unevictable >> 20} MiB, swap +{swapped >> 20} MiB")
@@ -206,6 +231,8 @@ def test_container_without_agent_is_ballooned_and_its_stop_ends_the_agent(hostd,
     except BaseException:
         print(_logs(tmp_path))
         raise
+    finally:
+        _stop(started)
 
 
 def _become_nobody() -> None:

