@@ -18,15 +18,13 @@ import pytest
 from guestagent.attach import AttachTarget, Limits, memory_cgroup_of, parse_target, refusal, vm_id_from
 from tests.conftest import require, require_docker, require_root, require_swap
 from tests.integration import cgroups as test_cgroups
+from tests.integration.attach_helpers import HOLDER, attach_logs, left_with_bye, memory_stat, start_attach
 from tests.integration.cgroups import memory_cgroup_version, vm_locked_bytes
 from tests.integration.hostd_proc import HostdProcess, vm
 
 MiB = 1 << 20
 PAGES_PER_MiB = MiB // 4096
 BASE_IMAGE = os.environ.get("BALLOONLAB_TEST_BASE_IMAGE", "balloonlab-base:bookworm")
-# An idle service holding memory it touched once: what a stock container without our agent looks like.
-HOLDER = ("import signal, time\nsignal.signal(signal.SIGTERM, lambda *_: exit(0))\nb = bytearray({size} << 20)\n"
-          "for i in range(0, len(b), 4096): b[i] = 1\nprint('ready', flush=True)\nwhile True: time.sleep(1)\n")
 
 
 # ---- pure parts: no root needed --------------------------------------------------------------
@@ -61,14 +59,6 @@ def hostd(tmp_path: Path) -> Iterator[HostdProcess]:
     process.stop()
 
 
-def _attach(hostd: HostdProcess, tmp_path: Path, target: str, *extra: str) -> subprocess.Popen[str]:
-    with open(tmp_path / f"attach-{uuid.uuid4().hex[:6]}.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "balloonctl", "--endpoint", hostd.control_endpoint,
-                                 "--token-file", str(hostd.token_file), "attach", target, "--host-endpoint",
-                                 hostd.agent_endpoint, "--state-dir", str(tmp_path / "attach"), "--report-interval",
-                                 "500ms", *extra], stderr=log, text=True)
-
-
 def _state(tmp_path: Path, vm_id: str, timeout_s: float = 15) -> dict:
     path = tmp_path / "attach" / f"{vm_id}.json"
     deadline = time.monotonic() + timeout_s
@@ -96,22 +86,10 @@ def _stop(processes: list[subprocess.Popen[str]]) -> None:
 LRU_BATCH_SLACK_BYTES = 1 * MiB
 
 
-def _stat(cgroup: Path) -> dict[str, int]:
-    return {k: int(v) for k, v in (line.split() for line in (cgroup / "memory.stat").read_text().splitlines())}
-
-
 def _guest_swap(cgroup: Path) -> int:
     if (cgroup / "memory.swap.current").exists():
         return int((cgroup / "memory.swap.current").read_text())
-    return _stat(cgroup).get("swap", 0)
-
-
-def _logs(tmp_path: Path) -> str:
-    return "\n".join(path.read_text()[-2500:] for path in sorted(tmp_path.glob("attach-*.log")))
-
-
-def _left(snapshot: dict, vm_id: str) -> bool:
-    return any(d["vm_id"] == vm_id and d["reason"].startswith("bye") for d in snapshot.get("departed", []))
+    return memory_stat(cgroup).get("swap", 0)
 
 
 def _balloon_to(hostd: HostdProcess, vm_id: str, mib: int) -> None:
@@ -131,14 +109,14 @@ def test_plain_cgroup_is_ballooned_then_detached_then_followed_by_pid(hostd, tmp
         assert holder.stdout.readline().strip() == "ready"
         swap_before = _guest_swap(cgroup.path)
         vm_id = f"plain-{uuid.uuid4().hex[:6]}"
-        supervisor = _attach(hostd, tmp_path, f"cgroup:{cgroup.path}", "--vm-id", vm_id)
+        supervisor = start_attach(hostd, tmp_path, f"cgroup:{cgroup.path}", "--vm-id", vm_id)
         started.append(supervisor)
         agent_pid = _state(tmp_path, vm_id)["agent_pid"]
         _balloon_to(hostd, vm_id, 120)
         # The pinned pages are the guest's: unevictable in its cgroup, and its idle memory went to its swap.
         assert agent_pid in [int(p) for p in (cgroup.path / "cgroup.procs").read_text().split()]
         assert vm_locked_bytes(agent_pid) >= 120 * MiB
-        assert _stat(cgroup.path)["unevictable"] >= 120 * MiB - LRU_BATCH_SLACK_BYTES
+        assert memory_stat(cgroup.path)["unevictable"] >= 120 * MiB - LRU_BATCH_SLACK_BYTES
         swapped = _guest_swap(cgroup.path) - swap_before
         assert swapped >= 32 * MiB, f"only {swapped >> 20} MiB of the guest went to its swap"
         print(f"cgroup v{cgroup.version}: balloon 120 MiB, guest swap +{swapped >> 20} MiB")
@@ -147,13 +125,13 @@ def test_plain_cgroup_is_ballooned_then_detached_then_followed_by_pid(hostd, tmp
         assert detach.returncode == 0, detach.stderr
         assert supervisor.wait(timeout=30) == 0
         assert not Path(f"/proc/{agent_pid}").exists() or vm_locked_bytes(agent_pid) == 0
-        assert _stat(cgroup.path)["unevictable"] < 4 * MiB, "pinned memory left behind"
+        assert memory_stat(cgroup.path)["unevictable"] < 4 * MiB, "pinned memory left behind"
         assert holder.poll() is None, "detaching disturbed the guest"
         assert cgroup.oom_kills() == 0
-        hostd.wait_until(lambda s: _left(s, vm_id), 10, "the agent's bye")
+        hostd.wait_until(lambda s: left_with_bye(s, vm_id), 10, "the agent's bye")
 
         # Attached again, through the guest's process: its exit (a pidfd) makes the agent leave.
-        supervisor = _attach(hostd, tmp_path, f"pid:{holder.pid}", "--vm-id", vm_id)
+        supervisor = start_attach(hostd, tmp_path, f"pid:{holder.pid}", "--vm-id", vm_id)
         started.append(supervisor)
         assert Path(_state(tmp_path, vm_id)["cgroup"]) == cgroup.path
         agent_pid = _state(tmp_path, vm_id)["agent_pid"]
@@ -164,7 +142,7 @@ def test_plain_cgroup_is_ballooned_then_detached_then_followed_by_pid(hostd, tmp
         assert not Path(f"/proc/{agent_pid}").exists()
         assert not (tmp_path / "attach" / f"{vm_id}.json").exists()
     except BaseException:
-        print(_logs(tmp_path))
+        print(attach_logs(tmp_path))
         raise
     finally:
         _stop(started)
@@ -206,14 +184,14 @@ def container() -> Iterator[str]:
 def test_container_without_agent_is_ballooned_and_its_stop_ends_the_agent(hostd, tmp_path, container):
     started: list[subprocess.Popen[str]] = []
     try:
-        supervisor = _attach(hostd, tmp_path, f"docker:{container}")  # vm id: the container's name
+        supervisor = start_attach(hostd, tmp_path, f"docker:{container}")  # vm id: the container's name
         started.append(supervisor)
         state = _state(tmp_path, container)
         cgroup, agent_pid = Path(state["cgroup"]), state["agent_pid"]
         swap_before = _guest_swap(cgroup)
         _balloon_to(hostd, container, 120)
         assert vm_locked_bytes(agent_pid) >= 120 * MiB
-        unevictable = _stat(cgroup)["unevictable"]
+        unevictable = memory_stat(cgroup)["unevictable"]
         assert unevictable >= 120 * MiB - LRU_BATCH_SLACK_BYTES
         swapped = _guest_swap(cgroup) - swap_before
         assert swapped >= 32 * MiB, f"only {swapped >> 20} MiB of the container went to its swap"
@@ -227,9 +205,9 @@ def test_container_without_agent_is_ballooned_and_its_stop_ends_the_agent(hostd,
         while cgroup.exists():
             assert time.monotonic() < deadline, f"{cgroup} left behind"
             time.sleep(0.1)
-        hostd.wait_until(lambda s: _left(s, container), 10, "the agent's bye")
+        hostd.wait_until(lambda s: left_with_bye(s, container), 10, "the agent's bye")
     except BaseException:
-        print(_logs(tmp_path))
+        print(attach_logs(tmp_path))
         raise
     finally:
         _stop(started)
@@ -257,9 +235,9 @@ def test_refusals_name_what_cannot_work(hostd, tmp_path):
         for target, cgroup, expected in ((f"cgroup:{unlimited.path}", unlimited, "no memory limit"),
                                          (f"cgroup:{no_swap.path.name}", no_swap, "may use no swap")):
             sleeper = cgroup.spawn(["sleep", "60"])
-            result = _attach(hostd, tmp_path, target, "--vm-id", "refused")
+            result = start_attach(hostd, tmp_path, target, "--vm-id", "refused")
             assert result.wait(timeout=30) == 1
-            assert expected in _logs(tmp_path), _logs(tmp_path)
+            assert expected in attach_logs(tmp_path), attach_logs(tmp_path)
             sleeper.kill()
         # Not root: the cgroup cannot be joined (the system's python3: the test's may be in root's home).
         python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable

@@ -20,9 +20,9 @@ import pytest
 
 from tests.conftest import require_root, require_swap
 from tests.integration import cgroups as test_cgroups
+from tests.integration.attach_helpers import HOLDER, attach_logs, left_with_bye, memory_stat, start_attach
 from tests.integration.cgroups import vm_locked_bytes
 from tests.integration.hostd_proc import vm
-from tests.integration.test_attach import HOLDER
 from tests.v2.docker_v2 import BASE_IMAGE, docker
 from tests.v2.hostd_v2 import SlowHostd
 from tests.v2.v2 import ROOT, MiB, mib, require_v2, wait
@@ -47,14 +47,6 @@ def hostd(tmp_path: Path) -> Iterator[SlowHostd]:
     process.stop()
 
 
-def _attach(hostd: SlowHostd, tmp_path: Path, target: str, *extra: str) -> subprocess.Popen[str]:
-    with open(tmp_path / f"attach-{uuid.uuid4().hex[:6]}.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "balloonctl", "--endpoint", hostd.control_endpoint,
-                                 "--token-file", str(hostd.token_file), "attach", target, "--host-endpoint",
-                                 hostd.agent_endpoint, "--state-dir", str(tmp_path / "attach"), "--report-interval",
-                                 "2s", *extra], stderr=log, text=True)
-
-
 def _detach(hostd: SlowHostd, tmp_path: Path, vm_id: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "balloonctl", "--endpoint", hostd.control_endpoint, "--token-file",
                            str(hostd.token_file), "detach", vm_id, "--state-dir", str(tmp_path / "attach")],
@@ -68,24 +60,12 @@ def _state(tmp_path: Path, vm_id: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _stat(cgroup: Path) -> dict[str, int]:
-    return {k: int(v) for k, v in (line.split() for line in (cgroup / "memory.stat").read_text().splitlines())}
-
-
 def _swap(cgroup: Path) -> int:
     return int((cgroup / "memory.swap.current").read_text())
 
 
 def _oom_kills(cgroup: Path) -> int:
     return int(dict(line.split() for line in (cgroup / "memory.events").read_text().splitlines())["oom_kill"])
-
-
-def _logs(tmp_path: Path) -> str:
-    return "\n".join(path.read_text()[-2500:] for path in sorted(tmp_path.glob("attach-*.log")))
-
-
-def _left(snapshot: dict, vm_id: str) -> bool:
-    return any(d["vm_id"] == vm_id and d["reason"].startswith("bye") for d in snapshot.get("departed", []))
 
 
 def _balloon_to(hostd: SlowHostd, vm_id: str, size_mib: int) -> float:
@@ -106,7 +86,7 @@ def _ballooned(hostd: SlowHostd, tmp_path: Path, cgroup: Path, vm_id: str, swap_
     assert agent_pid in [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]  # it joined the guest
     inflate_s = _balloon_to(hostd, vm_id, BALLOON_MiB)
     locked = vm_locked_bytes(agent_pid)
-    unevictable = _stat(cgroup)["unevictable"]
+    unevictable = memory_stat(cgroup)["unevictable"]
     swapped = _swap(cgroup) - swap_before
     assert locked >= BALLOON_MiB * MiB
     assert unevictable >= BALLOON_MiB * MiB, f"only {unevictable >> 20} MiB unevictable in {cgroup}"
@@ -126,9 +106,9 @@ def _detached(hostd: SlowHostd, tmp_path: Path, cgroup: Path, vm_id: str, agent_
     assert result.returncode == 0, result.stderr
     assert supervisor.wait(timeout=120) == 0
     assert not Path(f"/proc/{agent_pid}").exists() or vm_locked_bytes(agent_pid) == 0
-    left = _stat(cgroup)["unevictable"]
+    left = memory_stat(cgroup)["unevictable"]
     assert left < 4 * MiB, f"{left >> 20} MiB pinned memory left behind"
-    hostd.wait_until(lambda s: _left(s, vm_id), 120, "the agent's bye")
+    hostd.wait_until(lambda s: left_with_bye(s, vm_id), 120, "the agent's bye")
     figures.update(detach_s=round(time.monotonic() - started, 1), unevictable_after_detach_MiB=mib(left))
 
 
@@ -139,14 +119,14 @@ def test_attach_to_a_v2_cgroup_balloons_it_and_detach_leaves_nothing_pinned(host
         assert holder.stdout.readline().strip() == "ready"
         swap_before = _swap(cgroup.path)
         vm_id = f"plain-{uuid.uuid4().hex[:6]}"
-        supervisor = _attach(hostd, tmp_path, f"cgroup:{cgroup.path}", "--vm-id", vm_id)
+        supervisor = start_attach(hostd, tmp_path, f"cgroup:{cgroup.path}", "--vm-id", vm_id, report_interval="2s")
         agent_pid = _ballooned(hostd, tmp_path, cgroup.path, vm_id, swap_before, figures)
         _detached(hostd, tmp_path, cgroup.path, vm_id, agent_pid, supervisor, figures)
         assert holder.poll() is None, "detaching disturbed the guest"
         figures["oom_kills"] = _oom_kills(cgroup.path)
         assert figures["oom_kills"] == 0
     except BaseException:
-        print(_logs(tmp_path))
+        print(attach_logs(tmp_path))
         raise
     finally:
         cgroup.destroy()
@@ -172,7 +152,8 @@ def test_attach_to_a_container_on_the_systemd_driver_balloons_its_scope(hostd, t
     scope = ROOT / "system.slice" / f"docker-{container_id}.scope"
     try:
         swap_before = _swap(scope)
-        supervisor = _attach(hostd, tmp_path, f"docker:{name}")  # vm id: the container's name
+        # vm id: the container's name
+        supervisor = start_attach(hostd, tmp_path, f"docker:{name}", report_interval="2s")
         state = _state(tmp_path, name)
         assert Path(state["cgroup"]) == scope, state  # the systemd driver's scope on v2
         agent_pid = _ballooned(hostd, tmp_path, scope, name, swap_before, figures)
@@ -182,7 +163,7 @@ def test_attach_to_a_container_on_the_systemd_driver_balloons_its_scope(hostd, t
         assert figures["oom_kills"] == 0
 
         # Attached again: the container stopping makes the agent leave, and Docker can remove its scope.
-        supervisor = _attach(hostd, tmp_path, f"docker:{name}")
+        supervisor = start_attach(hostd, tmp_path, f"docker:{name}", report_interval="2s")
         agent_pid = _state(tmp_path, name)["agent_pid"]
         hostd.wait_until(lambda s: any(v["vm_id"] == name and v["alive"] for v in s["vms"]), 180, "re-registered")
         stopped = time.monotonic()
@@ -192,5 +173,5 @@ def test_attach_to_a_container_on_the_systemd_driver_balloons_its_scope(hostd, t
         wait(lambda: not scope.exists(), 60, f"{scope} removed")
         figures["agent_left_after_stop_s"] = round(time.monotonic() - stopped, 1)
     except BaseException:
-        print(_logs(tmp_path))
+        print(attach_logs(tmp_path))
         raise
