@@ -69,6 +69,21 @@ def start_workload(cgroup: TestCgroup, *args: str) -> subprocess.Popen[str]:
     return process
 
 
+def pump_until_pinned_covers_ledger(host: MiniHost, agent: subprocess.Popen[str], vm_id: str,
+                                    timeout_s: float = 30.0) -> int:
+    """Every page in hostd's ledger is really locked in the agent (VmLck), checked until it holds.
+
+    One read of each is a race: a pressure deflate may munlock pages after the status that
+    showed the full balloon and before VmLck is read, and its unlock frames reach the host
+    only afterwards (CI saw 123.4 of 128 MiB locked that way). The release munlocks before it
+    reports, so pumping those frames in makes the two agree; returns the ledger's size in bytes."""
+    from tests.integration.cgroups import vm_locked_bytes
+    ledger = host.ledger[vm_id.encode()]
+    host.pump(lambda: vm_locked_bytes(agent.pid) >= len(ledger) * 4096, timeout_s,
+              f"{vm_id}'s VmLck to cover its {len(ledger)}-page ledger")
+    return len(ledger) * 4096
+
+
 def read_event(process: subprocess.Popen[str], event: str, max_lines: int = 100) -> dict:
     for _ in range(max_lines):
         line = process.stdout.readline()
@@ -80,4 +95,4 @@ def read_event(process: subprocess.Popen[str], event: str, max_lines: int = 100)
     raise AssertionError(f"workload never reported {event!r}")
 
 
-__all__ = ["MiB", "read_event", "start_agent", "start_workload", "sys"]
+__all__ = ["MiB", "pump_until_pinned_covers_ledger", "read_event", "start_agent", "start_workload", "sys"]
