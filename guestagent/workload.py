@@ -36,9 +36,9 @@ from guestagent.phases import (
     advance,
     parse_phases,
 )
+from protocol.limits import PAGE_SIZE_BYTES
 from protocol.units import parse_duration_ms, parse_size_bytes
 
-PAGE = 4096
 TOUCH_CHUNK_PAGES = 64  # latency is timed per chunk: perf_counter per page would dominate
 
 
@@ -57,14 +57,14 @@ class WorkingSet:
         self.cursor = 0
 
     def resize(self, size_bytes: int) -> None:
-        size_bytes = min(size_bytes, len(self.memory)) & ~(PAGE - 1)
+        size_bytes = min(size_bytes, len(self.memory)) & ~(PAGE_SIZE_BYTES - 1)
         if size_bytes < self.size_bytes:
             # Give the tail back to the guest (MADV_DONTNEED zeroes it; a later grow re-touches).
             self.memory.madvise(mmap.MADV_DONTNEED, size_bytes, self.size_bytes - size_bytes)
             self.size_bytes = size_bytes
             self.cursor = 0
             return
-        for offset in range(self.size_bytes, size_bytes, PAGE):
+        for offset in range(self.size_bytes, size_bytes, PAGE_SIZE_BYTES):
             self.memory[offset] = 1
         self.size_bytes = size_bytes
 
@@ -77,7 +77,7 @@ class WorkingSet:
             started = time.perf_counter()
             for _ in range(TOUCH_CHUNK_PAGES):
                 memory[self.cursor] = (memory[self.cursor] + 1) & 0xFF
-                self.cursor = (self.cursor + PAGE) % self.size_bytes
+                self.cursor = (self.cursor + PAGE_SIZE_BYTES) % self.size_bytes
             latencies_ms.append((time.perf_counter() - started) * 1000 / TOUCH_CHUNK_PAGES)
 
 
@@ -155,14 +155,14 @@ def run(plan: PhasePlan, size: int, report_ms: int, duration_ms: int | None, rep
         if flags["retouch"]:
             flags["retouch"] = False
             t0 = time.perf_counter()
-            working_set.touch(working_set.size_bytes // PAGE, latencies)
-            touched += working_set.size_bytes // PAGE
-            print(json.dumps({"event": "retouched", "pages": working_set.size_bytes // PAGE,
+            working_set.touch(working_set.size_bytes // PAGE_SIZE_BYTES, latencies)
+            touched += working_set.size_bytes // PAGE_SIZE_BYTES
+            print(json.dumps({"event": "retouched", "pages": working_set.size_bytes // PAGE_SIZE_BYTES,
                               "seconds": round(time.perf_counter() - t0, 3)}), flush=True)
         if phase.kind == "grow" and phase.size_bytes is not None:
             if now - last_grow >= 100:
                 # Grow smoothly, a tenth of the per-second rate every 100 ms, as real programs do.
-                step = max(PAGE, (phase.grow_bytes_per_s // 10) & ~(PAGE - 1))
+                step = max(PAGE_SIZE_BYTES, (phase.grow_bytes_per_s // 10) & ~(PAGE_SIZE_BYTES - 1))
                 working_set.resize(min(phase.size_bytes, working_set.size_bytes + step))
                 last_grow = now
             time.sleep(0.01)

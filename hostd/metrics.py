@@ -58,7 +58,8 @@ def metric_families(snapshot: StatusDocument) -> list[Metric]:
     gauge("balloonlab_host_free_bytes", "Host memory minus all grants (negative: overcommitted)", host["free_bytes"])
     gauge("balloonlab_host_granted_bytes", "Sum of the guests' grants", host["granted_bytes"])
     gauge("balloonlab_host_idle_tax_ratio", "The idle memory tax τ", host["idle_tax_ratio"])
-    gauge("balloonlab_host_vms_alive", "Guests with a live agent", host["vms_alive"])
+    gauge("balloonlab_host_vms_alive",
+          "Guests hostd schedules now (a live agent, or agentless with a cgroup or container)", host["vms_alive"])
     thresholds = GaugeMetricFamily("balloonlab_host_free_threshold_bytes",
                                    "Free memory below which the state drops (high = minFree)", labels=["state"])
     for level in STATES:
@@ -90,7 +91,9 @@ def metric_families(snapshot: StatusDocument) -> list[Metric]:
             if vm.get(key) is not None:
                 family.add_metric([vm["vm_id"]], vm[key])
         families.append(family)
-    alive = GaugeMetricFamily("balloonlab_vm_alive", "1 while the guest's agent is live", labels=["vm"])
+    alive = GaugeMetricFamily("balloonlab_vm_alive",
+                              "1 while hostd schedules the guest (has_agent: whether an agent serves it)",
+                              labels=["vm"])
     for vm in vms:
         alive.add_metric([vm["vm_id"]], 1.0 if vm["alive"] else 0.0)
     families.append(alive)

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-PAGE = 4096
+from protocol.limits import PAGE_SIZE_BYTES
+
 MADV_PAGEOUT = 21
 SYS_PROCESS_MADVISE = 440  # the same number on every architecture (the unified syscall table)
 UIO_MAXIOV = 1024
@@ -115,8 +116,8 @@ def resident_runs(pid: int, vma_start: int, entries: np.ndarray, file_mapping: b
     if not wanted.any():
         return []
     edges = np.flatnonzero(np.diff(np.concatenate(([0], wanted.view(np.int8), [0]))))
-    return [Run(pid, vma_start + int(a) * PAGE, int(b - a), file_mapping) for a, b in zip(edges[::2], edges[1::2],
-                                                                                         strict=True)]
+    return [Run(pid, vma_start + int(a) * PAGE_SIZE_BYTES, int(b - a), file_mapping)
+            for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
 def choose_ranges(runs: Sequence[Run], want_pages: int, range_pages: int, rng: random.Random) -> list[Run]:
@@ -127,12 +128,12 @@ def choose_ranges(runs: Sequence[Run], want_pages: int, range_pages: int, rng: r
     if want_pages <= 0 or range_pages <= 0:
         return []
     chunks: list[Run] = []
-    grain = range_pages * PAGE
+    grain = range_pages * PAGE_SIZE_BYTES
     for run in runs:
-        address, end = run.address, run.address + run.pages * PAGE
+        address, end = run.address, run.address + run.pages * PAGE_SIZE_BYTES
         while address < end:
             stop = min(end, (address // grain + 1) * grain)
-            chunks.append(Run(run.pid, address, (stop - address) // PAGE, run.file))
+            chunks.append(Run(run.pid, address, (stop - address) // PAGE_SIZE_BYTES, run.file))
             address = stop
     order = list(range(len(chunks)))
     rng.shuffle(order)
@@ -153,7 +154,7 @@ def merge(ranges: Iterable[Run]) -> list[Run]:
     for r in sorted(ranges, key=lambda r: (r.pid, r.address)):
         last = merged[-1] if merged else None
         if last is not None and last.pid == r.pid and last.file == r.file and \
-                last.address + last.pages * PAGE == r.address:
+                last.address + last.pages * PAGE_SIZE_BYTES == r.address:
             merged[-1] = Run(r.pid, last.address, last.pages + r.pages, r.file)
         else:
             merged.append(r)
@@ -178,14 +179,14 @@ def process_runs(pid: int, proc: Path = Path("/proc")) -> tuple[list[Run], dict[
             if why is not None:
                 skipped[why] = skipped.get(why, 0) + vma.rss_bytes
                 continue
-            pages = (vma.end - vma.start) // PAGE
+            pages = (vma.end - vma.start) // PAGE_SIZE_BYTES
             try:
-                data = os.pread(pagemap, pages * 8, vma.start // PAGE * 8)
+                data = os.pread(pagemap, pages * 8, vma.start // PAGE_SIZE_BYTES * 8)
             except OSError:
                 continue
             entries = np.frombuffer(data[: len(data) // 8 * 8], dtype=np.uint64)
             found = resident_runs(pid, vma.start, entries, bool(vma.path) and not vma.path.startswith("["))
-            exclusive = sum(r.pages for r in found) * PAGE
+            exclusive = sum(r.pages for r in found) * PAGE_SIZE_BYTES
             if vma.rss_bytes > exclusive:
                 skipped["shared"] = skipped.get("shared", 0) + vma.rss_bytes - exclusive
             runs.extend(found)
@@ -204,7 +205,7 @@ _libc.syscall.restype = ctypes.c_long
 
 def _process_madvise(pidfd: int, ranges: Sequence[Run]) -> int:
     """Bytes advised (process_madvise stops at the first range it cannot advise)."""
-    vector = (_Iovec * len(ranges))(*[_Iovec(r.address, r.pages * PAGE) for r in ranges])
+    vector = (_Iovec * len(ranges))(*[_Iovec(r.address, r.pages * PAGE_SIZE_BYTES) for r in ranges])
     result = _libc.syscall(SYS_PROCESS_MADVISE, pidfd, vector, len(ranges), MADV_PAGEOUT, 0)
     if result < 0:
         code = ctypes.get_errno()
@@ -236,9 +237,9 @@ def advise(pid: int, ranges: Sequence[Run]) -> tuple[int, int]:
             advised += done
             consumed = 0
             for r in batch:  # the ranges wholly advised, then the one it stopped at
-                if done < r.pages * PAGE:
+                if done < r.pages * PAGE_SIZE_BYTES:
                     break
-                done -= r.pages * PAGE
+                done -= r.pages * PAGE_SIZE_BYTES
                 consumed += 1
             if consumed < len(batch):
                 refused += 1
@@ -274,7 +275,7 @@ def page_out(pids: Sequence[int], want_bytes: int, rng: random.Random | None = N
              runs_of: Callable[[int], tuple[list[Run], dict[str, int]]] = process_runs) -> PageoutResult:
     """Page out `want_bytes` of the processes' resident memory, chosen at random."""
     rng = rng or random.Random()
-    result = PageoutResult(want_bytes // PAGE)
+    result = PageoutResult(want_bytes // PAGE_SIZE_BYTES)
     runs: list[Run] = []
     for pid in pids:
         found, skipped = runs_of(pid)

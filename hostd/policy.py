@@ -21,8 +21,8 @@ from typing import Literal
 
 import numpy as np
 
-PAGE_BYTES = 4096
-PAGES_PER_MIB = (1 << 20) // PAGE_BYTES
+from protocol.limits import PAGE_SIZE_BYTES, PAGES_PER_MIB
+
 SHARES_PER_MIB = {"low": 5, "normal": 10, "high": 20}
 
 State = Literal["high", "soft", "hard", "low"]
@@ -169,7 +169,7 @@ def thresholds(host_memory_pages: int, sliding_scale: bool = False) -> Threshold
     if not sliding_scale:
         return Thresholds(host_memory_pages * 6 // 100, host_memory_pages * 4 // 100,
                           host_memory_pages * 2 // 100, host_memory_pages // 100)
-    gib = (1 << 30) // PAGE_BYTES
+    gib = (1 << 30) // PAGE_SIZE_BYTES
     min_free = 0.0
     for span_gib, percent in ((4, 6), (8, 4), (16, 2), (math.inf, 1)):
         part = min(host_memory_pages, span_gib * gib) if span_gib != math.inf else host_memory_pages

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from hostd.status_doc import StatusDocument
+from protocol.limits import PAGE_SIZE_BYTES
 from protocol.units import format_bytes
 
 COLUMNS = ("VM", "MEMSZ", "GRANT", "SZTGT", "TCHD", "%ACTV", "%ACTVS", "%ACTVF", "MCTL?", "MCTLSZ", "MCTLTGT",
@@ -27,7 +28,6 @@ SORT_KEYS: dict[str, tuple[str, Callable[[dict[str, Any]], Any]]] = {
     "a": ("%ACTV", lambda vm: vm["active_ratio"]),
     "t": ("TOUCH/s", lambda vm: vm["workload"].get("touches_per_s") or 0),
 }
-PAGE = 4096
 
 
 def header_line(snapshot: StatusDocument, unit: str) -> str:
@@ -74,7 +74,7 @@ def top_rows(snapshot: StatusDocument, previous: StatusDocument | None, unit: st
             return size(max(0, delta) / elapsed_s)
         if then is None or now is None or elapsed_s <= 0 or now < then:
             return "" if numeric else "-"
-        return size((now - then) * PAGE / elapsed_s)
+        return size((now - then) * PAGE_SIZE_BYTES / elapsed_s)
 
     def count(value: float | None) -> str:
         if value is None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hostd.policy import State
+from protocol.limits import PAGES_PER_MIB
 
-PAGES_PER_MIB = 256
 FLOOR_MARGIN_PAGES = 16 * PAGES_PER_MIB  # never squeeze a guest below its pinned pages + this
 
 

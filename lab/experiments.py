@@ -23,6 +23,7 @@ from typing import Any
 
 from lab.runner import LabOptions, _hostd_status, down, up
 from lab.spec import parse_lab
+from protocol.limits import PAGES_PER_MIB
 from protocol.units import format_bytes
 
 MiB = 1 << 20
@@ -279,8 +280,8 @@ def _measure_guest(setup: OverheadSetup, role: str, size_bytes: int, hostd_confi
             if held >= target_pages * PAGE_SIZE_BYTES and snapshot["vms"]:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the balloon reached {held >> 20} MiB of {target_pages >> 8} MiB within 60 s "
-                                   "(the agent refused the rest)")
+                raise RuntimeError(f"the balloon reached {held >> 20} MiB of {target_pages // PAGES_PER_MIB} MiB "
+                                   "within 60 s (the agent refused the rest)")
             time.sleep(0.5)
         time.sleep(setup.settle_s)
         rates: list[float] = []

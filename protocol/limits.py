@@ -9,6 +9,7 @@ from __future__ import annotations
 PROTOCOL_VERSION = 3  # 2: stats as an array named once by hello.stats_keys; 3: vm secrets, control tokens
 
 PAGE_SIZE_BYTES = 4096
+PAGES_PER_MIB = (1 << 20) // PAGE_SIZE_BYTES
 HUGE_PAGE_PAGES = 512  # one 2 MiB page = 512 base pages
 
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB per message on the agent plane

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from hostd.config import ConfigError, HostConfig, load_config
-from hostd.pageout import PAGE, Run, choose_ranges, merge, page_out, parse_smaps, resident_runs
+from hostd.pageout import Run, choose_ranges, merge, page_out, parse_smaps, resident_runs
+from protocol.limits import PAGE_SIZE_BYTES as PAGE
 from tests.unit.test_core import Harness, MiB
 
 SMAPS = """\

@@ -21,32 +21,36 @@ from hostd.policy import (
 )
 from tests.conftest import hypothesis_examples
 
-MiB = 256  # pages
+MIB_PAGES = 256  # pages per MiB
 
 
 @pytest.mark.parametrize(("tau", "idle_mib", "active_mib"), [(0.0, 180, 180), (0.75, 108.75, 251.25)])
 def test_paper_fig7(tau, idle_mib, active_mib):
     """Two vms, equal shares, memsz 256 MiB, 360 MiB available, ~10 vs ~200 MiB active."""
-    result = allocate([2560, 2560], [10 * MiB, 200 * MiB], [0, 0], [256 * MiB, 256 * MiB], 360 * MiB, tau)
-    assert result.pages[0] / MiB == pytest.approx(idle_mib, abs=0.01)
-    assert result.pages[1] / MiB == pytest.approx(active_mib, abs=0.01)
+    result = allocate([2560, 2560], [10 * MIB_PAGES, 200 * MIB_PAGES], [0, 0], [256 * MIB_PAGES] * 2,
+                      360 * MIB_PAGES, tau)
+    assert result.pages[0] / MIB_PAGES == pytest.approx(idle_mib, abs=0.01)
+    assert result.pages[1] / MIB_PAGES == pytest.approx(active_mib, abs=0.01)
     assert result.rho[0] == pytest.approx(result.rho[1], rel=1e-3)
 
 
 def test_reservation_honoured():
-    result = allocate([1000, 1000], [0, 200 * MiB], [150 * MiB, 0], [256 * MiB, 256 * MiB], 360 * MiB, 0.75)
-    assert result.pages[0] == 150 * MiB and result.pages[1] == 210 * MiB
+    result = allocate([1000, 1000], [0, 200 * MIB_PAGES], [150 * MIB_PAGES, 0], [256 * MIB_PAGES] * 2,
+                      360 * MIB_PAGES, 0.75)
+    assert result.pages[0] == 150 * MIB_PAGES and result.pages[1] == 210 * MIB_PAGES
 
 
 def test_limit_honoured():
-    result = allocate([1000, 1000], [200 * MiB, 200 * MiB], [0, 0], [100 * MiB, 256 * MiB], 360 * MiB, 0.0)
-    assert result.pages[0] == 100 * MiB and result.pages[1] == 256 * MiB - 0  # 260 wanted, capped at 256
-    assert result.pages.sum() <= 360 * MiB
+    result = allocate([1000, 1000], [200 * MIB_PAGES] * 2, [0, 0], [100 * MIB_PAGES, 256 * MIB_PAGES],
+                      360 * MIB_PAGES, 0.0)
+    assert result.pages[0] == 100 * MIB_PAGES and result.pages[1] == 256 * MIB_PAGES - 0  # 260 wanted, capped at 256
+    assert result.pages.sum() <= 360 * MIB_PAGES
 
 
 def test_zero_shares_pinned_at_reservation():
-    result = allocate([0, 1000], [200 * MiB, 200 * MiB], [64 * MiB, 0], [256 * MiB, 256 * MiB], 300 * MiB, 0.0)
-    assert result.pages[0] == 64 * MiB and result.pages[1] == 236 * MiB
+    result = allocate([0, 1000], [200 * MIB_PAGES] * 2, [64 * MIB_PAGES, 0], [256 * MIB_PAGES] * 2,
+                      300 * MIB_PAGES, 0.0)
+    assert result.pages[0] == 64 * MIB_PAGES and result.pages[1] == 236 * MIB_PAGES
 
 
 def test_undercommitted_gives_everyone_memsz():
@@ -60,10 +64,10 @@ def test_infeasible_reservations_flagged():
 
 
 def test_shares_levels():
-    assert resolve_shares("normal", 1024 * MiB) == 10240  # 1 GiB normal = 10240 shares
-    assert resolve_shares("high", 512 * MiB) == 10240
-    assert resolve_shares("low", 512 * MiB) == 2560
-    assert resolve_shares(777, 512 * MiB) == 777
+    assert resolve_shares("normal", 1024 * MIB_PAGES) == 10240  # 1 GiB normal = 10240 shares
+    assert resolve_shares("high", 512 * MIB_PAGES) == 10240
+    assert resolve_shares("low", 512 * MIB_PAGES) == 2560
+    assert resolve_shares(777, 512 * MIB_PAGES) == 777
 
 
 vm_strategy = st.tuples(
@@ -172,7 +176,8 @@ def test_thresholds_paper_and_sliding_scale():
 
 
 def _vm(vm_id, **overrides):
-    fields = dict(vm_id=vm_id, memsz_pages=256 * MiB, shares=2560, reservation_pages=0, limit_pages=256 * MiB,
+    fields = dict(vm_id=vm_id, memsz_pages=256 * MIB_PAGES, shares=2560, reservation_pages=0,
+                  limit_pages=256 * MIB_PAGES,
                   maxmemctl_pages=None, active_ratio=0.5, balloon_pages=0, agent_alive=True, agent_refusing=False,
                   manual_balloon_pages=None, balloon_target_pages=0)
     fields.update(overrides)
@@ -180,38 +185,38 @@ def _vm(vm_id, **overrides):
 
 
 def test_targets_fig7_in_soft_state():
-    host = HostInput(host_memory_pages=383 * MiB, idle_tax=0.75)  # 383 − 6 % ≈ 360 MiB for vms
+    host = HostInput(host_memory_pages=383 * MIB_PAGES, idle_tax=0.75)  # 383 − 6 % ≈ 360 MiB for vms
     result = compute_targets(host, [_vm("idle", active_ratio=10 / 256), _vm("busy", active_ratio=200 / 256)], "soft")
     idle, busy = result.decisions
     assert idle.balloon_target_pages > busy.balloon_target_pages
     assert idle.alloc_target_pages + busy.alloc_target_pages == result.available_pages
-    assert idle.balloon_target_pages == 256 * MiB - idle.alloc_target_pages
+    assert idle.balloon_target_pages == 256 * MIB_PAGES - idle.alloc_target_pages
 
 
 def test_balloon_cap_becomes_swap_target():
-    host = HostInput(host_memory_pages=200 * MiB, ctl_max_percent=65)
-    [decision] = compute_targets(host, [_vm("a", active_ratio=0.0, maxmemctl_pages=32 * MiB)], "hard").decisions
-    assert decision.balloon_target_pages == 32 * MiB == decision.balloon_max_pages
-    assert decision.swap_target_pages == 256 * MiB - decision.alloc_target_pages - 32 * MiB
+    host = HostInput(host_memory_pages=200 * MIB_PAGES, ctl_max_percent=65)
+    [decision] = compute_targets(host, [_vm("a", active_ratio=0.0, maxmemctl_pages=32 * MIB_PAGES)], "hard").decisions
+    assert decision.balloon_target_pages == 32 * MIB_PAGES == decision.balloon_max_pages
+    assert decision.swap_target_pages == 256 * MIB_PAGES - decision.alloc_target_pages - 32 * MIB_PAGES
     assert "MCTLMAX" in decision.reason
 
 
 def test_no_agent_means_swap_and_refusing_guest_too():
-    host = HostInput(host_memory_pages=300 * MiB)
+    host = HostInput(host_memory_pages=300 * MIB_PAGES)
     absent, refusing = compute_targets(
-        host, [_vm("a", agent_alive=False), _vm("b", agent_refusing=True, balloon_pages=10 * MiB)], "hard"
+        host, [_vm("a", agent_alive=False), _vm("b", agent_refusing=True, balloon_pages=10 * MIB_PAGES)], "hard"
     ).decisions
-    assert absent.swap_target_pages == 256 * MiB - absent.alloc_target_pages
-    assert refusing.swap_target_pages == 256 * MiB - refusing.alloc_target_pages - 10 * MiB
+    assert absent.swap_target_pages == 256 * MIB_PAGES - absent.alloc_target_pages
+    assert refusing.swap_target_pages == 256 * MIB_PAGES - refusing.alloc_target_pages - 10 * MIB_PAGES
 
 
 def test_high_state_reclaims_nothing_new_and_manual_wins():
-    host = HostInput(host_memory_pages=300 * MiB)
+    host = HostInput(host_memory_pages=300 * MIB_PAGES)
     held, manual = compute_targets(
-        host, [_vm("a", balloon_target_pages=5 * MiB), _vm("b", manual_balloon_pages=100 * MiB)], "high"
+        host, [_vm("a", balloon_target_pages=5 * MIB_PAGES), _vm("b", manual_balloon_pages=100 * MIB_PAGES)], "high"
     ).decisions
-    assert held.balloon_target_pages == 5 * MiB and held.swap_target_pages == 0
-    assert manual.balloon_target_pages == 100 * MiB and manual.reason == "manual target"
+    assert held.balloon_target_pages == 5 * MIB_PAGES and held.swap_target_pages == 0
+    assert manual.balloon_target_pages == 100 * MIB_PAGES and manual.reason == "manual target"
 
 
 def test_balloon_max():
@@ -221,6 +226,6 @@ def test_balloon_max():
 
 
 def test_admission():
-    assert admission_check([100 * MiB], 100 * MiB, 1024 * MiB) is None
-    message = admission_check([500 * MiB], 500 * MiB, 1024 * MiB)
+    assert admission_check([100 * MIB_PAGES], 100 * MIB_PAGES, 1024 * MIB_PAGES) is None
+    message = admission_check([500 * MIB_PAGES], 500 * MIB_PAGES, 1024 * MIB_PAGES)
     assert message is not None and "guaranteed" in message

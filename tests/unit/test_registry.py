@@ -13,8 +13,8 @@ from protocol import Hello
 from tests.conftest import hypothesis_examples
 
 ROOT = Path(__file__).resolve().parents[2]
-MiB = 256  # pages
-HOST_PAGES = 1024 * MiB
+MIB_PAGES = 256  # pages per MiB
+HOST_PAGES = 1024 * MIB_PAGES
 VM_IDS = ("a", "b", "c")
 
 
@@ -31,10 +31,11 @@ def record(vm_id: str, agent: bool, now_ms: int) -> VmRecord:
 
 operation = st.one_of(
     st.tuples(st.just("put"), st.sampled_from(VM_IDS), st.booleans()),
-    st.tuples(st.just("usage"), st.sampled_from(VM_IDS), st.integers(0, 600 * MiB), st.integers(0, 600 * MiB)),
-    st.tuples(st.just("consumed"), st.sampled_from(VM_IDS), st.integers(0, 600 * MiB)),
+    st.tuples(st.just("usage"), st.sampled_from(VM_IDS), st.integers(0, 600 * MIB_PAGES),
+              st.integers(0, 600 * MIB_PAGES)),
+    st.tuples(st.just("consumed"), st.sampled_from(VM_IDS), st.integers(0, 600 * MIB_PAGES)),
     st.tuples(st.just("leave"), st.sampled_from(VM_IDS)),
-    st.tuples(st.just("detach"), st.sampled_from(VM_IDS), st.integers(0, 600 * MiB)),
+    st.tuples(st.just("detach"), st.sampled_from(VM_IDS), st.integers(0, 600 * MIB_PAGES)),
     st.tuples(st.just("forget"), st.sampled_from(VM_IDS)),
 )
 

@@ -8,13 +8,13 @@ from hypothesis import strategies as st
 
 from hostd.vswap import FLOOR_MARGIN_PAGES, BlockInput, LimitInput, block_decision, next_limit, swap_due
 
-MiB = 256  # pages
-STEP = 64 * MiB
+MIB_PAGES = 256  # pages per MiB
+STEP = 64 * MIB_PAGES
 
 
 def limit_input(**overrides):
-    fields = dict(memsz_pages=512 * MiB, applied_limit_pages=None, usage_pages=400 * MiB, balloon_pages=0,
-                  reservation_pages=0, swap_target_pages=200 * MiB, swap_due=True)
+    fields = dict(memsz_pages=512 * MIB_PAGES, applied_limit_pages=None, usage_pages=400 * MIB_PAGES, balloon_pages=0,
+                  reservation_pages=0, swap_target_pages=200 * MIB_PAGES, swap_due=True)
     fields.update(overrides)
     return LimitInput(**fields)
 
@@ -27,17 +27,19 @@ def test_host_swap_is_due_by_state(state, agent_usable, due):
 
 
 @pytest.mark.parametrize(("overrides", "limit"), [
-    ({}, 336 * MiB),  # one step below what the cgroup holds (400), not straight to the goal (312)
-    ({"applied_limit_pages": 336 * MiB, "usage_pages": 336 * MiB}, 312 * MiB),  # the goal: 512 − 200
-    ({"applied_limit_pages": 312 * MiB, "usage_pages": 312 * MiB}, 312 * MiB),  # there: hold
-    ({"usage_pages": 100 * MiB}, 312 * MiB),  # holds less than the goal already: straight to it
-    ({"reservation_pages": 400 * MiB}, 400 * MiB + FLOOR_MARGIN_PAGES),  # never below the reservation
-    ({"balloon_pages": 350 * MiB, "usage_pages": 450 * MiB}, 386 * MiB),  # pinned pages cannot be swapped
-    ({"applied_limit_pages": 200 * MiB, "usage_pages": 200 * MiB}, 264 * MiB),  # target fell: up a step
+    ({}, 336 * MIB_PAGES),  # one step below what the cgroup holds (400), not straight to the goal (312)
+    ({"applied_limit_pages": 336 * MIB_PAGES, "usage_pages": 336 * MIB_PAGES}, 312 * MIB_PAGES),  # the goal: 512 − 200
+    ({"applied_limit_pages": 312 * MIB_PAGES, "usage_pages": 312 * MIB_PAGES}, 312 * MIB_PAGES),  # there: hold
+    ({"usage_pages": 100 * MIB_PAGES}, 312 * MIB_PAGES),  # holds less than the goal already: straight to it
+    ({"reservation_pages": 400 * MIB_PAGES}, 400 * MIB_PAGES + FLOOR_MARGIN_PAGES),  # never below the reservation
+    # pinned pages cannot be swapped
+    ({"balloon_pages": 350 * MIB_PAGES, "usage_pages": 450 * MIB_PAGES}, 386 * MIB_PAGES),
+    # target fell: up a step
+    ({"applied_limit_pages": 200 * MIB_PAGES, "usage_pages": 200 * MIB_PAGES}, 264 * MIB_PAGES),
     ({"swap_due": False}, None),  # nothing lowered, nothing due
     ({"swap_target_pages": 0}, None),
-    ({"swap_due": False, "applied_limit_pages": 300 * MiB}, 364 * MiB),  # eased: back up a step at a time
-    ({"swap_due": False, "applied_limit_pages": 480 * MiB}, None),  # the last step restores the original
+    ({"swap_due": False, "applied_limit_pages": 300 * MIB_PAGES}, 364 * MIB_PAGES),  # eased: back up a step at a time
+    ({"swap_due": False, "applied_limit_pages": 480 * MIB_PAGES}, None),  # the last step restores the original
 ])
 def test_limit_steps(overrides, limit):
     assert next_limit(limit_input(**overrides), STEP).limit_pages == limit
