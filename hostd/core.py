@@ -33,7 +33,8 @@ from hostd.agent_plane import AgentPlane
 from hostd.config import HostConfig
 from hostd.context import CoreContext, HostSettings, Outgoing
 from hostd.control_plane import ControlPlane
-from hostd.host_control import HostAction, HostControlPlane
+from hostd.host_actions import HostAction
+from hostd.host_control import HostControlPlane
 from hostd.ledger import Ledger
 from hostd.registry import Registry, VmRecord
 from hostd.status_doc import StatusDocument

@@ -9,14 +9,12 @@ import logging
 from hostd import policy, vswap
 from hostd.config import VmDefaults
 from hostd.context import CoreContext
+from hostd.host_actions import HostAction
 from hostd.registry import Identity, Targets, VmRecord
 from protocol import PAGE_SIZE_BYTES
 from protocol.limits import MAX_MEMSZ_BYTES
 
 log = logging.getLogger("hostd.core")
-
-HostAction = tuple[str, str, str, int | None]  # (vm, target, "limit" | "freeze" | "thaw" | "pageout", bytes)
-
 
 class HostControlPlane:
     def __init__(self, ctx: CoreContext) -> None:
@@ -125,9 +123,9 @@ class HostControlPlane:
         limit_bytes = None if decision.limit_pages is None else decision.limit_pages * PAGE_SIZE_BYTES
         if ctx.config.vswap_mode == "blind" and decision.limit_pages is not None \
                 and host.cgroup_usage_pages > decision.limit_pages:  # hostd picks the pages, then holds the limit
-            actions.append((vm.vm_id, target, "pageout",
-                            (host.cgroup_usage_pages - decision.limit_pages) * PAGE_SIZE_BYTES))
-        actions.append((vm.vm_id, target, "limit", limit_bytes))
+            actions.append(HostAction(vm.vm_id, target, "pageout",
+                                      (host.cgroup_usage_pages - decision.limit_pages) * PAGE_SIZE_BYTES))
+        actions.append(HostAction(vm.vm_id, target, "limit", limit_bytes))
         ctx.counters["vswap_limit_changes"] += 1
         ctx.event(now_ms, "vswap", vm=vm.vm_id, old_limit_pages=old, new_limit_pages=decision.limit_pages,
                   swap_target_pages=swap_target, usage_pages=host.cgroup_usage_pages, reason=decision.reason)
@@ -145,7 +143,7 @@ class HostControlPlane:
         frozen, why = vswap.block_decision(block_in, now_ms, block_max_ms) if block_max_ms else (False, "blocking off")
         if frozen and host.frozen_since_ms is None:
             host.frozen_since_ms = now_ms
-            actions.append((vm.vm_id, target, "freeze", None))
+            actions.append(HostAction(vm.vm_id, target, "freeze", None))
             ctx.counters["blocks"] += 1
             ctx.event(now_ms, "block", vm=vm.vm_id, reason=why)
         elif not frozen and host.frozen_since_ms is not None:
@@ -153,7 +151,7 @@ class HostControlPlane:
                 host.block_cooldown_until_ms = now_ms + block_max_ms
             host.frozen_since_ms = None
             vm.last_seen_ms = max(vm.last_seen_ms, now_ms)  # its agent gets a full report window again
-            actions.append((vm.vm_id, target, "thaw", None))
+            actions.append(HostAction(vm.vm_id, target, "thaw", None))
             ctx.event(now_ms, "unblock", vm=vm.vm_id, reason=why)
 
     def host_actions_succeeded(self, vm_ids: set[str]) -> None:

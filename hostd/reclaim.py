@@ -37,6 +37,7 @@ import logging
 import os
 import random
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +45,7 @@ from typing import Any, Protocol
 from hostd.cgroupfs import BackendError, CgroupfsBackend, TargetGone
 from hostd.docker_backend import PREFIX as DOCKER_PREFIX
 from hostd.docker_backend import DockerBackend
+from hostd.host_actions import ActionFailure, HostAction, HostVerb
 from hostd.pageout import PageoutResult
 from hostd.statefile import write_atomically
 
@@ -335,10 +337,10 @@ class HostReclaimer:
         return CgroupReading(usage, swap, self._own_limits.get(target))
 
     # ---- acting ----------------------------------------------------------------------
-    def apply(self, actions: list[tuple[str, str, str, int | None]]) -> list[tuple[str, str, str]]:
-        """Carry out the core's actions; returns (vm, action, why) for each that failed."""
-        self._retry_recovery({target for _, target, _, _ in actions})
-        failures = []
+    def apply(self, actions: Sequence[HostAction]) -> list[ActionFailure]:
+        """Carry out the core's actions; returns one failure for each that failed."""
+        self._retry_recovery({action.target for action in actions})
+        failures: list[ActionFailure] = []
         for vm_id, cgroup, action, limit_bytes in actions:
             try:
                 self._apply_one(cgroup, action, limit_bytes)
@@ -350,7 +352,7 @@ class HostReclaimer:
                     else:
                         log.exception("vm %s: %s failed", vm_id, action)
                 self._failed[(vm_id, action)] = str(exc)
-                failures.append((vm_id, action, str(exc)))
+                failures.append(ActionFailure(vm_id, action, str(exc)))
                 if action == "thaw":
                     self._thaw_retry.add(cgroup)
         if self._dirty:
@@ -385,7 +387,7 @@ class HostReclaimer:
                 log.warning("put back (left by a previous hostd, or a change hostd lost track of): %s", line)
                 self._dirty = True
 
-    def _apply_one(self, target: str, action: str, limit_bytes: int | None) -> None:
+    def _apply_one(self, target: str, action: HostVerb, limit_bytes: int | None) -> None:
         backend = self.backend(target)
         entry = self._record.get(target)
         if action == "limit" and limit_bytes is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hostd.host_actions import HostAction
 from lab.runner import LabOptions, _hostd_status, down, up
 from lab.spec import parse_lab
 from protocol.limits import PAGES_PER_MIB
@@ -440,10 +441,10 @@ def _take_by_host(reclaimer: Any, cgroup: str, goal_bytes: int, step_bytes: int,
     usage = usage_bytes()
     current = reclaimer.last_limit.get(cgroup, usage)
     limit = max(goal_bytes, min(current, usage) - step_bytes)
-    actions: list[tuple[str, str, str, int | None]] = []
+    actions: list[HostAction] = []
     if blind and usage > limit:
-        actions.append(("skew", cgroup, "pageout", usage - limit))
-    actions.append(("skew", cgroup, "limit", limit))
+        actions.append(HostAction("skew", cgroup, "pageout", usage - limit))
+    actions.append(HostAction("skew", cgroup, "limit", limit))
     failures = reclaimer.apply(actions)
     if failures:
         raise RuntimeError(f"host swap failed: {failures}")

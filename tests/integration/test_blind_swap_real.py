@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from hostd.cgroupfs import CgroupfsBackend
+from hostd.host_actions import HostAction
 from hostd.reclaim import HostReclaimer
 from lab import cgroups
 from tests.conftest import require, require_root, require_swap
@@ -98,7 +99,7 @@ def test_blind_pageout_swaps_random_pages_and_the_limit_holds_them_out(tmp_path,
     limit = reading.usage_bytes - take
     process.send_signal(signal.SIGSTOP)  # the hot loop stops: what is swapped stays swapped to be counted
     try:
-        failures = reclaimer.apply([("g", cgroup, "pageout", take), ("g", cgroup, "limit", limit)])
+        failures = reclaimer.apply([HostAction("g", cgroup, "pageout", take), HostAction("g", cgroup, "limit", limit)])
         assert failures == []
         result = reclaimer.last_pageout[cgroup]
         print(result.describe())

@@ -15,6 +15,7 @@ import pytest
 from hostd.cgroupfs import BackendError, TargetGone
 from hostd.config import HostConfig
 from hostd.core import HostCore
+from hostd.host_actions import HostAction
 from hostd.reclaim import HostReclaimer
 from tests.conftest import require
 
@@ -89,11 +90,11 @@ def test_record_is_written_before_the_change_and_dropped_once_undone(tmp_path):
     backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
     reclaim = reclaimer(tmp_path, backend)
     assert reclaim.read("a").own_limit_bytes == 512 * MiB
-    assert reclaim.apply([("a", "lab/a", "limit", 300 * MiB), ("a", "lab/a", "freeze", None)]) == []
+    assert reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB), HostAction("a", "lab/a", "freeze", None)]) == []
     record = json.loads((tmp_path / "vswap.json").read_text())
     assert record == {"lab/a": {"own_limit_bytes": 512 * MiB, "limited": True, "freezing": False, "frozen": True}}
     assert reclaim.read("a").own_limit_bytes == 512 * MiB  # its own, not the lowered 300 MiB
-    reclaim.apply([("a", "lab/a", "thaw", None), ("a", "lab/a", "limit", None)])
+    reclaim.apply([HostAction("a", "lab/a", "thaw", None), HostAction("a", "lab/a", "limit", None)])
     assert backend.limits["lab/a"] == 512 * MiB and not backend.frozen
     assert not (tmp_path / "vswap.json").exists()
 
@@ -103,7 +104,7 @@ def test_exit_restores_everything(tmp_path):
     reclaim = reclaimer(tmp_path, backend)
     reclaim.read("a")
     reclaim.read("b")
-    reclaim.apply([("a", "lab/a", "limit", 300 * MiB), ("b", "docker:b", "freeze", None)])
+    reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB), HostAction("b", "docker:b", "freeze", None)])
     reclaim.restore_all()
     assert backend.limits == {"lab/a": 512 * MiB, "docker:b": 256 * MiB} and not backend.frozen
     assert not (tmp_path / "vswap.json").exists()
@@ -139,7 +140,7 @@ def test_a_failed_write_is_reported_not_raised(tmp_path):
     backend.fail.add("lab/a")
     reclaim = reclaimer(tmp_path, backend)
     reclaim.read("a")
-    assert reclaim.apply([("a", "lab/a", "limit", 300 * MiB)]) == [("a", "limit", "cannot write lab/a")]
+    assert reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB)]) == [("a", "limit", "cannot write lab/a")]
 
 
 # ---- S17: durable, safe to write, refused rather than crashing -------------------------------
@@ -155,10 +156,10 @@ def test_the_file_and_its_directory_are_fsynced(tmp_path, monkeypatch):
     backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
     reclaim = reclaimer(tmp_path / "state", backend)
     reclaim.read("a")
-    assert reclaim.apply([("a", "lab/a", "limit", 300 * MiB)]) == []
+    assert reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB)]) == []
     assert synced == [False, True]  # the temp file, then the directory after the rename
     synced.clear()
-    reclaim.apply([("a", "lab/a", "limit", None)])
+    reclaim.apply([HostAction("a", "lab/a", "limit", None)])
     assert synced == [True] and not (tmp_path / "state/vswap.json").exists()  # the unlink, made durable
 
 
@@ -166,7 +167,7 @@ def test_the_directory_is_created_0700(tmp_path):
     backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
     reclaim = reclaimer(tmp_path / "run/balloonlab", backend)
     reclaim.read("a")
-    assert reclaim.apply([("a", "lab/a", "freeze", None)]) == []
+    assert reclaim.apply([HostAction("a", "lab/a", "freeze", None)]) == []
     assert stat.S_IMODE((tmp_path / "run/balloonlab").stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "run/balloonlab/vswap.json").stat().st_mode) == 0o600
 
@@ -181,7 +182,7 @@ def test_a_planted_temp_file_or_symlink_is_neither_followed_nor_reused(tmp_path)
     backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
     reclaim = reclaimer(state, backend)
     reclaim.read("a")
-    assert reclaim.apply([("a", "lab/a", "limit", 300 * MiB)]) == []
+    assert reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB)]) == []
     assert victim.read_text() == "precious"
     assert record_of(state)["lab/a"]["own_limit_bytes"] == 512 * MiB
     assert sorted(p.name for p in state.iterdir()) == [".vswap.json.tmp", "vswap.json", "vswap.json.tmp",
@@ -198,7 +199,7 @@ def test_a_symlinked_record_is_replaced_not_written_through(tmp_path):
     reclaim = reclaimer(state, backend)
     assert reclaim.recover() == []  # not read through the link either
     reclaim.read("a")
-    assert reclaim.apply([("a", "lab/a", "limit", 300 * MiB)]) == []
+    assert reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB)]) == []
     assert victim.read_text() == "precious" and not (state / "vswap.json").is_symlink()
 
 
@@ -219,13 +220,13 @@ def test_an_unsafe_or_unusable_directory_refuses_the_squeeze_and_the_freeze(tmp_
     backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
     reclaim = reclaimer(state, backend)
     reclaim.read("a")
-    failures = reclaim.apply([("a", "lab/a", "limit", 300 * MiB), ("a", "lab/a", "freeze", None)])
+    failures = reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB), HostAction("a", "lab/a", "freeze", None)])
     assert [(vm, action) for vm, action, _ in failures] == [("a", "limit"), ("a", "freeze")]
     assert all("vswap record" in why for _, _, why in failures)
     assert backend.log == [] and backend.limits["lab/a"] == 512 * MiB and not backend.frozen  # refused
     assert "will neither lower a limit nor freeze" in caplog.text
     # and undoing is never refused: a restore needs no record
-    assert reclaim.apply([("a", "lab/a", "limit", None)]) == []
+    assert reclaim.apply([HostAction("a", "lab/a", "limit", None)]) == []
 
 
 def test_a_write_failure_mid_run_refuses_the_action_and_undoing_still_works(tmp_path, monkeypatch):
@@ -233,15 +234,15 @@ def test_a_write_failure_mid_run_refuses_the_action_and_undoing_still_works(tmp_
     reclaim = reclaimer(tmp_path, backend)
     reclaim.read("a")
     reclaim.read("b")
-    assert reclaim.apply([("a", "lab/a", "limit", 300 * MiB)]) == []
+    assert reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB)]) == []
     real_write = os.write
 
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", full)
-    failures = reclaim.apply([("a", "lab/a", "limit", 250 * MiB), ("b", "docker:b", "freeze", None),
-                              ("b", "docker:b", "limit", 128 * MiB)])
+    failures = reclaim.apply([HostAction("a", "lab/a", "limit", 250 * MiB), HostAction("b", "docker:b", "freeze", None),
+                              HostAction("b", "docker:b", "limit", 128 * MiB)])
     assert failures == [("b", "freeze", f"cannot write the vswap record {tmp_path / 'vswap.json'}: "
                                         "No space left on device"),
                         ("b", "limit", f"cannot write the vswap record {tmp_path / 'vswap.json'}: "
@@ -261,11 +262,11 @@ def test_a_failed_freeze_is_never_recorded_as_frozen(tmp_path):
     backend.no_freezer.add("lab/a")
     reclaim = reclaimer(tmp_path, backend)
     reclaim.read("a")
-    assert reclaim.apply([("a", "lab/a", "limit", 300 * MiB)]) == []
-    assert reclaim.apply([("a", "lab/a", "freeze", None)]) == [("a", "freeze", "no freezer for lab/a")]
+    assert reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB)]) == []
+    assert reclaim.apply([HostAction("a", "lab/a", "freeze", None)]) == [("a", "freeze", "no freezer for lab/a")]
     assert record_of(tmp_path)["lab/a"] == {"own_limit_bytes": 512 * MiB, "limited": True, "freezing": False,
                                             "frozen": False}
-    assert reclaim.apply([("a", "lab/a", "limit", None)]) == []  # the restore is not blocked
+    assert reclaim.apply([HostAction("a", "lab/a", "limit", None)]) == []  # the restore is not blocked
     assert backend.limits["lab/a"] == 512 * MiB and not (tmp_path / "vswap.json").exists()
 
 
@@ -281,7 +282,7 @@ def test_a_freeze_is_announced_before_it_is_tried(tmp_path):
         real(target, frozen)
 
     backend.set_frozen = set_frozen
-    assert reclaim.apply([("a", "lab/a", "freeze", None)]) == []
+    assert reclaim.apply([HostAction("a", "lab/a", "freeze", None)]) == []
     assert seen == [{"own_limit_bytes": 512 * MiB, "limited": False, "freezing": True, "frozen": False}]
     assert record_of(tmp_path)["lab/a"]["frozen"] is True
 
@@ -290,7 +291,7 @@ def test_exit_thaws_and_restores_independently(tmp_path):
     backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
     reclaim = reclaimer(tmp_path, backend)
     reclaim.read("a")
-    reclaim.apply([("a", "lab/a", "limit", 300 * MiB), ("a", "lab/a", "freeze", None)])
+    reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB), HostAction("a", "lab/a", "freeze", None)])
     backend.fail_freezer.add("lab/a")  # e.g. the freezer cgroup was removed meanwhile
     reclaim.restore_all()
     assert backend.limits["lab/a"] == 512 * MiB  # the failed thaw did not stop it
@@ -353,7 +354,7 @@ def test_unknown_targets_are_left_alone_and_kept(tmp_path, caplog):
     assert "'system.slice/sshd', which is neither configured nor a labelled container: left alone" in caplog.text
     # the kept entries ride along with later writes, still untouched
     reclaim.read("a")
-    reclaim.apply([("a", "lab/a", "limit", 300 * MiB)])
+    reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB)])
     assert set(record_of(tmp_path)) == {"lab/a", "system.slice/sshd", "docker:stranger"}
     reclaim.restore_all()
     assert record_of(tmp_path) == {"system.slice/sshd": stranger, "docker:stranger": stranger}
@@ -407,9 +408,9 @@ def test_a_failed_thaw_is_retried_until_it_works(tmp_path):
     backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
     reclaim = reclaimer(tmp_path, backend)
     reclaim.read("b")
-    assert reclaim.apply([("b", "docker:b", "freeze", None)]) == []
+    assert reclaim.apply([HostAction("b", "docker:b", "freeze", None)]) == []
     backend.fail_freezer.add("docker:b")  # e.g. the Docker engine briefly unreachable
-    assert reclaim.apply([("b", "docker:b", "thaw", None)]) == [("b", "thaw", "no freezer for docker:b")]
+    assert reclaim.apply([HostAction("b", "docker:b", "thaw", None)]) == [("b", "thaw", "no freezer for docker:b")]
     assert reclaim.apply([]) == [] and "docker:b" in backend.frozen  # the core does not ask again
     backend.fail_freezer.clear()
     assert reclaim.apply([]) == []
@@ -425,7 +426,7 @@ def test_a_backend_bug_is_a_failed_action_not_a_crash(tmp_path):
         raise KeyError("HostConfig")
 
     backend.set_limit_bytes = broken
-    assert reclaim.apply([("a", "lab/a", "limit", 300 * MiB)]) == [("a", "limit", "'HostConfig'")]
+    assert reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB)]) == [("a", "limit", "'HostConfig'")]
     assert not (tmp_path / "vswap.json").exists()  # the entry it wrote ahead was taken back
     backend.usage_bytes = lambda target: 1 / 0
     with pytest.raises(BackendError, match="unexpected ZeroDivisionError"):
@@ -457,7 +458,7 @@ def test_a_freeze_that_failed_but_may_have_happened_is_undone(tmp_path):
             raise BackendError("container b: pause failed: read timed out")
 
     backend.set_frozen = timed_out
-    assert reclaim.apply([("b", "docker:b", "freeze", None)])[0][:2] == ("b", "freeze")
+    assert reclaim.apply([HostAction("b", "docker:b", "freeze", None)])[0][:2] == ("b", "freeze")
     assert calls == [True, False] and not backend.frozen and not (tmp_path / "vswap.json").exists()
 
     def unreachable(target, frozen):
@@ -467,7 +468,7 @@ def test_a_freeze_that_failed_but_may_have_happened_is_undone(tmp_path):
         raise BackendError("container b: engine unreachable")
 
     backend.set_frozen = unreachable
-    assert reclaim.apply([("b", "docker:b", "freeze", None)])[0][:2] == ("b", "freeze")
+    assert reclaim.apply([HostAction("b", "docker:b", "freeze", None)])[0][:2] == ("b", "freeze")
     assert record_of(tmp_path)["docker:b"]["freezing"] is True  # may be paused: kept for a thaw
     backend.set_frozen = real
     assert reclaim.apply([]) == [] and not backend.frozen and not (tmp_path / "vswap.json").exists()
@@ -489,7 +490,7 @@ def test_a_lowering_that_failed_but_happened_is_never_taken_for_the_guests_own_l
         raise BackendError(f"cannot write {limit_bytes} to {target}: Interrupted")
 
     backend.set_limit_bytes = happened_then_failed
-    reclaim.apply([("a", "lab/a", "limit", 48 * MiB)])
+    reclaim.apply([HostAction("a", "lab/a", "limit", 48 * MiB)])
     backend.set_limit_bytes = real
     assert backend.limits["lab/a"] == 48 * MiB  # it did happen
     assert reclaim.read("a").own_limit_bytes == 512 * MiB  # not the 48 MiB hostd set
@@ -508,9 +509,9 @@ def test_a_lowering_that_failed_and_did_not_happen_changes_nothing(tmp_path, ste
     reclaim = reclaimer(tmp_path, backend)
     reclaim.read("a")
     if step == "next lowering":
-        assert reclaim.apply([("a", "lab/a", "limit", 300 * MiB)]) == []
+        assert reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB)]) == []
     backend.fail.add("lab/a")  # EBUSY: the kernel could not reclaim down to it, the limit is unchanged
-    assert reclaim.apply([("a", "lab/a", "limit", 48 * MiB)])[0][:2] == ("a", "limit")
+    assert reclaim.apply([HostAction("a", "lab/a", "limit", 48 * MiB)])[0][:2] == ("a", "limit")
     backend.fail.discard("lab/a")
     if step == "first lowering":
         assert backend.limits["lab/a"] == 512 * MiB and not (tmp_path / "vswap.json").exists()
@@ -525,10 +526,10 @@ def test_a_restore_that_did_not_take_is_not_learned_as_the_own_limit(tmp_path, c
     backend = FakeBackend({"lab/a": 512 * MiB, "docker:b": 256 * MiB})
     reclaim = reclaimer(tmp_path, backend)
     reclaim.read("a")
-    reclaim.apply([("a", "lab/a", "limit", 300 * MiB), ("a", "lab/a", "limit", 48 * MiB)])
+    reclaim.apply([HostAction("a", "lab/a", "limit", 300 * MiB), HostAction("a", "lab/a", "limit", 48 * MiB)])
     real = backend.set_limit_bytes
     backend.set_limit_bytes = lambda target, limit_bytes: None  # says done, did nothing
-    reclaim.apply([("a", "lab/a", "limit", None)])
+    reclaim.apply([HostAction("a", "lab/a", "limit", None)])
     backend.set_limit_bytes = real
     assert backend.limits["lab/a"] == 48 * MiB
     assert reclaim.read("a").own_limit_bytes == 512 * MiB
