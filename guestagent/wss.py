@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from guestagent.cgroup import CgroupReader, GuestReading
 
@@ -38,10 +39,13 @@ def active_lru_bytes(reading: GuestReading) -> int:
     return (reading.active_anon_bytes or 0) + (reading.active_file_bytes or 0)
 
 
+SampleMethod = Literal["referenced", "active_lru"]  # idle-page bits, or the active LRU lists
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     ratio: float
-    method: str  # "referenced" | "active_lru"
+    method: SampleMethod
     period_ms: int
 
 
