@@ -101,11 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
     environ = os.environ if environ is None else environ
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    args = vars(parser.parse_args(argv))
     values: dict[str, object] = {}
     for field in fields(AgentConfig):
         raw = args.get(field.name)
-        source = f"--{field.name.replace('_', '-')}"
+        source = flags.get(field.name, field.name)  # the flag as the user typed it: --memsz, not --memsz-bytes
         if raw is None:
             env_name = "BALLOONLAB_" + field.name.upper().removesuffix("_MS").removesuffix("_BYTES")
             raw = environ.get(env_name)

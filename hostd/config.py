@@ -193,7 +193,8 @@ _PATH_KEYS = {"event_log", "timeline", "curve_secret_key", "curve_allowlist", "v
 _OPTIONAL_PATH_KEYS = {"settings_file"}  # "" or "off" = none
 
 
-def _convert(name: str, value: Any) -> Any:
+def _convert(name: str, value: Any, source: str | None = None) -> Any:
+    """`source` names where the value came from in an error (a flag, an env var, a file's key)."""
     kind = next(f.type for f in fields(HostConfig) if f.name == name)
     try:
         if name in _SIZE_KEYS:
@@ -214,7 +215,7 @@ def _convert(name: str, value: Any) -> Any:
             return int(value)
         return str(value)
     except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+        raise ConfigError(f"{source or name}: {exc}") from None
 
 
 def _vm_defaults(name: str, table: Mapping[str, Any]) -> VmDefaults:
@@ -294,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> HostConfig:
     environ = os.environ if environ is None else environ
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     config_path = args.pop("config", None) or environ.get("BALLOONLAB_CONFIG")
     if config_path:
@@ -309,7 +312,8 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = 
         unknown = set(document) - known
         if unknown:
             raise ConfigError(f"config file {config_path}: unknown keys {sorted(unknown)}")
-        values.update({name: _convert(name, value) for name, value in document.items()})
+        values.update({name: _convert(name, value, f"config file {config_path}: {name}")
+                       for name, value in document.items()})
         values["vms"] = {name: _vm_defaults(name, table) for name, table in vm_tables.items()}
         values["vm_cgroups"] = {name: str(table["cgroup"]) for name, table in vm_tables.items() if "cgroup" in table}
         values["vm_containers"] = {name: str(table["container"]) for name, table in vm_tables.items()
@@ -319,9 +323,9 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = 
             continue
         env_name = "BALLOONLAB_" + f.name.upper().removesuffix("_MS").removesuffix("_BYTES").removesuffix("_RATIO")
         if env_name in environ:
-            values[f.name] = _convert(f.name, environ[env_name])
+            values[f.name] = _convert(f.name, environ[env_name], env_name)
         if args.get(f.name) is not None:
-            values[f.name] = _convert(f.name, args[f.name])
+            values[f.name] = _convert(f.name, args[f.name], flags.get(f.name))
     return HostConfig(**values)
 
 

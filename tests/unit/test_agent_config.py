@@ -18,7 +18,8 @@ def test_env_then_flags():
     [
         ([], "vm_id"),
         (["--vm-id", "bad id"], "vm_id"),
-        (["--vm-id", "a", "--report-interval", "soon"], "--report-interval"),
+        (["--vm-id", "a", "--report-interval", "soon"], "^--report-interval: 'soon' is not a duration"),
+        (["--vm-id", "a", "--memsz", "abc"], "^--memsz: 'abc' is not a size"),  # the flag typed, not the field
         (["--vm-id", "a", "--batch-pages", "0"], "batch_pages"),
         (["--vm-id", "a", "--huge-pages", "maybe"], "--huge-pages"),
         (["--vm-id", "a", "--curve-client-key", "x"], "CurveZMQ"),

@@ -47,6 +47,27 @@ def test_bad_config_is_named(tmp_path, toml, message):
         load_config(["--config", str(config)], {})
 
 
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--idle-tax", "x"], {}, "^--idle-tax: "),
+        (["--host-memory", "lots"], {}, "^--host-memory: "),
+        ([], {"BALLOONLAB_IDLE_TAX": "x"}, "^BALLOONLAB_IDLE_TAX: "),
+        ([], {"BALLOONLAB_SAMPLE_PERIOD": "soon"}, "^BALLOONLAB_SAMPLE_PERIOD: "),
+    ],
+)
+def test_a_bad_value_is_named_as_the_user_gave_it(argv, environ, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv, environ)
+
+
+def test_a_bad_value_in_the_config_file_names_the_file_and_key(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('idle_tax_ratio = "x"\n')
+    with pytest.raises(ConfigError, match=f"^config file {config}: idle_tax_ratio: "):
+        load_config(["--config", str(config)], {})
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="No such file"):
         load_config(["--config", str(tmp_path / "nope.toml")], {})
