@@ -34,6 +34,7 @@ from typing import Any, cast
 
 from balloonlab.guest import Guest, Size, to_bytes
 from balloonlab.timeline import Sample, Timeline
+from cgroups import host_swap_total_bytes
 from hostd.client import ControlCredentials, CtlError, HostdClient
 from lab import cgroups
 
@@ -50,7 +51,7 @@ def lab_unavailable_reason() -> str | None:
     """Why a Lab cannot run here (not root, no swap, no memory cgroup), or None."""
     if os.geteuid() != 0:
         return "balloonlab needs root (memory cgroups, mlock of the balloon)"
-    if _swap_total_bytes() == 0:
+    if host_swap_total_bytes() == 0:
         return "balloonlab needs swap enabled on the host (ballooned guests page out to swap; swapon)"
     try:
         cgroups.memory_cgroup_version()
@@ -59,15 +60,8 @@ def lab_unavailable_reason() -> str | None:
     return None
 
 
-def _swap_total_bytes() -> int:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("SwapTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _free_port() -> int:
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now (hostd's endpoints, its HTTP port)."""
     import socket
 
     with socket.socket() as probe:
@@ -159,7 +153,7 @@ class Lab:
 
     def _start_hostd(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        agent_port, control_port = _free_port(), _free_port()
+        agent_port, control_port = free_loopback_port(), free_loopback_port()
         self.agent_endpoint = f"tcp://127.0.0.1:{agent_port}"
         self.control_endpoint = f"tcp://127.0.0.1:{control_port}"
         token = self.workdir / "control.token"

@@ -43,7 +43,6 @@ import contextlib
 import operator
 import re
 import shlex
-import socket
 import statistics
 import subprocess
 import threading
@@ -503,12 +502,6 @@ class _Prober:
             self._thread.join(self.probe.timeout_s + 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _apply(action: Action, lab: Any, guests: Mapping[str, Any]) -> None:
     if action.kind == "host":
         lab.set_host(**{HOST_KEYS[key]: value for key, value in action.value.items()})
@@ -535,7 +528,7 @@ def _apply(action: Action, lab: Any, guests: Mapping[str, Any]) -> None:
 
 def run_scenario(scenario: Scenario, out_dir: Path, junit_path: Path | None = None,
                  progress: Progress = print) -> ScenarioResult:
-    from balloonlab.lab import Lab, LabError
+    from balloonlab.lab import Lab, LabError, free_loopback_port
 
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -552,7 +545,7 @@ def run_scenario(scenario: Scenario, out_dir: Path, junit_path: Path | None = No
         with lab:
             guests = {}
             for definition in scenario.guests:
-                port = _free_port()
+                port = free_loopback_port()
                 if definition.attach:
                     guest = lab.attach(definition.attach, vm_id=definition.name, shares=definition.shares)
                 else:

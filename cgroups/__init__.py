@@ -2,7 +2,8 @@
 the agent, hostd and the lab (it imports nothing of theirs).
 
     cgroups            CgroupError, CgroupGone, CGROUP_ROOT, UNLIMITED_V1_BYTES, which version
-                       is mounted, where the memory hierarchy is, /proc/PID/cgroup
+                       is mounted, where the memory hierarchy is, /proc/PID/cgroup, the host's
+                       swap (every cgroup's swap limit draws on it)
     cgroups.parse      pure parsers of the files' text → GuestReading, Pressure, limits
     cgroups.reader     CgroupReader(path, version): the only reads of a cgroup's counters
     cgroups.writer     control files: limits, freeze/thaw, create/remove
@@ -16,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = ["CGROUP_ROOT", "UNLIMITED_V1_BYTES", "CgroupError", "CgroupGone", "docker_cgroup_paths",
-           "memory_cgroup_path", "memory_cgroup_version", "memory_hierarchy", "parse_proc_cgroup"]
+           "host_swap_total_bytes", "memory_cgroup_path", "memory_cgroup_version", "memory_hierarchy",
+           "parse_proc_cgroup"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 UNLIMITED_V1_BYTES = 1 << 62  # v1 reports "no limit" as a huge page-aligned number (~2^63)
@@ -57,6 +59,17 @@ def parse_proc_cgroup(text: str, source: str = "/proc/self/cgroup") -> tuple[int
     if unified is None:
         raise CgroupError.at(source, "no memory cgroup found")
     return 2, unified
+
+
+def host_swap_total_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """The host's swap space (SwapTotal; 0 without swap or when meminfo cannot be read)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("SwapTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def memory_cgroup_version(root: Path = CGROUP_ROOT) -> int:

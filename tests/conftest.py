@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 
 import pytest
+
+from balloonlab.lab import free_loopback_port  # noqa: F401  (tests import it from here)
+from cgroups import host_swap_total_bytes
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -43,19 +45,7 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-def swap_total_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("SwapTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def free_loopback_port() -> int:
-    """A TCP port nobody listens on right now (for hostd's endpoints and HTTP port in tests)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+swap_total_bytes = host_swap_total_bytes  # the tests' older name
 
 
 def require_root() -> None:
