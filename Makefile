@@ -22,7 +22,8 @@ lint: venv
 	$(BIN)/ruff check protocol hostd guestagent lab tests bench balloonlab cgroups balloonctl
 
 typecheck: venv
-	$(BIN)/mypy protocol hostd guestagent lab balloonlab cgroups balloonctl
+	$(BIN)/mypy protocol hostd guestagent lab balloonlab cgroups balloonctl bench \
+		scripts/attacks/run_attacks.py scripts/vm/mkinitramfs.py scripts/vm/extract-vmlinux.py scenarios/redis_latency.py
 
 pytest: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

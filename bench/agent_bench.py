@@ -57,7 +57,7 @@ print(json.dumps({'inflate_s': t1 - t0, 'deflate_s': t2 - t1}))
 
 
 def _counting_host(context: Any, report_interval_ms: int) -> Any:
-    from protocol import Lock, LockResult, RangeStatus, Unlock, UnlockResult
+    from protocol import Lock, LockResult, RangeResult, RangeStatus, Unlock, UnlockResult
     from tests.integration.minihost import MiniHost
 
     class CountingHost(MiniHost):
@@ -73,16 +73,18 @@ def _counting_host(context: Any, report_interval_ms: int) -> Any:
             if vm_id is None or not isinstance(message, Lock | Unlock):
                 super().handle(route, seq, message)
                 return
-            target = self.target_pages.get(vm_id.encode(), 0)
-            results = self._results(message, RangeStatus.OK)
+            identity = vm_id.encode()
+            target, target_seq = self.target_pages.get(identity, 0), self.vm_target_seq.get(identity, 0)
+            results = tuple(RangeResult(start=start, count=count, status=RangeStatus.OK)
+                            for start, count in message.pages.ranges)
             if isinstance(message, Lock):
                 self.lock_frames += 1
                 self.pages[vm_id] = self.pages.get(vm_id, 0) + message.pages.page_count
-                self._send(route, LockResult(results=results, target_pages=target, target_seq=self.target_seq), seq)
+                self._reply(route, LockResult(results=results, target_pages=target, target_seq=target_seq), seq)
             else:
                 self.unlock_frames += 1
                 self.pages[vm_id] = self.pages.get(vm_id, 0) - message.pages.page_count
-                self._send(route, UnlockResult(results=results, target_pages=target, target_seq=self.target_seq), seq)
+                self._reply(route, UnlockResult(results=results, target_pages=target, target_seq=target_seq), seq)
 
     return CountingHost()
 

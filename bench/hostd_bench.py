@@ -31,10 +31,10 @@ from typing import Any
 import psutil
 import zmq
 
+from balloonlab.lab import free_loopback_port
 from guestagent.client import STATS_KEYS  # the names a real agent reports
 from hostd.client import CtlError
 from protocol import Hello, Status, encode
-from tests.conftest import free_loopback_port
 from tests.integration.hostd_proc import HostdProcess
 
 CURRENT_RATIO_INDEX = STATS_KEYS.index("ws_current_ratio")

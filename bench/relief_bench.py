@@ -63,7 +63,7 @@ def one_run(context: Any, swap: bool, ballooned: bool, log: Any = None) -> dict[
                                  stdout=subprocess.PIPE)
         assert workload.stdout is not None and workload.stdin is not None
         assert workload.stdout.readline().strip() == "ready"
-        host.pump(lambda: host.welcomes, 20, "welcome")
+        host.pump(lambda: bool(host.welcomes), 20, "welcome")
         target = BALLOON // 4096 if ballooned else 0
         host.set_target("relief", target)
         host.pump(lambda: (s := host.last_status()) is not None and s.balloon_pages == target
