@@ -103,6 +103,9 @@ def add_experiment_parser(commands: Any) -> None:
     versus.add_argument("--take", default="96MiB", help="memory taken from the 256 MiB guest (default 96MiB)")
     versus.add_argument("--after", default="30s", help="how long each is watched once taken (default 30s)")
     versus.add_argument("--cold-kinds", default="anon,file", help="the cold set: anon, file (page cache) or both")
+    versus.add_argument("--repeats", type=int, default=1, help="runs per cold kind, host methods' order alternating")
+    versus.add_argument("--no-match", action="store_true",
+                        help="skip the host runs that take exactly what the balloon held (the -eq rows)")
     estimator = which.add_parser("wss-estimator", help="the working-set estimator's response to a step up and down "
                                  "(pure computation over hostd's EWMAs, no guests)")
     estimator.add_argument("--sample-periods", default="5s,15s,60s", help="the sample periods compared")
@@ -132,7 +135,10 @@ def run_experiment(args: argparse.Namespace) -> str:
         if args.experiment == "balloon-vs-swap":
             versus = experiments.BalloonVsSwapSetup(take_bytes=parse_size_bytes(args.take),
                                                     after_s=parse_duration_ms(args.after) / 1000,
-                                                    cold_kinds=tuple(args.cold_kinds.split(",")))
+                                                    cold_kinds=tuple(args.cold_kinds.split(",")),
+                                                    repeats=args.repeats, match_balloon=not args.no_match)
+            if not 1 <= versus.repeats <= 20:
+                raise CtlError("--repeats: 1..20", 2)
             if not set(versus.cold_kinds) <= {"anon", "file"}:
                 raise CtlError("--cold-kinds: anon, file or anon,file", 2)
             return experiments.run_balloon_vs_swap(versus, args.out, options, progress)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hostd.host_actions import HostAction
+from lab.cpuref import CpuReference
 from lab.runner import LabOptions, _hostd_status, down, up
 from lab.spec import parse_lab
 from protocol.limits import PAGES_PER_MIB
@@ -92,11 +93,12 @@ class Sample:
     swap_in_pages: int | None = None
     consumed_bytes: int = 0  # what the guest's cgroup holds (hostd's reading), balloon included
     host_state: str = ""  # hostd's free-memory state (host swap applies only outside "high")
+    cpu_reference_per_s: float | None = None  # the host's CPU speed over the last second (lab.cpuref)
 
 
 CSV_FIELDS = ("t_s", "idle_tax", "vm_id", "alloc_target_bytes", "balloon_bytes", "active_ratio", "swap_bytes",
               "touches_per_s", "latency_p99_us", "host_swap_bytes", "swap_out_pages", "swap_in_pages",
-              "consumed_bytes", "host_state")
+              "consumed_bytes", "host_state", "cpu_reference_per_s")
 
 
 def host_swap_bytes(vm: dict[str, Any]) -> int:
@@ -104,12 +106,13 @@ def host_swap_bytes(vm: dict[str, Any]) -> int:
     return max(0, own - lowered) if own is not None and lowered is not None else 0
 
 
-def samples_from_snapshot(snapshot: dict[str, Any], t_s: float, idle_tax: float) -> list[Sample]:
+def samples_from_snapshot(snapshot: dict[str, Any], t_s: float, idle_tax: float,
+                          cpu_reference_per_s: float | None = None) -> list[Sample]:
     return [Sample(round(t_s, 2), idle_tax, vm["vm_id"], vm["alloc_target_bytes"], vm["balloon_bytes"],
                    round(vm["active_ratio"], 4), vm["swap_current_bytes"] or 0,
                    vm["workload"].get("touches_per_s"), vm["workload"].get("latency_p99_us"),
                    host_swap_bytes(vm), vm.get("swap_out_pages"), vm.get("swap_in_pages"),
-                   vm.get("consumed_bytes") or 0, snapshot.get("host", {}).get("state", ""))
+                   vm.get("consumed_bytes") or 0, snapshot.get("host", {}).get("state", ""), cpu_reference_per_s)
             for vm in snapshot["vms"] if vm["alive"]]
 
 
@@ -123,6 +126,7 @@ class PhaseSummary:
     host_swap_bytes: int = 0
     swap_bytes: int = 0
     latency_p99_us: float | None = None
+    cpu_reference_per_s: float | None = None
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -143,7 +147,7 @@ def summarize(samples: Sequence[Sample]) -> list[PhaseSummary]:
                 tax, vm_id, int(statistics.mean(s.alloc_target_bytes for s in rows)),
                 int(statistics.mean(s.balloon_bytes for s in rows)), _mean([s.touches_per_s for s in rows]),
                 int(statistics.mean(s.host_swap_bytes for s in rows)), int(statistics.mean(s.swap_bytes for s in rows)),
-                _mean([s.latency_p99_us for s in rows])))
+                _mean([s.latency_p99_us for s in rows]), _mean([s.cpu_reference_per_s for s in rows])))
     return summaries
 
 
@@ -160,6 +164,21 @@ def throughput_gain(summaries: Sequence[PhaseSummary], vm_id: str = "active") ->
     return rates[-1] / rates[0] - 1
 
 
+def host_cpu_ratio(summaries: Sequence[PhaseSummary], vm_id: str = "active") -> float | None:
+    """The host's CPU speed (lab.cpuref) in the last τ's settled half over the first's."""
+    rates = [s.cpu_reference_per_s for s in summaries if s.vm_id == vm_id]
+    if len(rates) < 2 or not rates[0] or not rates[-1]:
+        return None
+    return rates[-1] / rates[0]
+
+
+def cpu_adjusted_gain(summaries: Sequence[PhaseSummary], vm_id: str = "active") -> float | None:
+    """throughput_gain with the host's CPU change between the phases divided out: on a shared
+    machine a phase that got less CPU would otherwise read as the memory's loss."""
+    gain, cpu = throughput_gain(summaries, vm_id), host_cpu_ratio(summaries, vm_id)
+    return None if gain is None or cpu is None else (gain + 1) / cpu - 1
+
+
 def render_idle_tax_table(summaries: Sequence[PhaseSummary]) -> str:
     lines = [f"{'τ':>5} {'VM':<7} {'ALLOC':>7} {'PAPER':>6} {'BALLOON':>8} {'HOST SWAP':>9} {'SWAP':>7} "
              f"{'TOUCHES/s':>11} {'P99 µs':>8}"]
@@ -170,10 +189,12 @@ def render_idle_tax_table(summaries: Sequence[PhaseSummary]) -> str:
         lines.append(f"{s.idle_tax:>5g} {s.vm_id:<7} {format_bytes(s.alloc_target_bytes):>7} "
                      f"{f'{paper}MB' if paper else '-':>6} {format_bytes(s.balloon_bytes):>8} "
                      f"{format_bytes(s.host_swap_bytes):>9} {format_bytes(s.swap_bytes):>7} {touches:>11} {p99:>8}")
-    gain = throughput_gain(summaries)
+    gain, adjusted, cpu = throughput_gain(summaries), cpu_adjusted_gain(summaries), host_cpu_ratio(summaries)
     if gain is not None:
-        lines.append(f"active throughput τ={summaries[0].idle_tax:g} → τ={summaries[-1].idle_tax:g}: {gain:+.0%} "
-                     f"(paper: dbench +{PAPER_THROUGHPUT_GAIN:.0%})")
+        cpu_note = f"; CPU-adjusted {adjusted:+.0%}, host CPU ×{cpu:.2f} between the phases" if adjusted is not None \
+            and cpu is not None else ""
+        lines.append(f"active throughput τ={summaries[0].idle_tax:g} → τ={summaries[-1].idle_tax:g}: {gain:+.0%}"
+                     f"{cpu_note} (paper: dbench +{PAPER_THROUGHPUT_GAIN:.0%})")
     return "\n".join(lines)
 
 
@@ -204,15 +225,17 @@ def run_idle_tax(setup: IdleTaxSetup, out_dir: Path, options: LabOptions, progre
     try:
         up(spec, hostd_config, options, progress)
         started = time.monotonic()
-        for tax in setup.taxes:
-            _set_idle_tax(options.endpoints.control, tax)
-            progress(f"τ = {tax:g} for {setup.phase_s:g} s")
-            phase_end = time.monotonic() + setup.phase_s
-            while time.monotonic() < phase_end:
-                snapshot = _hostd_status(options.endpoints.control)
-                if snapshot:
-                    samples.extend(samples_from_snapshot(snapshot, time.monotonic() - started, tax))
-                time.sleep(1.0)
+        with CpuReference() as cpu:
+            for tax in setup.taxes:
+                _set_idle_tax(options.endpoints.control, tax)
+                progress(f"τ = {tax:g} for {setup.phase_s:g} s")
+                phase_end = time.monotonic() + setup.phase_s
+                while time.monotonic() < phase_end:
+                    snapshot = _hostd_status(options.endpoints.control)
+                    now = time.monotonic()
+                    if snapshot:
+                        samples.extend(samples_from_snapshot(snapshot, now - started, tax, cpu.rate(now - 1.0, now)))
+                    time.sleep(1.0)
     finally:
         down(options, progress)
     write_csv(out_dir / "idle-tax.csv", samples, CSV_FIELDS)
@@ -345,12 +368,14 @@ class BalloonVsSwapSetup:
     before_s: float = 10.0  # undisturbed, before anything is taken
     after_s: float = 30.0  # from the moment it starts being taken
     step_bytes: int = 64 << 20  # host swap moves the limit this much a second (hostd's vswap_step)
+    repeats: int = 1  # runs of the whole sequence per cold kind (the host methods' order alternates)
+    match_balloon: bool = True  # also take by host swap exactly what the balloon held ("-eq" rows)
 
 
 @dataclass(frozen=True, slots=True)
 class SwapSample:
     cold_kind: str
-    method: str
+    method: str  # balloon, blind, limit; blind-eq / limit-eq: the amount the balloon held; "#N": run N
     t_s: float  # seconds since it started being taken (negative: before)
     touches_per_s: float | None
     latency_p99_us: float | None
@@ -420,14 +445,14 @@ def render_swap_table(summaries: Sequence[SwapSummary]) -> str:
     def rate(value: float | None) -> str:
         return f"{value:,.0f}" if value is not None else "-"
 
-    lines = [f"{'COLD':<5} {'METHOD':<8} {'BEFORE/s':>10} {'WORST/s':>10} {'AFTER/s':>10} {'AFTER':>6} "
+    lines = [f"{'COLD':<5} {'METHOD':<11} {'BEFORE/s':>10} {'WORST/s':>10} {'AFTER/s':>10} {'AFTER':>6} "
              f"{'P99 µs':>8} {'SWAPPED':>8} {'MAJFLT':>8} {'RECOVER':>7}"]
     for s in summaries:
         ratio = f"{s.after_touches_per_s / s.before_touches_per_s:.2f}" if s.after_touches_per_s and \
             s.before_touches_per_s else "-"
         p99 = f"{s.after_p99_us:,.1f}" if s.after_p99_us is not None else "-"
         recovered = f"{s.recovered_s:.0f}s" if s.recovered_s is not None else "-"
-        lines.append(f"{s.cold_kind:<5} {s.method:<8} {rate(s.before_touches_per_s):>10} "
+        lines.append(f"{s.cold_kind:<5} {s.method:<11} {rate(s.before_touches_per_s):>10} "
                      f"{rate(s.dip_touches_per_s):>10} {rate(s.after_touches_per_s):>10} {ratio:>6} {p99:>8} "
                      f"{format_bytes(max(0, s.swapped_bytes)):>8} {s.major_faults:>8,} {recovered:>7}")
     return "\n".join(lines)
@@ -452,8 +477,32 @@ def _take_by_host(reclaimer: Any, cgroup: str, goal_bytes: int, step_bytes: int,
     return bool(limit <= goal_bytes)
 
 
+def balloon_held_bytes(samples: Sequence[SwapSample]) -> int:
+    """What a balloon run settled at: the mean balloon of its last half, whole MiB (the amount
+    the "-eq" host runs take, so that the three methods are compared at the same amount)."""
+    after = [s for s in samples if s.t_s >= 0]
+    tail = after[len(after) // 2:]
+    return (int(statistics.mean(s.balloon_bytes for s in tail)) >> 20 << 20) if tail else 0
+
+
+def swap_case_plan(setup: BalloonVsSwapSetup, repeat: int, held_bytes: int) -> list[tuple[str, str, int]]:
+    """The host runs after balloon run `repeat`: (label, method, bytes taken). The order of the
+    methods alternates between repeats: other jobs on the host change its speed over time."""
+    host_methods = [m for m in setup.methods if m != "balloon"]
+    if repeat % 2:
+        host_methods.reverse()
+    suffix = f"#{repeat + 1}" if setup.repeats > 1 else ""
+    plan = [(f"{m}{suffix}", m, setup.take_bytes) for m in host_methods]
+    if setup.match_balloon and 0 < held_bytes < setup.take_bytes:
+        plan += [(f"{m}-eq{suffix}", m, held_bytes) for m in host_methods]
+    return plan
+
+
 def _run_swap_case(setup: BalloonVsSwapSetup, cold_kind: str, method: str, hostd_config: Path,
-                   options: LabOptions, progress: Progress) -> list[SwapSample]:
+                   options: LabOptions, progress: Progress, take_bytes: int | None = None,
+                   label: str | None = None) -> list[SwapSample]:
+    take_bytes = setup.take_bytes if take_bytes is None else take_bytes
+    label = method if label is None else label
     import json
     import sys
 
@@ -491,10 +540,10 @@ def _run_swap_case(setup: BalloonVsSwapSetup, cold_kind: str, method: str, hostd
             now = time.monotonic()
             if now >= started and not taken:
                 if method == "balloon":
-                    client.target("skew", setup.take_bytes // PAGE_SIZE_BYTES)
+                    client.target("skew", take_bytes // PAGE_SIZE_BYTES)
                     taken = True
                 else:
-                    taken = _take_by_host(reclaimer, cgroup, setup.memsz_bytes - setup.take_bytes, setup.step_bytes,
+                    taken = _take_by_host(reclaimer, cgroup, setup.memsz_bytes - take_bytes, setup.step_bytes,
                                           method == "blind", lambda: reader.read().usage_bytes)
             time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))
             reading = reader.read()
@@ -506,13 +555,13 @@ def _run_swap_case(setup: BalloonVsSwapSetup, cold_kind: str, method: str, hostd
             last_ts = workload.get("ts", 0)
             snapshot = _hostd_status(options.endpoints.control) or {"vms": []}
             balloon = sum(vm["balloon_bytes"] for vm in snapshot["vms"] if vm["vm_id"] == "skew")
-            samples.append(SwapSample(cold_kind, method, round(time.monotonic() - started, 2),
+            samples.append(SwapSample(cold_kind, label, round(time.monotonic() - started, 2),
                                       workload.get("touches_per_s") if fresh else 0.0,
                                       workload.get("latency_p99_us") if fresh else None,
                                       reading.usage_bytes, reading.swap_used_bytes or 0,
                                       (reading.major_faults or 0) - faults0, balloon))
         if method != "balloon":
-            progress(f"{cold_kind}/{method}: " + "; ".join(r.describe() for r in reclaimer.last_pageout.values()))
+            progress(f"{cold_kind}/{label}: " + "; ".join(r.describe() for r in reclaimer.last_pageout.values()))
     finally:
         if reclaimer is not None:
             reclaimer.restore_all()
@@ -528,12 +577,18 @@ def run_balloon_vs_swap(setup: BalloonVsSwapSetup, out_dir: Path, options: LabOp
     # and the experiment's own host swap take memory), and no host swap of hostd's.
     hostd_config.write_text(hostd_toml(4 * setup.memsz_bytes, 0.75, 10, 5))
     samples: list[SwapSample] = []
-    for index, kind in enumerate(setup.cold_kinds):
-        # Alternate the order of the methods: other jobs on the host change its speed over time.
-        methods = setup.methods if index % 2 == 0 else setup.methods[::-1]
-        for method in methods:
-            progress(f"cold {kind}: taking {setup.take_bytes >> 20} MiB by {method}")
-            samples.extend(_run_swap_case(setup, kind, method, hostd_config, options, progress))
+    for kind in setup.cold_kinds:
+        for repeat in range(setup.repeats):
+            # The balloon first: the host methods then also take exactly what it held.
+            label = f"balloon#{repeat + 1}" if setup.repeats > 1 else "balloon"
+            progress(f"cold {kind}: asking {setup.take_bytes >> 20} MiB by balloon ({label})")
+            ballooned = _run_swap_case(setup, kind, "balloon", hostd_config, options, progress, label=label)
+            samples.extend(ballooned)
+            held = balloon_held_bytes(ballooned)
+            progress(f"cold {kind}: the balloon held {held >> 20} MiB")
+            for label, method, take in swap_case_plan(setup, repeat, held):
+                progress(f"cold {kind}: taking {take >> 20} MiB by {method} ({label})")
+                samples.extend(_run_swap_case(setup, kind, method, hostd_config, options, progress, take, label))
     write_csv(out_dir / "balloon-vs-swap.csv", samples, SWAP_FIELDS)
     from lab.plots import plot_balloon_vs_swap
 

@@ -44,6 +44,9 @@ def plot_idle_tax(samples: Sequence[Sample], path: Path, setup: IdleTaxSetup) ->
         line = memory.plot(times, [s.alloc_target_bytes / MiB for s in rows], label=f"{vm_id} allocation target")[0]
         memory.plot(times, [(setup.memsz_bytes - s.balloon_bytes) / MiB for s in rows], linestyle="--",
                     color=line.get_color(), label=f"{vm_id} memsz − balloon")
+        if any(s.host_swap_bytes for s in rows):  # what the balloon could not take, the host swapped (ESX)
+            memory.plot(times, [(setup.memsz_bytes - s.balloon_bytes - (s.host_swap_bytes or 0)) / MiB for s in rows],
+                        linestyle=":", color=line.get_color(), label=f"{vm_id} memsz − balloon − host swap")
         if vm_id == "active":
             throughput.plot(times, [(s.touches_per_s or 0) / 1e6 for s in rows], color=line.get_color())
     changes = [s.t_s for previous, s in pairwise(samples) if s.idle_tax != previous.idle_tax]

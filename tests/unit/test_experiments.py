@@ -102,6 +102,28 @@ def test_the_idle_tax_table_sets_each_figure_beside_the_papers_and_the_throughpu
     assert "60MiB" in table  # host swap
 
 
+@pytest.mark.parametrize(
+    ("touches", "cpu", "raw", "adjusted"),
+    [
+        ((1e6, 1.3e6), (400.0, 400.0), 0.30, 0.30),   # the same CPU in both phases: nothing to divide out
+        ((1e6, 1.3e6), (400.0, 200.0), 0.30, 1.60),   # half the CPU in the second phase: the memory did more
+        ((1e6, 0.8e6), (400.0, 320.0), -0.20, 0.0),   # the loss was the host's, not the memory's
+        ((1e6, 1.3e6), (None, 400.0), 0.30, None),    # no reference in a phase: no adjusted figure
+    ],
+)
+def test_the_throughput_gain_is_adjusted_by_the_hosts_cpu_between_the_phases(touches, cpu, raw, adjusted):
+    from lab.experiments import cpu_adjusted_gain, throughput_gain
+
+    phases = ((0.0, touches[0], cpu[0], range(10)), (0.75, touches[1], cpu[1], range(10, 20)))
+    rows = [Sample(t, tax, "active", 169 * MiB, 0, 1.0, 0, rate, cpu_reference_per_s=ref)
+            for tax, rate, ref, times in phases for t in times]
+    summaries = summarize(rows)
+    assert throughput_gain(summaries) == pytest.approx(raw)
+    assert cpu_adjusted_gain(summaries) == (None if adjusted is None else pytest.approx(adjusted))
+    table = render_idle_tax_table(summaries)
+    assert (f"CPU-adjusted {adjusted:+.0%}" in table) if adjusted is not None else "CPU-adjusted" not in table
+
+
 def test_summaries_carry_host_swap_and_p99():
     rows = [Sample(t, 0.0, "active", 169 * MiB, 0, 1.0, 10 * MiB, 1e6, 2.0, 50 * MiB) for t in range(10)]
     [summary] = summarize(rows)
@@ -130,6 +152,26 @@ def test_balloon_vs_swap_summaries_find_the_dip_the_settled_rate_and_the_traffic
     assert summary.after_touches_per_s == 9e5 and summary.recovered_s == 2
     assert summary.swapped_bytes == 60 * MiB and summary.major_faults == 1000
     assert "blind" in render_swap_table([summary]) and "0.90" in render_swap_table([summary])
+
+
+def test_the_host_methods_also_take_exactly_what_the_balloon_held():
+    from lab.experiments import BalloonVsSwapSetup, SwapSample, balloon_held_bytes, swap_case_plan
+
+    def s(t, balloon_mib):
+        return SwapSample("anon", "balloon", t, 1e6, 5.0, 100 * MiB, 0, 0, balloon_mib * MiB)
+
+    # the balloon rose, the guest pressed back: what counts is where it settled (the last half)
+    ballooned = [s(-1, 0), s(0, 0), s(1, 64), s(2, 96), s(3, 40), s(4, 17), s(5, 17), s(6, 18)]
+    assert balloon_held_bytes(ballooned) == 23 * MiB  # mean of 40, 17, 17, 18 MiB, in whole MiB
+    assert balloon_held_bytes([s(-1, 0)]) == 0
+    one = BalloonVsSwapSetup(take_bytes=96 * MiB)
+    assert swap_case_plan(one, 0, 17 * MiB) == [("blind", "blind", 96 * MiB), ("limit", "limit", 96 * MiB),
+                                                ("blind-eq", "blind", 17 * MiB), ("limit-eq", "limit", 17 * MiB)]
+    assert swap_case_plan(one, 0, 96 * MiB) == [("blind", "blind", 96 * MiB), ("limit", "limit", 96 * MiB)]
+    assert swap_case_plan(one, 0, 0) == swap_case_plan(one, 0, 96 * MiB)  # nothing held: nothing to match
+    three = BalloonVsSwapSetup(take_bytes=96 * MiB, repeats=3, match_balloon=False)
+    assert swap_case_plan(three, 1, 17 * MiB) == [("limit#2", "limit", 96 * MiB), ("blind#2", "blind", 96 * MiB)]
+    assert [label for label, _, _ in swap_case_plan(three, 2, 17 * MiB)] == ["blind#3", "limit#3"]
 
 
 def test_the_estimator_goes_up_fast_and_down_slowly_in_sample_periods():
