@@ -2,4 +2,4 @@
 workload) in plain memory cgroups with swap, and the paper's experiments on it.
 
 spec.py is pure (the lab file, the processes' command lines and environments); cgroups.py and
-runner.py do the I/O; experiments.py runs Fig. 7 / Fig. 2 on real guests."""
+runner.py do the I/O; experiments/ runs the paper's experiments on real guests."""
