@@ -1,5 +1,5 @@
 """balloonctl's `attach`, `detach` and `run` commands (argument parsing and output only; the
-work is guestagent/attach.py and balloonlab/scenario.py)."""
+work is guestagent/attach.py and balloonlab/scenario_run.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def run_tool(args: argparse.Namespace) -> str:
     from hostd.client import CtlError
 
     if args.command == "run":
-        from balloonlab.scenario import ScenarioError, run_file
+        from balloonlab.scenario import ScenarioError
+        from balloonlab.scenario_run import run_file
 
         try:
             result = run_file(args.scenario, args.out, args.junit,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from balloonlab.scenario import ScenarioError, evaluate, junit_xml, load_scenario, parse_scenario
+from balloonlab.scenario import ScenarioError, load_scenario, parse_scenario
 from balloonlab.timeline import Sample, Timeline
+from balloonlab.verdicts import evaluate, junit_xml
 
 MiB = 1 << 20
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "scenarios").glob("*.toml"))
