@@ -17,7 +17,8 @@ The stable names are those in `__all__`: the hostd client (`HostdClient`,
 from __future__ import annotations
 
 from balloonlab.guest import Facts, Guest, Squeeze
-from balloonlab.lab import Lab, LabError, lab_unavailable_reason
+from balloonlab.host import lab_unavailable_reason
+from balloonlab.lab import Lab, LabError
 from balloonlab.measure import (
     BalloonAssertionError,
     Measurement,

@@ -18,7 +18,6 @@ are removed by the next lab. Needs root and swap (`LabError` says so otherwise).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -33,46 +32,17 @@ from types import FrameType, TracebackType
 from typing import Any, cast
 
 from balloonlab.guest import Guest, Size, to_bytes
+from balloonlab.host import die_with_parent, free_loopback_port, lab_unavailable_reason
 from balloonlab.timeline import Sample, Timeline
-from cgroups import host_swap_total_bytes
 from hostd.client import ControlCredentials, CtlError, HostdClient
 from lab import cgroups
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CGROUP_PREFIX = "balloonlab-api"
-_PR_SET_PDEATHSIG = 1
 
 
 class LabError(RuntimeError):
     """The lab cannot start or a guest cannot be added; the message says why."""
-
-
-def lab_unavailable_reason() -> str | None:
-    """Why a Lab cannot run here (not root, no swap, no memory cgroup), or None."""
-    if os.geteuid() != 0:
-        return "balloonlab needs root (memory cgroups, mlock of the balloon)"
-    if host_swap_total_bytes() == 0:
-        return "balloonlab needs swap enabled on the host (ballooned guests page out to swap; swapon)"
-    try:
-        cgroups.memory_cgroup_version()
-    except cgroups.CgroupSetupError as exc:
-        return f"balloonlab needs a memory cgroup controller: {exc}"
-    return None
-
-
-def free_loopback_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now (hostd's endpoints, its HTTP port)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the lab's process dies, however it dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def remove_stale_cgroups(prefix: str = CGROUP_PREFIX) -> list[Path]:
@@ -216,7 +186,7 @@ class Lab:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), environment.get("PYTHONPATH")]))
 
         def prepare() -> None:
-            _die_with_parent()
+            die_with_parent()
             if cgroup is not None:
                 (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 

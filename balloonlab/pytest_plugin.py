@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 
 from balloonlab.guest import Guest, Size
-from balloonlab.lab import Lab, lab_unavailable_reason
+from balloonlab.host import lab_unavailable_reason
+from balloonlab.lab import Lab
 
 LAB_KEY = pytest.StashKey["Lab"]()
 

@@ -125,7 +125,8 @@ def _apply(action: Action, lab: Any, guests: Mapping[str, Any]) -> None:
 
 def run_scenario(scenario: Scenario, out_dir: Path, junit_path: Path | None = None,
                  progress: Progress = print) -> ScenarioResult:
-    from balloonlab.lab import Lab, LabError, free_loopback_port
+    from balloonlab.host import free_loopback_port
+    from balloonlab.lab import Lab, LabError
 
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 import zmq
 
-from balloonlab.lab import free_loopback_port
+from balloonlab.host import free_loopback_port
 from guestagent.client import STATS_KEYS  # the names a real agent reports
 from hostd.client import CtlError
 from protocol import Hello, Status, encode

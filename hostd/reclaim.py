@@ -23,37 +23,29 @@ A "pageout" action (vswap_mode = "blind") pages out random resident pages of the
 processes (hostd/pageout.py) just before the "limit" action that holds the cgroup there; it
 changes nothing that must be undone (the pages fault back in), so it is not recorded.
 
-The record directory is created 0700 and must be owned by hostd's user and not group- or
-world-writable (else nothing is written, so nothing is squeezed); the temp file has a random
-name opened O_EXCL|O_NOFOLLOW. `recover()` acts only on targets this configuration names or
-Docker discovery finds (containers with the lab's label); other entries are logged and kept.
+The record's file and directory checks are hostd/vswap_record.py's (a directory another user
+could write to means nothing is written, so nothing is squeezed). `recover()` acts only on
+targets this configuration names or Docker discovery finds (containers with the lab's label);
+other entries are logged and kept.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 import random
-import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from hostd.cgroupfs import BackendError, CgroupfsBackend, TargetGone
 from hostd.docker_backend import PREFIX as DOCKER_PREFIX
 from hostd.docker_backend import DockerBackend
-from hostd.host_actions import ActionFailure, HostAction, HostVerb
+from hostd.host_actions import ActionFailure, CgroupReading, HostAction, HostBackend, HostVerb
 from hostd.pageout import PageoutResult
-from hostd.statefile import write_atomically
+from hostd.vswap_record import RECORD_FLAGS, RecordError, RecordFile, record_entry
 
 log = logging.getLogger(__name__)
 
-MIN_OWN_LIMIT_BYTES = 4096  # a recorded own limit outside these is not one hostd could have seen (S24)
-MAX_OWN_LIMIT_BYTES = 1 << 50
-_FLAGS = ("limited", "freezing", "frozen")
 _UNKNOWN = object()  # a limit that could not be read back
 
 
@@ -61,43 +53,12 @@ def _mib(limit: int | None) -> str:
     return "none" if limit is None else f"{limit >> 20} MiB"
 
 
-class RecordError(BackendError):
-    """The write-ahead record cannot be written: the action that needed it is refused."""
-
-
-@dataclass(frozen=True, slots=True)
-class CgroupReading:
-    usage_bytes: int
-    swap_bytes: int | None
-    own_limit_bytes: int | None  # the limit before hostd changed anything
-
-
-class HostBackend(Protocol):
-    def usage_bytes(self, target: str) -> tuple[int, int | None]: ...
-    def limit_bytes(self, target: str) -> int | None: ...
-    def set_limit_bytes(self, target: str, limit_bytes: int | None) -> None: ...
-    def set_frozen(self, target: str, frozen: bool) -> None: ...
-
-
-def _entry(raw: Any) -> dict[str, Any] | None:
-    """A record entry, normalised; None when it is not one hostd writes. Entries of the first
-    format ({"own_limit_bytes", "frozen"}) count as limited and, if frozen, as frozen."""
-    if not isinstance(raw, dict):
-        return None
-    own = raw.get("own_limit_bytes")
-    if own is not None and (type(own) is not int or not MIN_OWN_LIMIT_BYTES <= own <= MAX_OWN_LIMIT_BYTES):
-        return None
-    flags = {name: raw.get(name, name == "limited") for name in _FLAGS}
-    if not all(type(value) is bool for value in flags.values()):
-        return None
-    return {"own_limit_bytes": own, **flags}
-
-
 class HostReclaimer:
     def __init__(self, targets: dict[str, str], state_file: Path, cgroupfs: CgroupfsBackend,
                  docker: DockerBackend | None = None, docker_label: str = "", docker_label_filter: str = "") -> None:
         self.targets = dict(targets)  # vm → cgroup path or "docker:NAME" (discovery adds to it)
         self.state_file = state_file
+        self._file = RecordFile(state_file)
         self._cgroupfs = cgroupfs
         # With a lab label ("key=value"), hostd acts only on containers that carry it: the Docker
         # socket is root on the machine, and this keeps hostd from touching anything else.
@@ -113,7 +74,6 @@ class HostReclaimer:
         self._own_limits: dict[str, int | None] = {}  # target → its own limit (never one hostd set)
         self._set_by_us: dict[str, set[int]] = {}  # target → lowered limits hostd wrote since its own was seen
         self._failed: dict[tuple[str, str], str] = {}  # (vm, action) → the last failure
-        self._record_problem: str | None = None  # the last record write failure (logged once)
         self._rng = random.Random()  # blind host swap's page choice
         self.last_pageout: dict[str, PageoutResult] = {}  # target → what its last blind pageout took
 
@@ -123,107 +83,20 @@ class HostReclaimer:
     def backend(self, target: str) -> HostBackend:
         return self._docker if target.startswith(DOCKER_PREFIX) else self._cgroupfs
 
-    # ---- the write-ahead record -------------------------------------------------------
-    def _open_state_dir(self) -> int:
-        """The record's directory (created 0700), opened without following a symlink, and
-        checked: owned by hostd's user, writable by nobody else."""
-        directory = self.state_file.parent
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise RecordError(f"vswap record directory {directory}: {exc.strerror or exc}") from None
-        info = os.fstat(fd)
-        problem = None
-        if info.st_uid != os.geteuid():
-            problem = f"owned by uid {info.st_uid}, not hostd's ({os.geteuid()})"
-        elif info.st_mode & 0o022:
-            problem = f"mode {stat.S_IMODE(info.st_mode):o} lets others write to it (make it 0700)"
-        if problem is not None:
-            os.close(fd)
-            raise RecordError(f"vswap record directory {directory}: {problem}")
-        return fd
-
-    def _write(self) -> None:
-        """The record as it is now (foreign entries included), durably; RecordError if not."""
-        content = {**self._foreign, **self._record}
-        name = self.state_file.name
-        directory = self._open_state_dir()
-        try:
-            if not content:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=directory)
-                os.fsync(directory)  # the unlink itself survives a power loss
-            else:
-                write_atomically(directory, name, json.dumps(content, sort_keys=True).encode())
-        except OSError as exc:
-            raise RecordError(f"cannot write the vswap record {self.state_file}: {exc.strerror or exc}") from None
-        finally:
-            os.close(directory)
-        self._dirty = False
-        if content and self._record_problem is not None:  # (removing a file that is not there proves nothing)
-            log.info("vswap record %s writable again", self.state_file)
-            self._record_problem = None
-
+    # ---- the write-ahead record (its file: hostd/vswap_record.py) ----------------------
     def _save(self) -> None:
         """Write-ahead: before a guest is squeezed or frozen. Raises RecordError (logged once
         per reason) and the caller refuses the action."""
-        try:
-            self._write()
-        except RecordError as exc:
-            self._note_problem(str(exc))
-            raise
+        self._file.write({**self._foreign, **self._record})
+        self._dirty = False
 
     def _save_best_effort(self) -> None:
         """After a guest was put back (or a freeze confirmed): a failure here is logged, and
         retried at the next step; the file only holds more to undo than there is."""
         try:
-            self._write()
-        except RecordError as exc:
+            self._save()
+        except RecordError:
             self._dirty = True
-            self._note_problem(str(exc))
-
-    def _note_problem(self, problem: str) -> None:
-        if problem != self._record_problem:
-            log.error("%s: hostd will neither lower a limit nor freeze a guest until it can", problem)
-            self._record_problem = problem
-
-    def _load(self) -> dict[str, Any]:
-        """The previous hostd's record: {} when there is none or it cannot be trusted."""
-        try:
-            directory = self._open_state_dir()
-        except RecordError as exc:
-            log.error("%s: nothing recovered", exc)
-            return {}
-        try:
-            fd = os.open(self.state_file.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            log.error("vswap record %s unreadable (%s): nothing recovered", self.state_file, exc.strerror or exc)
-            return {}
-        finally:
-            os.close(directory)
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
-                log.error("vswap record %s is not a file only hostd's user can write (uid %d, mode %o): "
-                          "nothing recovered, and it will be replaced", self.state_file, info.st_uid,
-                          stat.S_IMODE(info.st_mode))
-                return {}
-            with os.fdopen(fd, "rb") as file:
-                fd = -1
-                record = json.loads(file.read(16 << 20))
-        except (OSError, ValueError) as exc:
-            log.error("vswap record %s unreadable (%s): nothing recovered", self.state_file, exc)
-            return {}
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        if not isinstance(record, dict):
-            log.error("vswap record %s is not a JSON object: nothing recovered", self.state_file)
-            return {}
-        return record
 
     def _known_for_recovery(self, record: dict[str, Any]) -> set[str]:
         known = set(self.targets.values())
@@ -238,10 +111,10 @@ class HostReclaimer:
         """Undo what a previous hostd left behind (it crashed, or was killed). Returns one line
         per target put back; those that cannot be put back stay recorded and are retried at
         every step; entries for targets this hostd does not know are logged and left alone."""
-        record = self._load()
+        record = self._file.load()
         known = self._known_for_recovery(record)
         for target, raw in record.items():
-            entry = _entry(raw)
+            entry = record_entry(raw)
             if target not in known:
                 log.error("vswap record names %r, which is neither configured nor a labelled container: "
                           "left alone (kept in %s)", target, self.state_file)
@@ -293,7 +166,7 @@ class HostReclaimer:
                     done.append("gone")
             except Exception as exc:
                 errors.append(f"limit: {exc}")
-        if not any(entry[name] for name in _FLAGS):
+        if not any(entry[name] for name in RECORD_FLAGS):
             del self._record[target]
             self._pending.discard(target)
         if errors != self._restore_errors.get(target, []):  # once per new reason, not every retry
@@ -366,7 +239,7 @@ class HostReclaimer:
         if self._foreign:
             known = set(self.targets.values())
             for target in [t for t in self._foreign if t in known]:
-                entry = _entry(self._foreign.pop(target))
+                entry = record_entry(self._foreign.pop(target))
                 self._dirty = True
                 if entry is not None and target not in self._record:
                     log.info("vswap record entry for %s: now a known target, restoring it", target)
@@ -487,7 +360,7 @@ class HostReclaimer:
 
     def _drop_if_done(self, target: str) -> None:
         entry = self._record[target]
-        if not any(entry[name] for name in _FLAGS):
+        if not any(entry[name] for name in RECORD_FLAGS):
             del self._record[target]
         self._save_best_effort()
 

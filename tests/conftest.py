@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from balloonlab.lab import free_loopback_port  # noqa: F401  (tests import it from here)
+from balloonlab.host import free_loopback_port  # noqa: F401  (tests import it from here)
 from cgroups import host_swap_total_bytes
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

@@ -196,9 +196,11 @@ def test_balloon_at_mctlmax_leaves_the_rest_to_host_swap(make_cgroup, tmp_path):
             agent = cgroup.python("-m", "guestagent", "--vm-id", "capped", "--host-endpoint", hostd.agent_endpoint,
                                   "--cgroup-path", str(cgroup.path), "--report-interval", "500ms", stderr=log)
         started = time.monotonic()
+        # Both in one snapshot: the balloon reaches its cap a balance period before the policy's
+        # next pass sets the swap target for the rest (a single read after the first raced).
         snapshot = hostd.wait_until(
-            lambda s: any(v["vm_id"] == "capped" and v["balloon_bytes"] == 64 * MiB for v in s["vms"]),
-            60, "the balloon at its 64 MiB cap")
+            lambda s: any(v["vm_id"] == "capped" and v["balloon_bytes"] == 64 * MiB and v["swap_target_bytes"] > 0
+                          for v in s["vms"]), 60, "the balloon at its 64 MiB cap and a swap target for the rest")
         capped = vm(snapshot, "capped")
         assert capped["has_agent"] and capped["balloon_max_bytes"] == 64 * MiB
         assert capped["swap_target_bytes"] > 0 and "beyond the balloon cap" in capped["reason"]
@@ -235,6 +237,7 @@ def test_reclaim_mode_gives_the_balloons_memory_to_the_host(make_cgroup, tmp_pat
             hostd.wait_until(lambda s: any(v["vm_id"] == "rec" and v["alive"] for v in s["vms"]), 20, "the agent")
             time.sleep(1)
             usage_before, available_before = cgroup.usage_bytes(), psutil.virtual_memory().available
+            unevictable_before = cgroup.stat().get("unevictable", 0)
             hostd.ctl("target", "rec", "256MiB")
             hostd.wait_until(lambda s: vm(s, "rec")["balloon_bytes"] == 256 * MiB, 60, "the balloon at 256 MiB")
             if reclaim == "true":
@@ -242,6 +245,8 @@ def test_reclaim_mode_gives_the_balloons_memory_to_the_host(make_cgroup, tmp_pat
                       "the limit lowered by the balloon")
             time.sleep(1)
             figures[reclaim] = {"usage": cgroup.usage_bytes() - usage_before,
+                                "unevictable": cgroup.stat().get("unevictable", 0) - unevictable_before,
+                                "balloon": vm(hostd.status(), "rec")["balloon_bytes"],
                                 "available": available_before - psutil.virtual_memory().available,
                                 "limit": backend.limit_bytes(cgroup.path.name)}
             assert agent.poll() is None
@@ -252,11 +257,12 @@ def test_reclaim_mode_gives_the_balloons_memory_to_the_host(make_cgroup, tmp_pat
             hostd.stop()
         assert backend.limit_bytes(cgroup.path.name) == 512 * MiB  # given back at exit
     off, on = figures["false"], figures["true"]
-    print(f"256 MiB balloon: guest cgroup grew {off['usage'] // MiB} MiB without reclaim mode, "
+    print(f"256 MiB balloon: guest cgroup grew {off['usage'] // MiB} MiB without reclaim mode "
+          f"({off['unevictable'] // MiB} MiB unevictable, balloon {off['balloon'] // MiB} MiB), "
           f"{on['usage'] // MiB} MiB with it (limit {on['limit'] // MiB} MiB); host MemAvailable fell "
           f"{off['available'] // MiB} vs {on['available'] // MiB} MiB")
     assert off["limit"] == 512 * MiB and on["limit"] == 256 * MiB  # the guest cannot take it back
-    assert off["usage"] >= 200 * MiB  # pinned: charged to the guest, held on the host (v1 usage is
-    # batched per CPU and the guest may drop some cache meanwhile, so not the full 256 MiB)
-    assert on["usage"] <= 32 * MiB  # handed back: the host has it
-    assert off["usage"] - on["usage"] >= 200 * MiB
+    # Without reclaim mode the pinned pages are charged to the guest: its unevictable LRU holds
+    # them (usage alone also moves with the cache the guest drops meanwhile: once 167 MiB in CI).
+    assert off["unevictable"] >= 256 * MiB - 16 * MiB  # the per-CPU LRU batches lag a little
+    assert on["usage"] <= 32 * MiB and on["unevictable"] <= 16 * MiB  # handed back: the host has it
