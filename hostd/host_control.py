@@ -84,15 +84,18 @@ class HostControlPlane:
         if not config.vswap:
             return actions
         step = max(1, config.vswap_step_bytes // PAGE_SIZE_BYTES)
+        # What lowered limits may give back this step, shared by all vms (vswap.LimitInput).
+        spare = [max(0, self.ctx.free_pages() - self.ctx.thresholds().high)]
         for vm in self.registry.vms.values():
             target = self.registry.host_targets.get(vm.vm_id)
             if target is None or vm.host.cgroup_limit_pages is None or not vm.alive:
                 continue
-            self._limit_actions(vm, target, step, now_ms, actions)
+            self._limit_actions(vm, target, step, now_ms, actions, spare)
             self._block_actions(vm, target, now_ms, actions)
         return actions
 
-    def _limit_actions(self, vm: VmRecord, target: str, step: int, now_ms: int, actions: list[HostAction]) -> None:
+    def _limit_actions(self, vm: VmRecord, target: str, step: int, now_ms: int, actions: list[HostAction],
+                       spare: list[int]) -> None:
         ctx, host = self.ctx, vm.host
         assert host.cgroup_limit_pages is not None
         link = vm.agent
@@ -110,8 +113,12 @@ class HostControlPlane:
             memsz_pages=ceiling, applied_limit_pages=host.vswap_limit_pages,
             usage_pages=host.cgroup_usage_pages, balloon_pages=0 if reclaim else vm.balloon_pages,
             reservation_pages=vm.reservation_pages,
-            swap_target_pages=swap_target, swap_due=vswap.swap_due(ctx.state, agent_usable))
+            swap_target_pages=swap_target, swap_due=vswap.swap_due(ctx.state, agent_usable),
+            spare_pages=None if reclaim else spare[0])
         decision = vswap.next_limit(limit_in, step)
+        if not limit_in.swap_due and host.vswap_limit_pages is not None:  # given back: less to spare for others
+            given = (ceiling if decision.limit_pages is None else decision.limit_pages) - host.vswap_limit_pages
+            spare[0] = max(0, spare[0] - max(0, given))
         if returned and decision.limit_pages is None:
             applied = host.vswap_limit_pages if host.vswap_limit_pages is not None else host.cgroup_limit_pages
             stepped = max(ceiling, applied - step)  # down by at most a step a second, as vswap does

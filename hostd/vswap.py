@@ -9,6 +9,13 @@ limit goes down at most `step_pages` below what the cgroup holds per balance ste
 below the vm's floor (its reservation plus the balloon's pinned pages, which cannot be
 swapped, plus a small working margin), and comes back up `step_pages` at a time once the
 target falls, until the original limit is restored.
+
+Once host swap is no longer due (the host back in the high state, or a balloon that can take
+over), a lowered limit is given back only out of the memory the host can spare above its high
+threshold (`spare_pages`): giving it all back at once let the guest refault what was swapped,
+the host fell straight back into the hard state, and the limit went down again — a second-long
+flap seen in the Fig. 7 experiment at τ = 0 (ESX's "back up only after significantly exceeding
+the higher threshold", §6.3).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ class LimitInput:
     reservation_pages: int
     swap_target_pages: int  # SWTGT from the policy
     swap_due: bool  # the state (and the agent's absence or refusal) says host swap applies now
+    spare_pages: int | None = None  # free host memory above the high threshold (None: not limited by it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +76,11 @@ def next_limit(inp: LimitInput, step_pages: int) -> LimitDecision:
         return LimitDecision(limit, f"swap target fell: limit → {limit} pages")
     if inp.applied_limit_pages is None:
         return LimitDecision(None, "no host swap due")
-    limit = max(floor, current + step_pages)
+    step = step_pages if inp.spare_pages is None else min(step_pages, max(0, inp.spare_pages))
+    if step == 0:
+        return LimitDecision(current, "no host swap due, but no memory to spare above the high threshold: "
+                                      "limit held")
+    limit = max(floor, current + step)
     if limit >= inp.memsz_pages:
         return LimitDecision(None, "pressure eased: original limit restored")
     return LimitDecision(limit, f"pressure eased: limit → {limit} pages")

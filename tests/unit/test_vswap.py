@@ -40,6 +40,14 @@ def test_host_swap_is_due_by_state(state, agent_usable, due):
     ({"swap_target_pages": 0}, None),
     ({"swap_due": False, "applied_limit_pages": 300 * MIB_PAGES}, 364 * MIB_PAGES),  # eased: back up a step at a time
     ({"swap_due": False, "applied_limit_pages": 480 * MIB_PAGES}, None),  # the last step restores the original
+    # eased, but given back only out of what the host can spare above its high threshold:
+    ({"swap_due": False, "applied_limit_pages": 300 * MIB_PAGES, "spare_pages": 10 * MIB_PAGES}, 310 * MIB_PAGES),
+    ({"swap_due": False, "applied_limit_pages": 300 * MIB_PAGES, "spare_pages": 0}, 300 * MIB_PAGES),  # held
+    ({"swap_due": False, "applied_limit_pages": 300 * MIB_PAGES, "spare_pages": 1 << 30}, 364 * MIB_PAGES),  # a step
+    ({"swap_due": False, "applied_limit_pages": 500 * MIB_PAGES, "spare_pages": 12 * MIB_PAGES}, None),  # restored
+    ({"swap_due": False, "spare_pages": 0}, None),  # nothing lowered: nothing to hold
+    # a target that fell is followed whatever the spare: the policy gave the vm more
+    ({"applied_limit_pages": 200 * MIB_PAGES, "usage_pages": 200 * MIB_PAGES, "spare_pages": 0}, 264 * MIB_PAGES),
 ])
 def test_limit_steps(overrides, limit):
     assert next_limit(limit_input(**overrides), STEP).limit_pages == limit
