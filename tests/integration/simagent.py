@@ -238,6 +238,17 @@ class SimAgent:
         body = self.status_body(**kwargs)
         return Status(**{**body, "stats": tuple(body["stats"])})
 
+    def status_refused(self, **kwargs: Any) -> bool:
+        """Would the protocol refuse this status (a typed field of the wrong type or out of range)?"""
+        import msgpack
+
+        try:
+            decode(msgpack.packb({"v": PROTOCOL_VERSION, "kind": "status", "seq": 1,
+                                  "body": self.status_body(**kwargs)}))
+        except ProtocolError:
+            return True
+        return False
+
     def status(self, **kwargs: Any) -> None:
         """Send a status; one the protocol would refuse (a typed field out of range) goes out
         as raw msgpack all the same, for the host to refuse."""
