@@ -226,6 +226,14 @@ def test_the_policy_reads_the_typed_fields_not_stats_of_the_same_names():
     assert vm.working_set.fast_current > vm.working_set.fast == 0.5  # the typed running period
 
 
+@pytest.mark.parametrize("usage", [256 * MiB + 4096, 2**50])  # valid on the wire, more than the vm has
+def test_typed_usage_is_capped_at_the_vms_memsz(usage):
+    h = Harness()
+    h.send("a", hello("a", memsz=256 * MiB))
+    assert h.send("a", status(usage=usage)) == []
+    assert h.core.vms["a"].consumed_pages == 256 * PAGES_PER_MiB
+
+
 @pytest.mark.parametrize(("state", "refused", "refusing"), [("idle", 0, False), ("refusing", 0, True),
                                                              ("idle", 10, True), ("inflating", 1, True)])
 def test_the_refusal_is_read_from_the_typed_fields(state, refused, refusing):
