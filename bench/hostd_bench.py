@@ -37,7 +37,6 @@ from hostd.client import CtlError
 from protocol import Hello, Status, encode
 from tests.integration.hostd_proc import HostdProcess
 
-CURRENT_RATIO_INDEX = STATS_KEYS.index("ws_current_ratio")
 FLOOR = r"""
 import sys, zmq
 ctx = zmq.Context()
@@ -69,10 +68,10 @@ class Simulator:
             sock.connect(endpoint)
             self.sockets.append(sock)
             stats: list[int | float | None] = [rng.randrange(1 << 28) for _ in STATS_KEYS]
-            stats[CURRENT_RATIO_INDEX] = rng.random()
             self.statuses.append(Status(balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle",
-                                        stats=tuple(stats), ws_touched_ratio=rng.random(), ws_method="referenced",
-                                        ws_period_ms=60000))
+                                        usage_bytes=rng.randrange(1 << 29), ws_touched_ratio=rng.random(),
+                                        ws_samples=1, ws_current_ratio=rng.random(), ws_method="referenced",
+                                        stats=tuple(stats)))
         # Encoded once: the simulator's own encode per send capped it at ~2,800 statuses/s
         # on this machine. hostd reads the seq only to answer with it.
         self.frames = [encode(status, 2) for status in self.statuses]

@@ -333,13 +333,13 @@ TARGET_SEQ_JUMP_PER_S = 100_000
 class HostTimings:
     report_interval_ms: int
     host_timeout_ms: int
-    sample_period_ms: int | None  # None: the welcome set none (or nothing usable): keep ours
+    sample_period_ms: int | None  # None: the welcome set none: keep ours
     floored: tuple[str, ...]  # the names a floor raised (logged by the caller)
 
 
-def welcome_timings(report_interval_ms: int, host_timeout_ms: int, sample_period: object) -> HostTimings:
-    """The periods a welcome asks for, each raised to its floor. `sample_period` comes from the
-    welcome's free-form settings map: only a plain int counts."""
+def welcome_timings(report_interval_ms: int, host_timeout_ms: int, sample_period_ms: int | None) -> HostTimings:
+    """The periods a welcome (or a later `settings`) asks for, each raised to its floor.
+    `sample_period_ms` None: the host sets none, the agent keeps its own."""
     floored: list[str] = []
 
     def floor(name: str, value: int, minimum: int) -> int:
@@ -350,10 +350,14 @@ def welcome_timings(report_interval_ms: int, host_timeout_ms: int, sample_period
 
     report = floor("report_interval_ms", report_interval_ms, MIN_REPORT_INTERVAL_MS)
     timeout = floor("host_timeout_ms", host_timeout_ms, MIN_HOST_TIMEOUT_MS)
-    sample: int | None = None
-    if isinstance(sample_period, int) and not isinstance(sample_period, bool) and sample_period > 0:
-        sample = floor("sample_period_ms", sample_period, MIN_SAMPLE_PERIOD_MS)
+    sample = None if sample_period_ms is None else floor("sample_period_ms", sample_period_ms,
+                                                         MIN_SAMPLE_PERIOD_MS)
     return HostTimings(report, timeout, sample, tuple(floored))
+
+
+def floor_sample_period(sample_period_ms: int) -> tuple[int, bool]:
+    """A pushed sampling period raised to the agent's floor: (period, whether it was raised)."""
+    return max(sample_period_ms, MIN_SAMPLE_PERIOD_MS), sample_period_ms < MIN_SAMPLE_PERIOD_MS
 
 
 TargetSeqVerdict = Literal["new", "stale", "absurd"]

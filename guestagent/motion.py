@@ -52,7 +52,7 @@ class Motion:
         self.inflate_paused_until_ms = 0
         self.last_refusal_transient: bool | None = None  # logs a refusal once per kind, not per second
         self.state: AgentState = "idle"
-        self.reclaim = False  # the host takes the balloon's memory (welcome's settings: "reclaim")
+        self.reclaim = False  # the host takes the balloon's memory (welcome.reclaim)
         self.lost_deflate_due_ms = 0
 
     # ---- the window --------------------------------------------------------------------

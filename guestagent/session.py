@@ -43,21 +43,25 @@ from protocol import (
     Message,
     ProtocolError,
     SetTarget,
+    Settings,
     Status,
     UnlockResult,
     Welcome,
     decode,
     stats_values,
 )
+from protocol.limits import MAX_MEMSZ_BYTES
 
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
 
-# The names of every status's stats array, declared once at hello.
-STATS_KEYS: tuple[str, ...] = (*READING_STATS_KEYS, "givable_bytes", "balloon_returned_bytes", "pressure_deflates",
-                               "ws_samples", "ws_current_ratio", "expired_requests", "absurd_target_seqs",
-                               *agent.WORKLOAD_REPORT_FIELDS.values())
+# The names of every status's informational stats array, declared once at hello. What the host
+# acts on travels in typed status fields instead (usage_bytes, ws_samples, ws_current_ratio...).
+TYPED_STATUS_FIELDS = frozenset({"usage_bytes"})
+STATS_KEYS: tuple[str, ...] = (*(key for key in READING_STATS_KEYS if key not in TYPED_STATUS_FIELDS),
+                               "givable_bytes", "balloon_returned_bytes", "pressure_deflates",
+                               "expired_requests", "absurd_target_seqs", *agent.WORKLOAD_REPORT_FIELDS.values())
 
 
 class AgentSession:
@@ -138,6 +142,8 @@ class AgentSession:
             return  # stale traffic from before a reconnect
         elif isinstance(message, SetTarget):
             self.motion.on_target(message.target_pages, message.target_seq, now)
+        elif isinstance(message, Settings):
+            self._on_settings(message, now)
         elif isinstance(message, LockResult):
             self.motion.on_lock_result(seq, message, now)
         elif isinstance(message, UnlockResult):
@@ -216,7 +222,7 @@ class AgentSession:
         reg.host_session = welcome.host_session_id
         reg.vm_secret = welcome.vm_secret
         timings = agent.welcome_timings(welcome.report_interval_ms, welcome.host_timeout_ms,
-                                        welcome.settings.get("sample_period_ms"))
+                                        welcome.sample_period_ms)
         if timings.floored:
             self.counters.floored_welcomes += 1
             log.warning("welcome asked for %s below the agent's floors: raised to report %d ms, host timeout %d ms, "
@@ -225,10 +231,9 @@ class AgentSession:
         s.report_interval_ms = timings.report_interval_ms
         s.host_timeout_ms = timings.host_timeout_ms
         motion.batch_limit = min(self.cfg.batch_pages, welcome.batch_limit_pages)
-        motion.reclaim = welcome.settings.get("reclaim") is True
+        motion.reclaim = welcome.reclaim
         if timings.sample_period_ms is not None:
-            s.ws_period_ms = timings.sample_period_ms  # the host's Mem.SamplePeriod governs
-            s.next_ws_ms = min(s.next_ws_ms, now + timings.sample_period_ms)
+            self._set_sample_period(timings.sample_period_ms, now)
         reg.hello_backoff_ms = 100
         s.next_report_ms = 0
         if new_session:
@@ -238,6 +243,24 @@ class AgentSession:
                  welcome.host_session_id, "new" if new_session else "same", s.report_interval_ms,
                  self.pinner.held_pages)
         motion.readopt(new_session, now)
+
+    def _on_settings(self, settings: Settings, now: int) -> None:
+        """A host setting changed while registered (balloonctl host sample_period=...)."""
+        period, floored = agent.floor_sample_period(settings.sample_period_ms)
+        if floored:
+            self.counters.floored_welcomes += 1
+            log.warning("host asked for a %d ms sample period: raised to the agent's floor of %d ms",
+                        settings.sample_period_ms, period)
+        if period != self.sampling.ws_period_ms:
+            log.info("host changed the sample period: %d → %d ms", self.sampling.ws_period_ms, period)
+        self._set_sample_period(period, now)
+
+    def _set_sample_period(self, period_ms: int, now: int) -> None:
+        """The host's Mem.SamplePeriod governs: the running period ends at the latest one new
+        period from now (a shorter period takes effect at once, a longer one at the next end)."""
+        s = self.sampling
+        s.ws_period_ms = period_ms
+        s.next_ws_ms = min(s.next_ws_ms, now + period_ms)
 
     # ---- the guest --------------------------------------------------------------------
     def due_check(self, now: int) -> bool:
@@ -358,22 +381,22 @@ class AgentSession:
         stats["pressure_deflates"] = self.counters.pressure_deflates
         stats["expired_requests"] = self.counters.expired_requests
         stats["absurd_target_seqs"] = self.counters.absurd_target_seqs
-        stats["ws_samples"] = s.ws_samples
         s.ws_current = current
-        if current is not None:
-            stats["ws_current_ratio"] = current.ratio
         if workload:
             stats.update(workload)
         last = s.last_ws
         method_source = last or current
+        usage = reading.usage_bytes if reading else None
         self.wire.send(Status(
             balloon_pages=self.pinner.held_pages, acked_target_seq=motion.target.seq,
             refused_pages=max(0, min(motion.target.refused_pages, self.memsz_bytes // PAGE_SIZE_BYTES)),
             agent_state=motion.state,
-            stats=stats_values(STATS_KEYS, {k: v for k, v in stats.items() if not isinstance(v, bool)}),
+            usage_bytes=None if usage is None else max(0, min(usage, MAX_MEMSZ_BYTES)),
             ws_touched_ratio=last.ratio if last else None,
-            ws_method=method_source.method if method_source else "none",
-            ws_period_ms=last.period_ms if last else 0,
+            ws_samples=s.ws_samples,
+            ws_current_ratio=current.ratio if current else None,
+            ws_method=method_source.method if method_source else "none",  # type: ignore[arg-type]
+            stats=stats_values(STATS_KEYS, {k: v for k, v in stats.items() if not isinstance(v, bool)}),
         ))
 
     def shutdown(self) -> int:

@@ -25,6 +25,7 @@ from protocol import (
     Message,
     ProtocolError,
     SetTarget,
+    Settings,
     Status,
     Unlock,
     UnlockResult,
@@ -95,7 +96,7 @@ class AgentPlane:
             return [(identity, ctx.error(ErrorCode.INTERNAL, "internal error; see hostd's log", seq))]
 
     def _dispatch(self, route: bytes, seq: int, message: Message, now_ms: int, user_id: str | None) -> Outgoing:
-        if message.plane != "agent" or isinstance(message, Welcome | SetTarget | LockResult | UnlockResult):
+        if message.plane != "agent" or isinstance(message, Welcome | Settings | SetTarget | LockResult | UnlockResult):
             raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not sent by agents")
         if isinstance(message, Hello):
             if self.agent_vm_ids is not None and message.vm_id not in self.agent_vm_ids.get(user_id or "", ()):
@@ -220,17 +221,12 @@ class AgentPlane:
                   held_pages=held, reregistration=existing is not None)
         log.info("vm %s joined: memsz %d MiB (claimed %d MiB), %s page numbers, holding %d pages", hello.vm_id,
                  vm.memsz_pages >> 8, hello.memsz_bytes >> 20, hello.page_kind, held)
-        config, settings = ctx.config, ctx.settings
+        config = ctx.config
         welcome = Welcome(
             host_session_id=ctx.session_id, report_interval_ms=config.report_interval_ms,
             host_timeout_ms=(config.lost_after_reports + 2) * config.report_interval_ms,
-            batch_limit_pages=config.batch_limit_pages,
-            settings={"idle_tax_ratio": settings.idle_tax_ratio,
-                      "sample_period_ms": settings.sample_period_ms,
-                      "balance_period_ms": settings.balance_period_ms,
-                      "ctl_max_percent": settings.ctl_max_percent, "state": ctx.state,
-                      "reclaim": link.reclaim},
-            vm_secret=link.vm_secret,
+            batch_limit_pages=config.batch_limit_pages, sample_period_ms=ctx.settings.sample_period_ms,
+            reclaim=link.reclaim, vm_secret=link.vm_secret,
         )
         ctx.request_recompute(f"{hello.vm_id} joined")
         return [(route, ctx.frame(welcome, seq))]
@@ -283,18 +279,18 @@ class AgentPlane:
             link.refusing = True
         elif balloon >= vm.targets.balloon_target_pages:
             link.refusing = False
-        usage = link.stat("usage_bytes")
+        # What the policy reads comes in typed, range-checked fields (the codec refused anything
+        # else); `stats` is informational (status document, logs).
+        usage = status.usage_bytes
         # Where hostd reads the vm's cgroup itself, that reading wins (observe_cgroup).
         consumed = min(usage // PAGE_SIZE_BYTES, vm.memsz_pages) \
-            if vm.host.cgroup_read_ms is None and isinstance(usage, int) else None
+            if vm.host.cgroup_read_ms is None and usage is not None else None
         self.registry.set_usage(vm, consumed_pages=consumed, balloon_pages=balloon)
-        samples = link.stat("ws_samples")
-        if status.ws_touched_ratio is not None and isinstance(samples, int) and samples > link.ws_samples_seen:
+        if status.ws_touched_ratio is not None and status.ws_samples > link.ws_samples_seen:
             vm.working_set = vm.working_set.with_period(status.ws_touched_ratio, ctx.gains)
-            link.ws_samples_seen = samples
-        current = link.stat("ws_current_ratio")
-        if isinstance(current, float | int) and 0.0 <= current <= 1.0:
-            vm.working_set = vm.working_set.with_current(float(current), ctx.gains)
+            link.ws_samples_seen = status.ws_samples
+        if status.ws_current_ratio is not None:
+            vm.working_set = vm.working_set.with_current(status.ws_current_ratio, ctx.gains)
         held = ctx.ledger.held_pages(vm.vm_id)
         if held != status.balloon_pages:
             link.mismatch_reports += 1

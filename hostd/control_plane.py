@@ -1,6 +1,7 @@
 """The control plane (balloonctl): status, vm settings, host settings and manual targets, with
 their validation, admission and authority; and the settings kept across restarts. A change
-returns its reply; the caller recomputes the targets it affects."""
+returns its reply and the frames it sends to agents (a changed sample period reaches every
+registered agent in a `settings` message); the caller recomputes the targets it affects."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from hostd import policy
 from hostd.config import VmDefaults
-from hostd.context import CoreContext, HostSettings
+from hostd.context import CoreContext, HostSettings, Outgoing
 from hostd.registry import VmRecord
 from protocol import (
     PAGE_SIZE_BYTES,
@@ -23,6 +24,7 @@ from protocol import (
     ProtocolError,
     SetHostParams,
     SetManualTarget,
+    Settings,
     SetVmParams,
     StatusReply,
     decode,
@@ -63,18 +65,23 @@ class ControlPlane:
                                 "changes need an operator key (CURVE) or the ipc:// control socket; "
                                 "hostd has no control token")
 
-    def change(self, message: Message, now_ms: int, operator: bool) -> tuple[str, dict[str, Any], str]:
-        """Apply a change request: (detail, data, the trigger for the recompute it needs)."""
+    def change(self, message: Message, now_ms: int, operator: bool) -> tuple[str, dict[str, Any], str, Outgoing]:
+        """Apply a change request: (detail, data, the trigger for the recompute it needs, the
+        frames to agents it causes)."""
         if message.plane != "control" or isinstance(message, StatusReply | ControlOk | GetStatus):
             raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not a control request")
+        to_agents: Outgoing = []
         if isinstance(message, SetVmParams):
             self.authorize(message, operator)
             detail, data = self.set_vm_params(message, now_ms)
             trigger = f"{message.vm_id} settings changed"
         elif isinstance(message, SetHostParams):
             self.authorize(message, operator)
+            before = self.ctx.settings.sample_period_ms
             detail, data = self.set_host_params(message, now_ms)
             trigger = "host settings changed"
+            if self.ctx.settings.sample_period_ms != before:
+                to_agents = self.push_settings()
         elif isinstance(message, SetManualTarget):
             self.authorize(message, operator)
             detail, data = self.set_manual_target(message, now_ms)
@@ -83,7 +90,15 @@ class ControlPlane:
             raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not handled")
         self.settings_dirty = True
         self.ctx.snapshot_cache = None
-        return detail, data, trigger
+        return detail, data, trigger, to_agents
+
+    def push_settings(self) -> Outgoing:
+        """The settings agents act on, as they are now, to every registered agent (the same
+        values a welcome gives a newcomer)."""
+        ctx = self.ctx
+        message = Settings(sample_period_ms=ctx.settings.sample_period_ms)
+        links = [vm.agent for vm in self.registry.vms.values() if vm.alive and vm.agent is not None]
+        return [(link.route, ctx.frame(message)) for link in links]
 
     def _vm(self, vm_id: str) -> VmRecord:
         vm = self.registry.vms.get(vm_id)

@@ -157,8 +157,8 @@ class HostCore:
             if isinstance(message, GetStatus):
                 document = cast(dict[str, Any], self.cached_snapshot(now_ms))
                 return ctx.frame(StatusReply(snapshot=document), seq, MAX_CONTROL_FRAME_BYTES), []
-            detail, data, trigger = self.control.change(message, now_ms, operator)
-            out = self.recompute(now_ms, trigger)
+            detail, data, trigger, out = self.control.change(message, now_ms, operator)
+            out += self.recompute(now_ms, trigger)
             return ctx.frame(ControlOk(detail=detail, data=data), seq), out
         except ProtocolError as exc:
             ctx.protocol_errors[exc.code.name] += 1

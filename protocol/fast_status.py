@@ -42,10 +42,12 @@ if msgspec is not None:
         acked_target_seq: int
         refused_pages: int
         agent_state: str
-        stats: list[int | float | None]
+        usage_bytes: int | None
         ws_touched_ratio: float | None
-        ws_method: str
-        ws_period_ms: int
+        ws_samples: int
+        ws_current_ratio: float | None
+        ws_method: str  # Status checks it is one of WS_METHODS
+        stats: list[int | float | None]
 
     class _StatusFrame(msgspec.Struct, forbid_unknown_fields=True):
         v: int
@@ -70,13 +72,16 @@ def decode_status(frame: bytes) -> tuple[int, Status] | None:
     if (raw.v != PROTOCOL_VERSION or raw.kind != "status" or not 0 <= raw.seq <= MAX_SEQ
             or len(body.agent_state) > MAX_TEXT_CHARS or len(body.ws_method) > MAX_TEXT_CHARS
             or (body.ws_touched_ratio is not None and not math.isfinite(body.ws_touched_ratio))
+            or (body.ws_current_ratio is not None and not math.isfinite(body.ws_current_ratio))
             or not all(map(math.isfinite, cast("Iterator[float]", filter(float.__instancecheck__, stats))))):
         return None
     try:
         message = Status(balloon_pages=body.balloon_pages, acked_target_seq=body.acked_target_seq,
-                         refused_pages=body.refused_pages, agent_state=body.agent_state, stats=tuple(stats),
-                         ws_touched_ratio=body.ws_touched_ratio, ws_method=body.ws_method,
-                         ws_period_ms=body.ws_period_ms)
+                         refused_pages=body.refused_pages, agent_state=body.agent_state,
+                         usage_bytes=body.usage_bytes, ws_touched_ratio=body.ws_touched_ratio,
+                         ws_samples=body.ws_samples, ws_current_ratio=body.ws_current_ratio,
+                         ws_method=body.ws_method,  # type: ignore[arg-type]  # checked by Status
+                         stats=tuple(stats))
     except ProtocolError:
         return None
     return raw.seq, message

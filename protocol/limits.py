@@ -1,4 +1,4 @@
-"""Numeric limits of protocol version 1. A peer that exceeds one gets an error reply.
+"""Numeric limits of the protocol. A peer that exceeds one gets an error reply.
 
 The frame limit is also set on every socket as ZMQ_MAXMSGSIZE, so an oversized frame is
 dropped by libzmq before Python sees it.
@@ -6,7 +6,8 @@ dropped by libzmq before Python sees it.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 3  # 2: stats as an array named once by hello.stats_keys; 3: vm secrets, control tokens
+PROTOCOL_VERSION = 4  # 2: stats as an array named once by hello.stats_keys; 3: vm secrets, control tokens;
+# 4: what the policy reads typed in status, behaviour-bearing settings typed in welcome and pushed (settings)
 
 PAGE_SIZE_BYTES = 4096
 PAGES_PER_MIB = (1 << 20) // PAGE_SIZE_BYTES

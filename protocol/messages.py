@@ -1,4 +1,4 @@
-"""Every message kind of protocol version 1: one frozen dataclass each, validated on creation.
+"""Every message kind of the protocol (version in protocol.limits): one frozen dataclass each, validated on creation.
 
 Each class docstring is the message's spec: direction, body fields with units, and the reply.
 Bodies are msgpack maps whose keys are exactly the dataclass field names (unknown or missing
@@ -54,6 +54,8 @@ HOST_PARAM_KEYS = frozenset(
 )
 SHARE_LEVELS = ("low", "normal", "high")
 AGENT_STATES = ("idle", "inflating", "deflating", "refusing", "pressure_deflate", "host_lost")
+WsMethod = Literal["referenced", "active_lru", "none"]
+WS_METHODS: tuple[WsMethod, ...] = ("referenced", "active_lru", "none")
 
 
 def _invalid(detail: str) -> ProtocolError:
@@ -215,7 +217,11 @@ class Welcome(Message):
     host_session_id: changes each time hostd starts (agents detect a new host by it).
     report_interval_ms: how often to send status. host_timeout_ms: the agent treats the host
     as gone after this long without any message. batch_limit_pages: max pages per lock/unlock.
-    settings: informational host settings (idle tax, periods...) for the agent's log.
+    sample_period_ms: the host's working-set sampling period (Mem.SamplePeriod): the agent
+    samples at it (raised to its floor); None: the host sets none and the agent keeps its own.
+    Changes later arrive in `settings`. reclaim: once a lock is OK, the agent hands the
+    batch's memory back (munlock + MADV_DONTNEED) and keeps its pages in the balloon; the host
+    lowers the guest's limit by the balloon. Fixed for the registration.
     vm_secret: a fresh random secret for this registration: the agent presents it in its
     next hello (after a reconnect) to show it is the same agent. Only this agent's
     connection ever sees it; it appears in no status output.
@@ -228,7 +234,8 @@ class Welcome(Message):
     report_interval_ms: int
     host_timeout_ms: int
     batch_limit_pages: int
-    settings: dict[str, Scalar]
+    sample_period_ms: int | None
+    reclaim: bool
     vm_secret: str
 
     def __post_init__(self) -> None:
@@ -238,6 +245,24 @@ class Welcome(Message):
         _check_range("report_interval_ms", self.report_interval_ms, 10, MAX_INTERVAL_MS)
         _check_range("host_timeout_ms", self.host_timeout_ms, 10, MAX_INTERVAL_MS)
         _check_range("batch_limit_pages", self.batch_limit_pages, 1, MAX_PAGES_PER_MESSAGE)
+        if self.sample_period_ms is not None:
+            _check_range("sample_period_ms", self.sample_period_ms, 10, MAX_INTERVAL_MS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings(Message):
+    """host → agent, whenever a host setting the agent acts on changes (`balloonctl host
+    sample_period=...`): sent to every registered agent, which applies it at once as it would
+    a welcome's. sample_period_ms: the new working-set sampling period (the running period
+    ends at the latest one new period from now). Reply: none.
+    """
+
+    kind: ClassVar[str] = "settings"
+    plane: ClassVar[Literal["agent", "control"]] = "agent"
+    sample_period_ms: int
+
+    def __post_init__(self) -> None:
+        _check_range("sample_period_ms", self.sample_period_ms, 10, MAX_INTERVAL_MS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -331,14 +356,19 @@ class UnlockResult(_RangeResults):
 class Status(Message):
     """agent → host, every report interval (default 1 s); also serves as heartbeat.
 
+    What the host's policy reads is typed:
     balloon_pages: pages pinned now (MCTLSZ). acked_target_seq: newest target acted on.
-    refused_pages: pages the guest could not give (no-OOM guard) since the last target.
-    agent_state: one of AGENT_STATES. stats: guest statistics, one value per name of the
-    hello's `stats_keys`, in that order (names in protocol/README.md); None = unknown (never
-    0 for unknown). A host refuses a status whose array does not match (INVALID_FIELD).
-    ws_touched_ratio: fraction of the guest's memory touched during the last sampling period,
-    None before the first period. ws_method: how it was measured ("referenced",
-    "active_lru", "none"). ws_period_ms: period length.
+    refused_pages: pages the guest could not give (no-OOM guard) or the host refused since the
+    target was set; agent_state: one of AGENT_STATES ("refusing": it declines to inflate).
+    usage_bytes: the guest's memory usage (its cgroup's memory.current; the balloon's pinned
+    pages included), None before the first reading; ≤ 2^50 on the wire, capped at memsz by the
+    host. ws_touched_ratio: fraction of the guest's memory touched during the last completed
+    sampling period, None before the first; ws_samples: completed periods so far (the host
+    averages each period once); ws_current_ratio: the running period so far, None when unknown;
+    ws_method: how they were measured (one of WS_METHODS).
+    stats: informational guest statistics (shown, logged, never acted on), one value per name
+    of the hello's `stats_keys`, in that order (names in protocol/README.md); None = unknown
+    (never 0 for unknown). A host refuses a status whose array does not match (INVALID_FIELD).
     Reply: none.
     """
 
@@ -348,10 +378,12 @@ class Status(Message):
     acked_target_seq: int
     refused_pages: int
     agent_state: str
-    stats: tuple[int | float | None, ...]
+    usage_bytes: int | None
     ws_touched_ratio: float | None
-    ws_method: str
-    ws_period_ms: int
+    ws_samples: int
+    ws_current_ratio: float | None
+    ws_method: WsMethod
+    stats: tuple[int | float | None, ...]
 
     def __post_init__(self) -> None:
         _check_range("balloon_pages", self.balloon_pages, 0, MAX_PAGES)
@@ -361,9 +393,15 @@ class Status(Message):
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"stats: more than {MAX_MAP_ENTRIES} values")
         if self.agent_state not in AGENT_STATES:
             raise _invalid(f"agent_state {self.agent_state!r} not one of {AGENT_STATES}")
+        if self.usage_bytes is not None:
+            _check_range("usage_bytes", self.usage_bytes, 0, MAX_MEMSZ_BYTES)
         if self.ws_touched_ratio is not None:
             _check_range("ws_touched_ratio", self.ws_touched_ratio, 0.0, 1.0)
-        _check_range("ws_period_ms", self.ws_period_ms, 0, MAX_INTERVAL_MS)
+        _check_range("ws_samples", self.ws_samples, 0, MAX_SEQ)
+        if self.ws_current_ratio is not None:
+            _check_range("ws_current_ratio", self.ws_current_ratio, 0.0, 1.0)
+        if self.ws_method not in WS_METHODS:
+            raise _invalid(f"ws_method {str(self.ws_method)[:40]!r} not one of {WS_METHODS}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -539,6 +577,7 @@ KINDS: dict[str, type[Message]] = {
     for cls in (
         Hello,
         Welcome,
+        Settings,
         SetTarget,
         Lock,
         Unlock,

@@ -33,8 +33,10 @@ from protocol import (
     Message,
     PageRanges,
     RangeStatus,
+    SetHostParams,
     SetManualTarget,
     SetTarget,
+    Settings,
     Status,
     Unlock,
     UnlockResult,
@@ -50,15 +52,15 @@ MEMSZ = 256 * MiB
 MEMSZ_PAGES = MEMSZ // PAGE
 REPORT_MS = 1000
 BATCH = 512
-STATS_KEYS = ("usage_bytes", "ws_samples", "ws_current_ratio")
+STATS_KEYS = ("swap_used_bytes", "major_faults")  # informational; what hostd acts on is typed
 TOKEN = "t0ken-for-contract-tests-0123456789"
 
 # What MiniHost does not do like hostd, and why that is fine for the agent tests that use it.
 DEVIATIONS = {
-    "welcome_settings": "MiniHost's welcome carries only the settings a test gives it (hostd always sends "
-                        "sample_period_ms, idle_tax_ratio, balance_period_ms, ctl_max_percent, state, reclaim): "
-                        "agent tests choose the agent's own periods on its command line. The agent reads only "
-                        "sample_period_ms (absent: its own) and reclaim (absent: False), checked below.",
+    "welcome_settings": "MiniHost's welcome carries the sample period a test gives it (default None: the agent "
+                        "keeps its own, chosen on its command line); hostd always sends its sample_period_ms. "
+                        "reclaim is False on both unless a test asks for it (hostd: only with vswap and "
+                        "reclaim_mode), checked below.",
     "policy": "MiniHost has no policy: targets come only from the test (hostd's policy sends a first target at "
               "its next recompute after a join, 0 on an undercommitted host). The target an agent is driven "
               "to agrees (checked: `effective_target`).",
@@ -83,9 +85,10 @@ def hello(vm_id: str = "a", held: int = 0, session: str | None = None, secret: s
                  stats_keys=stats_keys, vm_secret=secret)
 
 
-def status(balloon_pages: int = 0, stats: tuple = (100 * MiB, 0, None)) -> Status:
+def status(balloon_pages: int = 0, stats: tuple = (0, None)) -> Status:
     return Status(balloon_pages=balloon_pages, acked_target_seq=0, refused_pages=0, agent_state="idle",
-                  stats=stats, ws_touched_ratio=None, ws_method="referenced", ws_period_ms=1000)
+                  usage_bytes=100 * MiB, ws_touched_ratio=None, ws_samples=0, ws_current_ratio=None,
+                  ws_method="referenced", stats=stats)
 
 
 def lock(start: int, count: int, adopt: bool = False) -> Lock:
@@ -116,6 +119,9 @@ class Host:
     def _target(self, vm_id: str, pages: int) -> Out:
         raise NotImplementedError
 
+    def _sample_period(self, period_ms: int) -> Out:
+        raise NotImplementedError
+
     def ledger_pages(self, vm_id: str) -> int:
         raise NotImplementedError
 
@@ -130,6 +136,10 @@ class Host:
     def set_target(self, vm_id: str, pages: int) -> None:
         self._deliver(self._target(vm_id, pages))
 
+    def set_sample_period(self, period_ms: int) -> None:
+        """The operator changes the host's sample period (hostd: balloonctl host sample_period=...)."""
+        self._deliver(self._sample_period(period_ms))
+
     def connect(self, name: str) -> Peer:
         return Peer(self, b"\x00" + name.encode())
 
@@ -137,10 +147,10 @@ class Host:
 class MiniHostAdapter(Host):
     name = "minihost"
 
-    def __init__(self, context: zmq.Context, settings: dict | None = None) -> None:
+    def __init__(self, context: zmq.Context, sample_period_ms: int | None = None) -> None:
         super().__init__()
         self.mini = MiniHost(context, session_id="sess", report_interval_ms=REPORT_MS, batch_limit_pages=BATCH,
-                             settings=settings)
+                             sample_period_ms=sample_period_ms)
         self.session_id = "sess"
 
     def _handle(self, route: bytes, frame: bytes) -> Out:
@@ -148,6 +158,9 @@ class MiniHostAdapter(Host):
 
     def _target(self, vm_id: str, pages: int) -> Out:
         return self.mini.target_frames(vm_id, pages)
+
+    def _sample_period(self, period_ms: int) -> Out:
+        return self.mini.settings_frames(period_ms)
 
     def ledger_pages(self, vm_id: str) -> int:
         return len(self.mini.ledger.get(vm_id.encode(), ()))
@@ -171,6 +184,12 @@ class HostCoreAdapter(Host):
 
     def _target(self, vm_id: str, pages: int) -> Out:
         reply, out = self.core.handle_control(encode(SetManualTarget(vm_id=vm_id, balloon_target_pages=pages), 1),
+                                              self.now, operator=True)
+        assert isinstance(decode(reply).message, ControlOk), decode(reply).message
+        return out + self.core.tick(self.now)
+
+    def _sample_period(self, period_ms: int) -> Out:
+        reply, out = self.core.handle_control(encode(SetHostParams(params={"sample_period_ms": period_ms}), 1),
                                               self.now, operator=True)
         assert isinstance(decode(reply).message, ControlOk), decode(reply).message
         return out + self.core.tick(self.now)
@@ -268,9 +287,8 @@ def test_welcome_fields_the_agent_reads(host):
     assert welcome.host_timeout_ms == (3 + 2) * REPORT_MS  # hostd: (lost_after_reports + 2) × report
     assert welcome.batch_limit_pages == BATCH
     assert isinstance(welcome.vm_secret, str) and len(welcome.vm_secret) >= 16
-    assert welcome.settings.get("reclaim", False) is False  # the agent reads `is True`
-    sample = welcome.settings.get("sample_period_ms")
-    assert sample is None or (isinstance(sample, int) and sample > 0)
+    assert welcome.reclaim is False
+    assert welcome.sample_period_ms is None or welcome.sample_period_ms >= 10
     assert peer.effective_target()[0] == 0  # nothing to inflate yet (hostd: its policy says 0)
 
 
@@ -352,7 +370,9 @@ BAD_FRAMES = {
     "not-msgpack": b"\xc1",
     "set_target-from-an-agent": encode(SetTarget(target_pages=1, target_seq=1), 1),
     "welcome-from-an-agent": encode(Welcome(host_session_id="x", report_interval_ms=1000, host_timeout_ms=5000,
-                                            batch_limit_pages=512, settings={}, vm_secret="s" * 16), 1),
+                                            batch_limit_pages=512, sample_period_ms=None, reclaim=False,
+                                            vm_secret="s" * 16), 1),
+    "settings-from-an-agent": encode(Settings(sample_period_ms=1000), 1),
 }
 
 
@@ -374,7 +394,7 @@ def test_status_is_unanswered(host):
 
 def test_a_status_with_the_wrong_number_of_stats_is_invalid(host):
     peer, _ = registered(host)
-    assert peer.error(status(stats=(1, 2))) == ErrorCode.INVALID_FIELD
+    assert peer.error(status(stats=(1, 2, 3))) == ErrorCode.INVALID_FIELD
 
 
 def test_lock_verdicts_per_range(host):
@@ -465,6 +485,24 @@ def test_a_target_for_a_vm_reaches_only_its_connection(host):
     assert a.effective_target()[0] == 123
 
 
+# ---- settings pushed to live agents (protocol v4) -------------------------------------------------
+def test_a_changed_sample_period_reaches_every_registered_agent_and_later_welcomes(host):
+    a, _ = registered(host, "a")
+    b, _ = registered(host, "b")
+    gone, _ = registered(host, "gone")
+    assert gone.send(Bye(reason="done")) == []
+    stranger = host.connect("stranger")
+    for peer in (a, b, gone, stranger):
+        peer.take()
+    host.set_sample_period(5_000)
+    for peer in (a, b):
+        assert [m.sample_period_ms for m in peer.take() if isinstance(m, Settings)] == [5_000]
+    assert gone.take() == [] and stranger.take() == []
+    _, welcome = registered(host, "c")
+    assert welcome.sample_period_ms == 5_000  # a newcomer gets the same value in its welcome
+    assert a.send(status()) == []  # and nothing else changed for the live ones
+
+
 # ---- bye ---------------------------------------------------------------------------------------
 def test_bye_is_unanswered_then_the_connection_is_nobody_and_the_ledger_gone(host):
     peer, _ = registered(host)
@@ -482,10 +520,10 @@ def test_recorded_deviation_welcome_settings(context):
     mini, core = MiniHostAdapter(context), HostCoreAdapter()
     _, from_mini = registered(mini)
     _, from_core = registered(core)
-    assert from_mini.settings == {}
-    assert {"sample_period_ms", "reclaim"} <= set(from_core.settings)
-    given = MiniHostAdapter(context, settings={"sample_period_ms": from_core.settings["sample_period_ms"]})
-    assert registered(given)[1].settings["sample_period_ms"] == from_core.settings["sample_period_ms"]
+    assert from_mini.sample_period_ms is None and from_core.sample_period_ms == HostConfig().sample_period_ms
+    assert from_mini.reclaim is from_core.reclaim is False
+    given = MiniHostAdapter(context, sample_period_ms=from_core.sample_period_ms)
+    assert registered(given)[1].sample_period_ms == from_core.sample_period_ms
     mini.mini.close()
     given.mini.close()
 

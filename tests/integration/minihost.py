@@ -10,7 +10,10 @@ ledger), anything else gets CONFLICT. Replies go to the routing id the request c
 `target_pages` stay keyed by the vm id (as bytes). Test knobs: `refuse_locks`,
 `drop_replies` (lock/unlock replies to drop, like hostd's EAGAIN drop), `forget()` (the vm's
 connection no longer registered: NOT_REGISTERED) and `reopen()` (every connection drops,
-the host's state stays).
+the host's state stays). The welcome's typed settings (protocol v4) are the test's:
+`sample_period_ms` (None by default: the agent keeps its own period) and `reclaim`;
+`push_settings(sample_period_ms)` sends a `settings` message to every registered connection,
+as hostd does when `balloonctl host sample_period=...` changes it.
 
 Kept honest by tests/contract/test_host_contract.py, which runs the same conversations over
 this and hostd.core.HostCore through `handle_agent(route, frame)` (the same signature as
@@ -43,6 +46,7 @@ from protocol import (
     RangeResult,
     RangeStatus,
     SetTarget,
+    Settings,
     Status,
     Unlock,
     UnlockResult,
@@ -56,8 +60,8 @@ from protocol import (
 class MiniHost:
     def __init__(self, context: zmq.Context, session_id: str = "mini-1", report_interval_ms: int = 200,
                  port: int | None = None, curve_secret_key: bytes | None = None,
-                 host_timeout_ms: int | None = None, settings: dict | None = None, lost_after_reports: int = 3,
-                 batch_limit_pages: int = 512, ctl_max_percent: int = 65) -> None:
+                 host_timeout_ms: int | None = None, sample_period_ms: int | None = None, reclaim: bool = False,
+                 lost_after_reports: int = 3, batch_limit_pages: int = 512, ctl_max_percent: int = 65) -> None:
         self.context = context
         self._curve_secret_key = curve_secret_key
         self._bind(port)
@@ -68,7 +72,8 @@ class MiniHost:
                                 else host_timeout_ms)
         self.batch_limit_pages = batch_limit_pages
         self.ctl_max_percent = ctl_max_percent
-        self.settings = settings or {}
+        self.sample_period_ms = sample_period_ms
+        self.reclaim = reclaim
         self.hellos: list[Hello] = []
         self.welcomes: list[Welcome] = []
         self.statuses: list[Status] = []
@@ -164,6 +169,17 @@ class MiniHost:
             self._send(route, SetTarget(target_pages=target_pages, target_seq=seq))
         return self._flush()
 
+    def push_settings(self, sample_period_ms: int) -> None:
+        """A host setting changed: every registered connection is sent the new settings."""
+        self._transmit(self.settings_frames(sample_period_ms))
+
+    def settings_frames(self, sample_period_ms: int) -> list[tuple[bytes, bytes]]:
+        """`push_settings` without the socket: the (routing id, frame) pairs it sends."""
+        self.sample_period_ms = sample_period_ms
+        for route in self.vm_routes.values():
+            self._send(route, Settings(sample_period_ms=sample_period_ms))
+        return self._flush()
+
     def _hello(self, route: bytes, seq: int, hello: Hello) -> None:
         self.hellos.append(hello)
         vm_id = hello.vm_id
@@ -193,7 +209,8 @@ class MiniHost:
         self.vm_hellos[vm_id] = hello
         welcome = Welcome(host_session_id=self.session_id, report_interval_ms=self.report_interval_ms,
                           host_timeout_ms=self.host_timeout_ms, batch_limit_pages=self.batch_limit_pages,
-                          settings=dict(self.settings), vm_secret=self.vm_secrets[vm_id])
+                          sample_period_ms=self.sample_period_ms, reclaim=self.reclaim,
+                          vm_secret=self.vm_secrets[vm_id])
         self.welcomes.append(welcome)
         self._send(route, welcome, seq)
         if self.vm_target_seq.get(identity):
@@ -240,7 +257,7 @@ class MiniHost:
         return RangeStatus.OK
 
     def handle(self, route: bytes, seq: int, message: Message) -> None:
-        if message.plane != "agent" or isinstance(message, Welcome | SetTarget | LockResult | UnlockResult):
+        if message.plane != "agent" or isinstance(message, Welcome | Settings | SetTarget | LockResult | UnlockResult):
             raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not sent by agents")
         if isinstance(message, Hello):
             self._hello(route, seq, message)

@@ -1,4 +1,4 @@
-"""A simulated balloon agent that speaks protocol v3 correctly: the honest peer of the attack tests.
+"""A simulated balloon agent that speaks protocol v4 correctly: the honest peer of the attack tests.
 
     agent = SimAgent(endpoint, "web")          # a DEALER with no routing id of its own
     agent.hello()                              # -> Welcome (keeps vm_secret and the session id)
@@ -40,6 +40,7 @@ from protocol import (
     LockResult,
     Message,
     PageRanges,
+    ProtocolError,
     RangeStatus,
     SetTarget,
     Status,
@@ -49,12 +50,13 @@ from protocol import (
     decode,
     encode,
 )
-from protocol.limits import PAGE_SIZE_BYTES
+from protocol.limits import PAGE_SIZE_BYTES, PROTOCOL_VERSION
 from protocol.messages import stats_values
 
 MiB = 1 << 20
-STATS_KEYS: tuple[str, ...] = ("usage_bytes", "swap_used_bytes", "swap_in_pages", "swap_out_pages", "major_faults",
-                               "ws_samples", "ws_current_ratio", "workload_ops")
+# What hostd's policy reads travels in typed status fields; the rest in the informational stats.
+TYPED_STATUS_FIELDS: tuple[str, ...] = ("usage_bytes", "ws_samples", "ws_current_ratio")
+STATS_KEYS: tuple[str, ...] = ("swap_used_bytes", "swap_in_pages", "swap_out_pages", "major_faults", "workload_ops")
 REQUEST_TIMEOUT_MS = 5_000  # a lock the host never answers within this counts as a timeout (the audit's figure)
 
 
@@ -176,7 +178,7 @@ class SimAgent:
     # ---- the protocol -------------------------------------------------------------------------
     def hello_message(self, *, held_pages: int | None = None, session_id: str | None = None,
                       vm_secret: str | None = None, memsz_bytes: int | None = None) -> Hello:
-        return Hello(vm_id=self.vm_id, memsz_bytes=memsz_bytes or self.memsz_bytes, agent_version="simagent/3",
+        return Hello(vm_id=self.vm_id, memsz_bytes=memsz_bytes or self.memsz_bytes, agent_version="simagent/4",
                      page_kind=self.page_kind, supports_2m=False, cgroup_version=2, max_batch_pages=512,
                      held_pages=self.held_pages if held_pages is None else held_pages,
                      last_host_session_id=session_id, stats_keys=STATS_KEYS, vm_secret=vm_secret)
@@ -216,20 +218,48 @@ class SimAgent:
         held = PageRanges.from_ranges(self.held)
         return [self.request(Lock(pages=chunk, adopt=True)) for chunk in held.split(512)] if held else []
 
-    def status_message(self, *, stats: dict[str, int | float | None] | None = None, touched: float | None = 0.3,
-                       state: str = "idle", balloon_pages: int | None = None) -> Status:
+    def status_body(self, *, stats: dict[str, int | float | None] | None = None, touched: float | None = 0.3,
+                    state: str = "idle", balloon_pages: int | None = None) -> dict[str, Any]:
+        """A status body as it goes on the wire: `stats` names typed fields (usage_bytes,
+        ws_samples, ws_current_ratio) or informational stats alike, unchecked (an attack may
+        send what a real agent never would)."""
         values: dict[str, int | float | None] = {
             "usage_bytes": self.memsz_bytes // 2, "swap_used_bytes": 0, "swap_in_pages": 0, "swap_out_pages": 0,
             "major_faults": 0, "ws_samples": 1, "ws_current_ratio": None, "workload_ops": 0,
         }
         values.update(stats or {})
-        return Status(balloon_pages=self.held_pages if balloon_pages is None else balloon_pages,
-                      acked_target_seq=0, refused_pages=0, agent_state=state,
-                      stats=stats_values(STATS_KEYS, values), ws_touched_ratio=touched, ws_method="referenced",
-                      ws_period_ms=1000)
+        return {"balloon_pages": self.held_pages if balloon_pages is None else balloon_pages,
+                "acked_target_seq": 0, "refused_pages": 0, "agent_state": state,
+                **{name: values[name] for name in TYPED_STATUS_FIELDS},
+                "ws_touched_ratio": touched, "ws_method": "referenced",
+                "stats": list(stats_values(STATS_KEYS, values))}
+
+    def status_message(self, **kwargs: Any) -> Status:
+        body = self.status_body(**kwargs)
+        return Status(**{**body, "stats": tuple(body["stats"])})
+
+    def status_refused(self, **kwargs: Any) -> bool:
+        """Would the protocol refuse this status (a typed field of the wrong type or out of range)?"""
+        import msgpack
+
+        try:
+            decode(msgpack.packb({"v": PROTOCOL_VERSION, "kind": "status", "seq": 1,
+                                  "body": self.status_body(**kwargs)}))
+        except ProtocolError:
+            return True
+        return False
 
     def status(self, **kwargs: Any) -> None:
-        self.send(self.status_message(**kwargs))
+        """Send a status; one the protocol would refuse (a typed field out of range) goes out
+        as raw msgpack all the same, for the host to refuse."""
+        body = self.status_body(**kwargs)
+        try:
+            self.send(Status(**{**body, "stats": tuple(body["stats"])}))
+        except ProtocolError:
+            import msgpack  # only here: the protocol's codec would refuse to encode it
+
+            self._seq += 1
+            self.send_raw(msgpack.packb({"v": PROTOCOL_VERSION, "kind": "status", "seq": self._seq, "body": body}))
 
 
 def error_name(reply: Message | None) -> str:

@@ -120,7 +120,7 @@ def test_unanswered_locks_and_unlocks_expire_instead_of_stalling(make_cgroup, mi
 
 
 def test_tiny_welcome_periods_are_floored_and_absurd_target_seqs_ignored(make_cgroup, context):
-    host = MiniHost(context, report_interval_ms=10, host_timeout_ms=10, settings={"sample_period_ms": 100})
+    host = MiniHost(context, report_interval_ms=10, host_timeout_ms=10, sample_period_ms=100)
     try:
         cgroup = make_cgroup(256 * MiB, 0)
         start_agent(cgroup, host, "floored")

@@ -49,15 +49,15 @@ def test_metrics_and_status_json_on_the_http_port(tmp_path: Path) -> None:
             sock.send(encode(Hello(vm_id=vm_id, memsz_bytes=512 * MiB, agent_version="test", page_kind="vpn",
                                    supports_2m=False, cgroup_version=2, max_batch_pages=512, held_pages=0,
                                    last_host_session_id=None,
-                                   stats_keys=("usage_bytes", "swap_used_bytes", "workload_touches_per_s")), 1))
+                                   stats_keys=("swap_used_bytes", "workload_touches_per_s")), 1))
             agents.append(sock)
         deadline = time.monotonic() + 15
         metrics = b""
         while time.monotonic() < deadline:
             for seq, sock in enumerate(agents, start=2):
                 sock.send(encode(Status(balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle",
-                                        stats=(300 * MiB, 0, 1000.0),
-                                        ws_touched_ratio=0.5, ws_method="referenced", ws_period_ms=1000), seq))
+                                        usage_bytes=300 * MiB, ws_touched_ratio=0.5, ws_samples=1,
+                                        ws_current_ratio=None, ws_method="referenced", stats=(0, 1000.0)), seq))
             code, content_type, metrics = fetch(f"{hostd.http_url}/metrics")
             if code == 200 and b'balloonlab_vm_alive{vm="db"} 1.0' in metrics and b'vm="web"' in metrics:
                 break
@@ -133,7 +133,7 @@ class _Reporter:
             sock.connect(hostd.agent_endpoint)
             sock.send(encode(Hello(vm_id=vm_id, memsz_bytes=512 * MiB, agent_version="test", page_kind="vpn",
                                    supports_2m=False, cgroup_version=2, max_batch_pages=512, held_pages=0,
-                                   last_host_session_id=None, stats_keys=("usage_bytes",)), 1))
+                                   last_host_session_id=None, stats_keys=()), 1))
             self.sockets.append(sock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._report, daemon=True)
@@ -144,8 +144,8 @@ class _Reporter:
         while not self._stop.wait(0.2):
             for sock in self.sockets:
                 sock.send(encode(Status(balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle",
-                                        stats=(300 * MiB,), ws_touched_ratio=0.5, ws_method="referenced",
-                                        ws_period_ms=1000), seq))
+                                        usage_bytes=300 * MiB, ws_touched_ratio=0.5, ws_samples=1,
+                                        ws_current_ratio=None, ws_method="referenced", stats=()), seq))
             seq += 1
 
     def close(self) -> None:

@@ -88,6 +88,7 @@ def assert_survived(figures: dict[str, Any]) -> None:
 def test_s1_absurd_stats_never_stop_hostd(tmp_path):
     extremes = [2**64 - 1, 2**63, 2**63 - 1, 2**53 + 1, -1, -(2**63), 1e308, -1e308, 5e-324, 2**50 + 1]
     answers: dict[str, str] = {}
+    refused_on_the_wire: list[str] = []
 
     def attack(hostd: HostdProcess) -> dict[str, Any]:
         with SimAgent(hostd.agent_endpoint, "absurd", 256 * MiB) as agent:
@@ -95,7 +96,9 @@ def test_s1_absurd_stats_never_stop_hostd(tmp_path):
             for value in extremes:
                 for key in ("usage_bytes", "swap_used_bytes", "swap_in_pages", "major_faults", "ws_samples",
                             "ws_current_ratio", "workload_ops"):
-                    agent.status(stats={key: value})
+                    if agent.status_refused(stats={key: value}):  # typed fields (protocol v4): range-checked
+                        refused_on_the_wire.append(f"{key}={value!r}")
+                    agent.status(stats={key: value})  # sent either way (raw msgpack if refused)
                     reply = hostd.status(3000)  # the frame that stopped hostd was the next get_status
                     answers[f"{key}={value!r}"] = "ok" if reply else "none"
             for bad in (float("nan"), float("inf")):  # the codec refuses these outright
@@ -113,7 +116,10 @@ def test_s1_absurd_stats_never_stop_hostd(tmp_path):
     figures, _ = run_measured(tmp_path, "S1 absurd stats", attack)
     assert_survived(figures)
     assert figures["statuses_answered"] == figures["stat_values_tried"]
-    assert figures["errors_counted"] == 2  # NaN and Infinity refused by the codec (INVALID_FIELD), nothing else
+    # NaN and Infinity refused by the codec (INVALID_FIELD), and every out-of-range value of a typed
+    # field (usage_bytes, ws_samples, ws_current_ratio); absurd informational stats are unknown, not errors.
+    assert refused_on_the_wire and all(not k.startswith(("swap", "major", "workload")) for k in refused_on_the_wire)
+    assert figures["errors_counted"] == 2 + len(refused_on_the_wire)
     assert 0 <= figures["absurd_consumed_bytes"] <= 256 * MiB and abs(figures["free_bytes"]) <= GiB
 
 

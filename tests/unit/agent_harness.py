@@ -11,6 +11,7 @@ from guestagent.config import AgentConfig
 from guestagent.pinning import FakePinner
 from guestagent.session import AgentSession
 from guestagent.state import Reconnect, Send
+from guestagent.wss import Sample
 from hostd.config import HostConfig
 from hostd.core import HostCore
 from protocol import Message, decode, encode
@@ -67,19 +68,25 @@ class Agent:
         self.session = AgentSession(self.cfg, self.pinner, memsz, 2, self.guest.read(self.pinner))
         self.now = now
         self.connection = 1  # bumped by every Reconnect: replies to an older one are lost
+        self.touched_ratio: float | None = None  # set: every period ends with this "referenced" sample
+        self.period_ends: list[int] = []  # when each sampling period ended
         self.session.start(now)
 
     def read_guest(self) -> None:
         self.session.on_reading(self.guest.read(self.pinner), HOST_SWAP_FREE, HOST_AVAILABLE, self.now)
 
     def turn(self) -> None:
-        """One pass of the agent's loop body at `now` (no sampler: periods end without a sample)."""
+        """One pass of the agent's loop body at `now` (no sampler unless `touched_ratio` is set:
+        periods end without a sample)."""
         s = self.session
         if s.due_check(self.now):
             self.read_guest()
         s.tick(self.now)
         if s.due_ws_period(self.now):
-            s.end_ws_period(None)
+            self.period_ends.append(self.now)
+            s.end_ws_period(None if self.touched_ratio is None
+                            else Sample(ratio=self.touched_ratio, method="referenced",
+                                        period_ms=s.sampling.ws_period_ms))
         if s.due_report(self.now):
             s.report(None)
 
@@ -156,6 +163,16 @@ class Loopback:
         _reply, out = self.core.handle_control(encode(SetManualTarget(vm_id=self.agent.cfg.vm_id,
                                                                       balloon_target_pages=pages), 1),
                                                self.agent.now, True)
+        self.deliver(out)
+        self.pump()
+
+    def set_host_params(self, **params: object) -> None:
+        """`balloonctl host KEY=VALUE...`: the operator changes a host setting."""
+        from protocol import ControlOk, SetHostParams
+
+        reply, out = self.core.handle_control(encode(SetHostParams(params=params), 1),  # type: ignore[arg-type]
+                                              self.agent.now, True)
+        assert isinstance(decode(reply).message, ControlOk), decode(reply).message
         self.deliver(out)
         self.pump()
 

@@ -23,6 +23,7 @@ from protocol import (
     RangeResult,
     RangeStatus,
     SetTarget,
+    Settings,
     Status,
     Unlock,
     UnlockResult,
@@ -33,9 +34,9 @@ from tests.unit.agent_harness import PAGE, Agent, Guest, Loopback, MiB, agent_co
 SECRET = "Zm9vYmFyYmF6cXV1eDEyMzQ"
 
 
-def welcome(session="sess", report=1000, timeout=5000, batch=512, **settings_):
+def welcome(session="sess", report=1000, timeout=5000, batch=512, sample_period_ms=None, reclaim=False):
     return Welcome(host_session_id=session, report_interval_ms=report, host_timeout_ms=timeout,
-                   batch_limit_pages=batch, settings=settings_, vm_secret=SECRET)
+                   batch_limit_pages=batch, sample_period_ms=sample_period_ms, reclaim=reclaim, vm_secret=SECRET)
 
 
 def joined(guest=None, **settings_) -> Agent:
@@ -423,9 +424,40 @@ def test_report_carries_the_hello_names_the_sample_and_the_workload():
     a.session.report(Sample(ratio=0.5, method="referenced", period_ms=400), {"workload_touches_per_s": 7})
     [status] = a.sent()
     stats = dict(zip(STATS_KEYS, status.stats, strict=True))
-    assert stats["ws_samples"] == 1 and stats["ws_current_ratio"] == 0.5 and stats["workload_touches_per_s"] == 7
-    assert stats["usage_bytes"] == 60 * MiB and status.acked_target_seq == 3
-    assert (status.ws_touched_ratio, status.ws_method, status.ws_period_ms) == (0.125, "referenced", 10_000)
+    assert stats["workload_touches_per_s"] == 7 and stats["limit_bytes"] is not None  # informational
+    assert not {"usage_bytes", "ws_samples", "ws_current_ratio"} & set(STATS_KEYS)  # typed fields instead
+    assert status.usage_bytes == 60 * MiB and status.acked_target_seq == 3
+    assert (status.ws_touched_ratio, status.ws_samples, status.ws_current_ratio, status.ws_method) == \
+        (0.125, 1, 0.5, "referenced")
+
+
+def test_a_report_before_any_reading_or_sample_says_unknown():
+    a = Agent()
+    a.session.pressure.last_reading = None
+    a.session.on_message(0, welcome(), a.now)
+    a.take()
+    a.session.report(None)
+    [status] = a.sent()
+    assert isinstance(status, Status)
+    assert (status.usage_bytes, status.ws_touched_ratio, status.ws_samples, status.ws_current_ratio,
+            status.ws_method) == (None, None, 0, None, "none")
+
+
+@pytest.mark.parametrize(("pushed", "applied", "floored"), [(5_000, 5_000, 0), (999, 1_000, 1), (10, 1_000, 1),
+                                                             (86_400_000, 86_400_000, 0)])
+def test_pushed_settings_change_the_sample_period_within_its_floor(pushed, applied, floored):
+    a = joined()
+    a.session.on_message(0, Settings(sample_period_ms=pushed), a.now)
+    s = a.session.sampling
+    assert s.ws_period_ms == applied and a.session.counters.floored_welcomes == floored
+    assert s.next_ws_ms <= a.now + applied  # the running period ends by one new period from now
+
+
+def test_settings_before_a_welcome_are_stale_traffic():
+    a = Agent()
+    before = a.session.sampling.ws_period_ms
+    a.session.on_message(0, Settings(sample_period_ms=2_000), a.now)
+    assert a.session.sampling.ws_period_ms == before
 
 
 def test_shutdown_releases_and_says_bye_only_when_registered():

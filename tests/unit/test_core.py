@@ -30,7 +30,7 @@ MiB = 1 << 20
 PAGES_PER_MiB = 256
 
 
-STATS_KEYS = ("usage_bytes", "ws_samples", "ws_current_ratio")
+STATS_KEYS = ("swap_used_bytes", "major_faults", "workload_touches_per_s")  # informational only
 CONTROL_TOKEN = "t0ken-for-unit-tests-0123456789"
 
 
@@ -40,9 +40,11 @@ def hello(vm_id, memsz=256 * MiB, held=0, session=None):
                  stats_keys=STATS_KEYS)
 
 
-def status(balloon_pages=0, usage=100 * MiB, ws=None, samples=0, state="idle", current=None):
-    return Status(balloon_pages=balloon_pages, acked_target_seq=0, refused_pages=0, agent_state=state,
-                  stats=(usage, samples, current), ws_touched_ratio=ws, ws_method="referenced", ws_period_ms=1000)
+def status(balloon_pages=0, usage=100 * MiB, ws=None, samples=0, state="idle", current=None,
+           stats=(None, None, None), refused=0):
+    return Status(balloon_pages=balloon_pages, acked_target_seq=0, refused_pages=refused, agent_state=state,
+                  usage_bytes=usage, ws_touched_ratio=ws, ws_samples=samples, ws_current_ratio=current,
+                  ws_method="referenced", stats=stats)
 
 
 class Harness:
@@ -204,18 +206,48 @@ def test_admission_refuses_unguaranteeable_reservation():
 def test_statuses_are_not_answered_and_stats_go_by_the_hello_names():
     h = Harness()
     h.send("a", hello("a"))
-    assert h.send("a", status(usage=120 * MiB, current=0.25)) == []  # liveness needs no reply
-    assert h.core.vms["a"].consumed_pages == 120 * PAGES_PER_MiB
-    assert h.core.vms["a"].stat("ws_current_ratio") == 0.25
-    assert h.core.vms["a"].stat("never_declared") is None
+    assert h.send("a", status(usage=120 * MiB, current=0.25, stats=(5 * MiB, 7, 1.5))) == []  # no reply
+    vm = h.core.vms["a"]
+    assert vm.consumed_pages == 120 * PAGES_PER_MiB  # the typed usage_bytes
+    assert vm.stat("swap_used_bytes") == 5 * MiB and vm.stat("workload_touches_per_s") == 1.5  # informational
+    assert vm.stat("never_declared") is None and vm.stat("usage_bytes") is None
+
+
+def test_the_policy_reads_the_typed_fields_not_stats_of_the_same_names():
+    h = Harness()
+    h.send("a", Hello(vm_id="a", memsz_bytes=256 * MiB, agent_version="t", page_kind="vpn", supports_2m=False,
+                      cgroup_version=2, max_batch_pages=512, held_pages=0, last_host_session_id=None,
+                      stats_keys=("usage_bytes", "ws_samples", "ws_current_ratio")))
+    h.send("a", status(usage=None, ws=0.5, samples=0, current=None, stats=(200 * MiB, 5, 0.9)))
+    vm = h.core.vms["a"]
+    assert vm.consumed_pages == 0 and vm.working_set.samples == 0  # the stats of those names count for nothing
+    h.send("a", status(usage=50 * MiB, ws=0.5, samples=1, current=0.9, stats=(200 * MiB, 5, 0.1)))
+    assert vm.consumed_pages == 50 * PAGES_PER_MiB and vm.working_set.samples == 1
+    assert vm.working_set.fast_current > vm.working_set.fast == 0.5  # the typed running period
+
+
+@pytest.mark.parametrize("usage", [256 * MiB + 4096, 2**50])  # valid on the wire, more than the vm has
+def test_typed_usage_is_capped_at_the_vms_memsz(usage):
+    h = Harness()
+    h.send("a", hello("a", memsz=256 * MiB))
+    assert h.send("a", status(usage=usage)) == []
+    assert h.core.vms["a"].consumed_pages == 256 * PAGES_PER_MiB
+
+
+@pytest.mark.parametrize(("state", "refused", "refusing"), [("idle", 0, False), ("refusing", 0, True),
+                                                             ("idle", 10, True), ("inflating", 1, True)])
+def test_the_refusal_is_read_from_the_typed_fields(state, refused, refusing):
+    h = Harness()
+    h.send("a", hello("a"))
+    h.send("a", status(state=state, refused=refused))
+    assert h.core.vms["a"].agent.refusing is refusing
 
 
 def test_status_whose_stats_do_not_match_the_hello_is_refused_and_changes_nothing():
     h = Harness()
     h.send("a", hello("a"))
     h.send("a", status(usage=120 * MiB))
-    bad = Status(balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle",
-                 stats=(50 * MiB,), ws_touched_ratio=None, ws_method="none", ws_period_ms=0)
+    bad = status(usage=50 * MiB, stats=(50 * MiB,))
     [(_, reply)] = h.send("a", bad)
     assert isinstance(reply, Error) and reply.code == ErrorCode.INVALID_FIELD and "3" in reply.detail
     assert h.core.vms["a"].consumed_pages == 120 * PAGES_PER_MiB
@@ -315,9 +347,9 @@ def test_a_failed_backend_action_is_reported_and_undone_in_the_record():
 def test_reclaim_mode_lowers_the_limit_by_the_balloon_and_gives_it_back():
     h = Harness(vm_cgroups={"rec": "lab/rec"}, reclaim_mode=True)
     [(_, welcome)] = h.send("rec", hello("rec", memsz=512 * MiB))  # vpn page numbers
-    assert welcome.settings["reclaim"] is True
+    assert welcome.reclaim is True
     [(_, other)] = h.send("plain", hello("plain"))
-    assert other.settings["reclaim"] is False  # no cgroup to lower: its memory would stay the guest's
+    assert other.reclaim is False  # no cgroup to lower: its memory would stay the guest's
     h.core.observe_cgroup("rec", 200 * MiB, 0, 512 * MiB, h.now)
     h.core.vms["rec"].targets.balloon_target_pages = 64 * PAGES_PER_MiB  # as a set_target would allow
     h.send("rec", Lock(pages=PageRanges(((0, 64 * PAGES_PER_MiB),)), adopt=False))

@@ -30,6 +30,7 @@ from protocol import (
     decode,
     encode,
 )
+from protocol.limits import PROTOCOL_VERSION
 from tests.unit.test_core import CONTROL_TOKEN, STATS_KEYS, Harness, MiB, hello, status
 
 VICTIM, INTRUDER = b"\x00victim", b"\x00intruder"
@@ -169,10 +170,11 @@ def test_settings_survive_a_restart():
 EXTREMES = [2**63, 2**64 - 1, 2**63 - 1, 2**53 + 1, -1, -(2**63), float("nan"), float("inf"), -float("inf"), 1e300]
 
 
-def raw_status(stats: list) -> bytes:
+def raw_status(stats: list, **typed: object) -> bytes:
     body = {"balloon_pages": 0, "acked_target_seq": 0, "refused_pages": 0, "agent_state": "idle",
-            "stats": stats, "ws_touched_ratio": None, "ws_method": "none", "ws_period_ms": 0}
-    return msgpack.packb({"v": 3, "kind": "status", "seq": 9, "body": body}, use_bin_type=True)
+            "usage_bytes": 100 * MiB, "ws_touched_ratio": None, "ws_samples": 0, "ws_current_ratio": None,
+            "ws_method": "none", "stats": stats, **typed}
+    return msgpack.packb({"v": PROTOCOL_VERSION, "kind": "status", "seq": 9, "body": body}, use_bin_type=True)
 
 
 def strict_json(document) -> str:
@@ -183,7 +185,10 @@ def strict_json(document) -> str:
 def test_absurd_stats_never_break_status_or_the_host(value):
     h = Harness()
     register(h, VICTIM, "db")
-    h.core.handle_agent(VICTIM, raw_status([value, value, value]), 0)
+    out = h.core.handle_agent(VICTIM, raw_status([value, value, value]), 0)
+    # Informational stats: absurd numbers are unknown; NaN and infinities are refused by the codec.
+    assert [decode(frame).message.code for _, frame in out] == ([] if isinstance(value, int) or math.isfinite(value)
+                                                                 else [ErrorCode.INVALID_FIELD])
     h.tick()
     reply, _ = h.control(GetStatus())
     assert isinstance(reply, StatusReply)
@@ -193,6 +198,26 @@ def test_absurd_stats_never_break_status_or_the_host(value):
     assert 0 <= db["consumed_bytes"] <= db["memsz_bytes"]
     assert snapshot["host"]["free_bytes"] >= 400 * MiB - 256 * MiB
     assert h.core.state == "high"
+
+
+@pytest.mark.parametrize("field", ["usage_bytes", "ws_samples", "ws_current_ratio", "ws_touched_ratio"])
+@pytest.mark.parametrize("value", [*EXTREMES, 2**50 + 1, 1.5, "1"])
+def test_an_absurd_typed_policy_input_is_refused_and_changes_nothing(field, value):
+    h = Harness()
+    register(h, VICTIM, "db")
+    h.core.handle_agent(VICTIM, raw_status([None, None, None], usage_bytes=50 * MiB), 0)
+    vm = h.core.vms["db"]
+    before = (vm.consumed_pages, vm.working_set)
+    out = h.core.handle_agent(VICTIM, raw_status([None, None, None], **{field: value}), 0)
+    valid = (field == "ws_samples" and isinstance(value, int) and 0 <= value < 2**63) or \
+        (field == "usage_bytes" and isinstance(value, int) and 0 <= value <= 2**50)
+    if valid:
+        assert out == []
+    else:
+        assert [decode(frame).message.code for _, frame in out] == [ErrorCode.INVALID_FIELD]
+        assert (vm.consumed_pages, vm.working_set) == before
+    strict_json(h.core.snapshot(0))
+    assert h.core.state == "high" and vm.alive
 
 
 @pytest.mark.parametrize("memsz", [2**50, 2**40])

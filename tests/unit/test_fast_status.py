@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 from protocol import ProtocolError, Status, decode, encode, fast_status
 from protocol.codec import decode_reference
 from protocol.fast_status import FAST_MAX_FRAME_BYTES, decode_status
-from protocol.limits import MAX_PAGES, MAX_SEQ, MAX_TEXT_CHARS, PROTOCOL_VERSION
-from protocol.messages import AGENT_STATES
+from protocol.limits import MAX_MEMSZ_BYTES, MAX_PAGES, MAX_SEQ, MAX_TEXT_CHARS, PROTOCOL_VERSION
+from protocol.messages import AGENT_STATES, WS_METHODS
 from tests.samples import SAMPLES
 
-STATUS_FIELDS = ("balloon_pages", "acked_target_seq", "refused_pages", "agent_state", "stats",
-                 "ws_touched_ratio", "ws_method", "ws_period_ms")
+STATUS_FIELDS = ("balloon_pages", "acked_target_seq", "refused_pages", "agent_state", "usage_bytes",
+                 "ws_touched_ratio", "ws_samples", "ws_current_ratio", "ws_method", "stats")
 
 
 def _reference(frame: bytes):
@@ -45,10 +45,12 @@ valid_body = st.fixed_dictionaries({
     "acked_target_seq": st.integers(0, MAX_SEQ),
     "refused_pages": st.integers(0, MAX_PAGES),
     "agent_state": st.sampled_from(AGENT_STATES),
-    "stats": st.lists(valid_stat, max_size=64),
+    "usage_bytes": st.none() | st.integers(0, MAX_MEMSZ_BYTES),
     "ws_touched_ratio": st.none() | st.floats(0.0, 1.0) | st.sampled_from([0, 1]),
-    "ws_method": st.sampled_from(["referenced", "active_lru", "none"]) | st.text(max_size=30),
-    "ws_period_ms": st.integers(0, 24 * 3600 * 1000),
+    "ws_samples": st.integers(0, MAX_SEQ),
+    "ws_current_ratio": st.none() | st.floats(0.0, 1.0) | st.sampled_from([0, 1]),
+    "ws_method": st.sampled_from(WS_METHODS),
+    "stats": st.lists(valid_stat, max_size=64),
 })
 
 
@@ -89,7 +91,8 @@ def test_spoiled_statuses_are_left_to_the_reference(body, data):
         elif where == "stats":
             envelope["body"]["stats"] = data.draw(st.lists(valid_stat | garbage, max_size=300))
         else:
-            envelope["body"][where] = data.draw(garbage | st.sampled_from([math.nan, math.inf, -1, 1.5, 2.0]))
+            envelope["body"][where] = data.draw(garbage | st.sampled_from(
+                [math.nan, math.inf, -1, 1.5, 2.0, 2**63, 2**64 - 1, MAX_MEMSZ_BYTES + 1, "active", "Referenced"]))
     _assert_agrees(msgpack.packb(envelope, use_bin_type=True))
 
 
@@ -138,7 +141,7 @@ def test_a_body_too_big_for_the_reference_is_never_taken():
     # 300 repeated entries: the reference refuses the map (max 256 entries); the frame is
     # longer than FAST_MAX_FRAME_BYTES, so the fast path never sees it.
     body = msgpack.unpackb(encode(SAMPLES["status"], 1))["body"]
-    entries = [("ws_period_ms", 1)] * 300 + list(body.items())
+    entries = [("ws_samples", 1)] * 300 + list(body.items())
     frame = _status_frame(entries)
     assert len(frame) > FAST_MAX_FRAME_BYTES and decode_status(frame) is None
     with pytest.raises(ProtocolError):

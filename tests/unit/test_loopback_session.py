@@ -1,6 +1,8 @@
 """HostCore ↔ AgentSession in memory: both real implementations, wired by encoded frames (the
 protocol codec both ways), a fake clock and a FakePinner. No sockets, no root, no cgroup."""
 
+import itertools
+
 from protocol import (
     Bye,
     Error,
@@ -10,6 +12,7 @@ from protocol import (
     LockResult,
     RangeStatus,
     SetTarget,
+    Settings,
     Status,
     Unlock,
     UnlockResult,
@@ -194,3 +197,29 @@ def test_bye_on_shutdown_releases_everything():
     assert isinstance(lb.to_host[-1], Bye) and lb.agent.pinner.held_pages == 0
     document = lb.core.snapshot(lb.agent.now)
     assert "a" not in [v["vm_id"] for v in document["vms"]] and "a" in [d["vm_id"] for d in document["departed"]]
+
+
+def test_a_host_sample_period_change_reaches_the_live_session_and_changes_its_sampling():
+    """balloonctl host sample_period=... → hostd's control plane → a `settings` frame → the
+    running AgentSession samples at the new period, and the host averages the extra periods."""
+    lb = registered()
+    lb.agent.touched_ratio = 0.1
+    assert lb.session.sampling.ws_period_ms == 10_000  # the welcome's
+    lb.run(3_000)
+    assert lb.agent.period_ends == [] and lb.core.vms["a"].working_set.samples == 0
+    lb.set_host_params(sample_period_ms=1_000)
+    pushed = [m for m in lb.to_agent if isinstance(m, Settings)]
+    assert [m.sample_period_ms for m in pushed] == [1_000]
+    assert lb.session.sampling.ws_period_ms == 1_000 and lb.session.registered
+    changed_at = lb.agent.now
+    lb.run(5_050)
+    ends = lb.agent.period_ends
+    assert len(ends) == 5 and ends[0] <= changed_at + 1_000
+    assert all(b - a == 1_000 for a, b in itertools.pairwise(ends))  # the new period governs
+    lb.run(1_000)  # the last period's status reaches the host
+    working_set = lb.core.vms["a"].working_set
+    assert working_set.samples >= 5 and lb.vm()["active_ratio"] < 0.5  # the host saw them: 1.0 → towards 0.1
+    lb.set_host_params(sample_period_ms=500)  # below the agent's floor (1 s): raised to it
+    assert lb.session.sampling.ws_period_ms == 1_000 and lb.session.counters.floored_welcomes == 1
+    lb.set_host_params(balance_period_ms=20_000)  # not a setting agents act on: nothing pushed
+    assert len([m for m in lb.to_agent if isinstance(m, Settings)]) == 2

@@ -15,7 +15,7 @@ from protocol import (
     stats_map,
     stats_values,
 )
-from protocol.limits import MAX_FRAME_BYTES, PROTOCOL_VERSION
+from protocol.limits import MAX_FRAME_BYTES, MAX_INTERVAL_MS, MAX_MEMSZ_BYTES, MAX_SEQ, PROTOCOL_VERSION
 from tests.samples import SAMPLES
 
 GOLDEN_DIR = Path(__file__).parent.parent / "data" / "golden"
@@ -77,6 +77,21 @@ def _frame(kind, body, v=PROTOCOL_VERSION, seq=1):
     return msgpack.packb({"v": v, "kind": kind, "seq": seq, "body": body}, use_bin_type=True)
 
 
+def _status_body(**overrides):
+    body = {"balloon_pages": 0, "acked_target_seq": 0, "refused_pages": 0, "agent_state": "idle",
+            "usage_bytes": None, "ws_touched_ratio": None, "ws_samples": 0, "ws_current_ratio": None,
+            "ws_method": "none", "stats": []}
+    body.update(overrides)
+    return body
+
+
+def _welcome_body(**overrides):
+    body = {"host_session_id": "sess", "report_interval_ms": 1000, "host_timeout_ms": 5000,
+            "batch_limit_pages": 512, "sample_period_ms": None, "reclaim": False, "vm_secret": "s" * 16}
+    body.update(overrides)
+    return body
+
+
 def _hello_body(**overrides):
     body = {
         "vm_id": "web", "memsz_bytes": 1 << 29, "agent_version": "x", "page_kind": "vpn",
@@ -94,6 +109,7 @@ def _hello_body(**overrides):
         (b"\xc1", ErrorCode.MALFORMED),
         (_frame("hello", _hello_body(), v=1), ErrorCode.UNSUPPORTED_VERSION),  # stats as a map
         (_frame("hello", _hello_body(), v=2), ErrorCode.UNSUPPORTED_VERSION),  # no vm secrets
+        (_frame("hello", _hello_body(), v=3), ErrorCode.UNSUPPORTED_VERSION),  # policy inputs in stats
         (_frame("hello", _hello_body(), v=PROTOCOL_VERSION + 1), ErrorCode.UNSUPPORTED_VERSION),
         (_frame("hello", _hello_body(vm_secret="short")), ErrorCode.INVALID_FIELD),
         (_frame("hello", _hello_body(), v="1"), ErrorCode.UNSUPPORTED_VERSION),
@@ -128,10 +144,7 @@ def test_decode_rejects_with_code(frame, code):
 
 
 def test_status_unknown_stat_is_none_not_zero():
-    status = Status(
-        balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle",
-        stats=(None,), ws_touched_ratio=None, ws_method="none", ws_period_ms=0,
-    )
+    status = Status(**_status_body(stats=(None,)))
     assert decode(encode(status, 1)).message.stats == (None,)
 
 
@@ -165,11 +178,7 @@ def test_encode_refuses_oversized_frame():
 
 # ---- the stats array's bulk fast path gives the same answers as the per-item checks ---------
 def _status_frame(stats: list) -> bytes:
-    import msgpack
-
-    body = {"balloon_pages": 0, "acked_target_seq": 0, "refused_pages": 0, "agent_state": "idle", "stats": stats,
-            "ws_touched_ratio": None, "ws_method": "none", "ws_period_ms": 0}
-    return msgpack.packb({"v": PROTOCOL_VERSION, "kind": "status", "seq": 1, "body": body})
+    return _frame("status", _status_body(stats=stats))
 
 
 @pytest.mark.parametrize(("stats", "error"), [
@@ -200,3 +209,70 @@ def test_stats_names_and_values_round_trip():
     values = stats_values(keys, {"usage_bytes": 5, "oom_events": 0, "not_declared": 1})
     assert values == (5, None, 0)  # absent → None (unknown), undeclared names are not sent
     assert stats_map(keys, values) == {"usage_bytes": 5, "ws_current_ratio": None, "oom_events": 0}
+
+
+# ---- protocol v4's typed fields: every new numeric field at its bounds, ±1 and beyond ------------
+_BODIES = {"status": _status_body, "welcome": _welcome_body, "settings": lambda **o: {"sample_period_ms": 1000, **o}}
+_INT_FIELDS = [  # (kind, field, lowest valid, highest valid)
+    ("status", "usage_bytes", 0, MAX_MEMSZ_BYTES),
+    ("status", "ws_samples", 0, MAX_SEQ),
+    ("welcome", "sample_period_ms", 10, MAX_INTERVAL_MS),
+    ("settings", "sample_period_ms", 10, MAX_INTERVAL_MS),
+]
+_INT_CASES = [(kind, name, value, ok)
+              for kind, name, low, high in _INT_FIELDS
+              for value, ok in [(low, True), (low + 1, True), (high - 1, True), (high, True), (low - 1, False),
+                                (high + 1, False), (-1, low == -1), (2**63, high >= 2**63),
+                                (2**64 - 1, False), (1.0 * low, False), (True, False), ("1", False)]]
+_RATIO_CASES = [("status", name, value, ok)
+                for name in ("ws_touched_ratio", "ws_current_ratio")
+                for value, ok in [(0.0, True), (1.0, True), (0, True), (1, True), (0.5, True), (None, True),
+                                  (-1, False), (-1e-9, False), (1.0000001, False), (2, False), (2**63, False),
+                                  (2**64 - 1, False), (float("nan"), False), (float("inf"), False), ("0.5", False)]]
+
+
+def _decoders():
+    from protocol.codec import decode_reference
+
+    return [decode, decode_reference]  # `decode` takes the compiled status path when msgspec is there
+
+
+@pytest.mark.parametrize(("kind", "name", "value", "ok"), _INT_CASES + _RATIO_CASES,
+                         ids=lambda v: repr(v)[:24])
+def test_typed_fields_at_their_bounds(kind, name, value, ok):
+    frame = _frame(kind, _BODIES[kind](**{name: value}))
+    for decoder in _decoders():
+        if ok:
+            message = decoder(frame).message
+            got = getattr(message, name)
+            assert got == value and (type(got) is bool) == (type(value) is bool)
+            assert decode(encode(message, 1)).message == message
+        else:
+            with pytest.raises(ProtocolError) as info:
+                decoder(frame)
+            assert info.value.code == ErrorCode.INVALID_FIELD, (decoder, info.value)
+
+
+@pytest.mark.parametrize(("kind", "name", "value", "ok"), [
+    *(("status", "ws_method", m, True) for m in ("referenced", "active_lru", "none")),
+    ("status", "ws_method", "Referenced", False), ("status", "ws_method", "", False),
+    ("status", "ws_method", 1, False), ("status", "ws_method", None, False),
+    ("status", "usage_bytes", None, True), ("welcome", "sample_period_ms", None, True),
+    ("welcome", "reclaim", True, True), ("welcome", "reclaim", 1, False), ("welcome", "reclaim", None, False),
+    ("settings", "sample_period_ms", None, False),
+])
+def test_typed_fields_other_values(kind, name, value, ok):
+    test_typed_fields_at_their_bounds(kind, name, value, ok)
+
+
+@pytest.mark.parametrize(("kind", "gone"), [("status", "ws_period_ms"), ("welcome", "settings")])
+def test_fields_nobody_read_are_gone_from_v4(kind, gone):
+    with pytest.raises(ProtocolError) as info:
+        decode(_frame(kind, _BODIES[kind](**{gone: 0 if gone.endswith("_ms") else {}})))
+    assert info.value.code == ErrorCode.INVALID_FIELD and "unknown fields" in info.value.detail
+
+
+def test_settings_is_host_to_agent_only_on_the_agent_plane():
+    from protocol import Settings
+
+    assert Settings.plane == "agent" and decode(encode(Settings(sample_period_ms=10), 1)).message.sample_period_ms == 10
