@@ -395,7 +395,7 @@ class AgentSession:
             ws_touched_ratio=last.ratio if last else None,
             ws_samples=s.ws_samples,
             ws_current_ratio=current.ratio if current else None,
-            ws_method=method_source.method if method_source else "none",  # type: ignore[arg-type]
+            ws_method=method_source.method if method_source else "none",
             stats=stats_values(STATS_KEYS, {k: v for k, v in stats.items() if not isinstance(v, bool)}),
         ))
 
