@@ -114,7 +114,7 @@ class HostControlPlane:
             usage_pages=host.cgroup_usage_pages, balloon_pages=0 if reclaim else vm.balloon_pages,
             reservation_pages=vm.reservation_pages,
             swap_target_pages=swap_target, swap_due=vswap.swap_due(ctx.state, agent_usable),
-            spare_pages=None if reclaim else spare[0])
+            spare_pages=None if reclaim else spare[0], grant_pages=self.registry.outcome(vm).alloc_target_pages)
         decision = vswap.next_limit(limit_in, step)
         if not limit_in.swap_due and host.vswap_limit_pages is not None:  # given back: less to spare for others
             given = (ceiling if decision.limit_pages is None else decision.limit_pages) - host.vswap_limit_pages

@@ -11,11 +11,12 @@ swapped, plus a small working margin), and comes back up `step_pages` at a time 
 target falls, until the original limit is restored.
 
 Once host swap is no longer due (the host back in the high state, or a balloon that can take
-over), a lowered limit is given back only out of the memory the host can spare above its high
-threshold (`spare_pages`): giving it all back at once let the guest refault what was swapped,
-the host fell straight back into the hard state, and the limit went down again — a second-long
-flap seen in the Fig. 7 experiment at τ = 0 (ESX's "back up only after significantly exceeding
-the higher threshold", §6.3).
+over), a lowered limit comes back a step at a time up to what the policy grants the vm
+(`grant_pages`, its allocation target), and above that only out of the memory the host can
+spare above its high threshold (`spare_pages`). Giving it all back at once let the guest
+refault what was swapped, the host fell straight back into the hard state, and the limit went
+down again: a flap every second in the Fig. 7 experiment at τ = 0 (ESX's "back up only after
+significantly exceeding the higher threshold", §6.3).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class LimitInput:
     swap_target_pages: int  # SWTGT from the policy
     swap_due: bool  # the state (and the agent's absence or refusal) says host swap applies now
     spare_pages: int | None = None  # free host memory above the high threshold (None: not limited by it)
+    grant_pages: int | None = None  # the vm's allocation target: given back up to it whatever the spare
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +78,13 @@ def next_limit(inp: LimitInput, step_pages: int) -> LimitDecision:
         return LimitDecision(limit, f"swap target fell: limit → {limit} pages")
     if inp.applied_limit_pages is None:
         return LimitDecision(None, "no host swap due")
-    step = step_pages if inp.spare_pages is None else min(step_pages, max(0, inp.spare_pages))
-    if step == 0:
-        return LimitDecision(current, "no host swap due, but no memory to spare above the high threshold: "
-                                      "limit held")
-    limit = max(floor, current + step)
+    limit = max(floor, current + step_pages)
+    if inp.spare_pages is not None:
+        top = max(current + max(0, inp.spare_pages), inp.grant_pages or 0)
+        limit = max(floor, current, min(limit, top))
+        if limit == current:
+            return LimitDecision(current, "no host swap due, but nothing to spare above the high threshold "
+                                          "beyond the vm's allocation: limit held")
     if limit >= inp.memsz_pages:
         return LimitDecision(None, "pressure eased: original limit restored")
     return LimitDecision(limit, f"pressure eased: limit → {limit} pages")

@@ -46,6 +46,13 @@ def test_host_swap_is_due_by_state(state, agent_usable, due):
     ({"swap_due": False, "applied_limit_pages": 300 * MIB_PAGES, "spare_pages": 1 << 30}, 364 * MIB_PAGES),  # a step
     ({"swap_due": False, "applied_limit_pages": 500 * MIB_PAGES, "spare_pages": 12 * MIB_PAGES}, None),  # restored
     ({"swap_due": False, "spare_pages": 0}, None),  # nothing lowered: nothing to hold
+    # ...but up to its allocation target whatever the spare (τ raised its grant), a step at a time
+    ({"swap_due": False, "applied_limit_pages": 300 * MIB_PAGES, "spare_pages": 0, "grant_pages": 340 * MIB_PAGES},
+     340 * MIB_PAGES),
+    ({"swap_due": False, "applied_limit_pages": 300 * MIB_PAGES, "spare_pages": 0, "grant_pages": 600 * MIB_PAGES},
+     364 * MIB_PAGES),
+    ({"swap_due": False, "applied_limit_pages": 300 * MIB_PAGES, "spare_pages": 8 * MIB_PAGES,
+      "grant_pages": 200 * MIB_PAGES}, 308 * MIB_PAGES),  # granted less than it has: the spare only
     # a target that fell is followed whatever the spare: the policy gave the vm more
     ({"applied_limit_pages": 200 * MIB_PAGES, "usage_pages": 200 * MIB_PAGES, "spare_pages": 0}, 264 * MIB_PAGES),
 ])
