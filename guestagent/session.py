@@ -157,9 +157,8 @@ class AgentSession:
 
     def _on_error(self, message: Error) -> None:
         self.counters.protocol_errors += 1
-        log.warning("host error %s: %s (in reply to %s)", ErrorCode(message.code).name
-                    if message.code in ErrorCode._value2member_map_ else message.code,
-                    message.detail, message.in_reply_to)
+        log.warning("host error %s: %s (in reply to %s)", ErrorCode.label(message.code), message.detail,
+                    message.in_reply_to)
         if message.code == ErrorCode.NOT_REGISTERED:  # a new host that does not know us yet
             self.reg.registered = False
             self.motion.settle_pending()

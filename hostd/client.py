@@ -126,7 +126,7 @@ def request(endpoint: str, message: Message, timeout_ms: int = 3000,
 
 def checked_reply(reply: Message) -> Message:
     if isinstance(reply, Error):
-        name = ErrorCode(reply.code).name if reply.code in ErrorCode._value2member_map_ else str(reply.code)
+        name = ErrorCode.label(reply.code)
         raise CtlError(f"refused ({name}): {reply.detail}")
     return reply
 

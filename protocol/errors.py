@@ -30,6 +30,14 @@ class ErrorCode(IntEnum):
     UNEXPECTED_KIND = 12  # a valid kind sent to the wrong endpoint or in the wrong direction
     INTERNAL = 13  # the daemon failed; details are in its log, not on the wire
 
+    @classmethod
+    def label(cls, code: int) -> str:
+        """The name of a code from the wire, or the number itself when this version has none."""
+        try:
+            return cls(code).name
+        except ValueError:
+            return str(code)
+
 
 class ProtocolError(Exception):
     """A frame or message that cannot be accepted. Carries the wire error code."""

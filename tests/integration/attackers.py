@@ -65,7 +65,7 @@ def _dealer(context: zmq.Context, endpoint: str, sndhwm: int = 1000) -> zmq.Sock
 
 def _code_name(message: Any) -> str:
     if isinstance(message, Error):
-        return ErrorCode(message.code).name if message.code in ErrorCode._value2member_map_ else str(message.code)
+        return ErrorCode.label(message.code)
     return message.kind
 
 

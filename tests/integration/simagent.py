@@ -266,7 +266,7 @@ def error_name(reply: Message | None) -> str:
     if reply is None:
         return "timeout"
     if isinstance(reply, Error):
-        return ErrorCode(reply.code).name if reply.code in ErrorCode._value2member_map_ else str(reply.code)
+        return ErrorCode.label(reply.code)
     return reply.kind
 
 

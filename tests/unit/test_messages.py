@@ -276,3 +276,8 @@ def test_settings_is_host_to_agent_only_on_the_agent_plane():
     from protocol import Settings
 
     assert Settings.plane == "agent" and decode(encode(Settings(sample_period_ms=10), 1)).message.sample_period_ms == 10
+
+
+@pytest.mark.parametrize(("code", "label"), [(1, "MALFORMED"), (13, "INTERNAL"), (99, "99"), (-1, "-1")])
+def test_an_error_code_from_the_wire_has_a_label_even_when_unknown(code, label):
+    assert ErrorCode.label(code) == label
