@@ -215,8 +215,9 @@ class Welcome(Message):
     """host → agent, the answer to hello.
 
     host_session_id: changes each time hostd starts (agents detect a new host by it).
-    report_interval_ms: how often to send status. host_timeout_ms: the agent treats the host
-    as gone after this long without any message. batch_limit_pages: max pages per lock/unlock.
+    report_interval_ms: how often to send status. host_timeout_ms: the ZMTP heartbeat interval
+    and timeout of the agent's connection; a host unreachable this long is gone (re-hello), and
+    a request unanswered for twice this long expires. batch_limit_pages: max pages per lock/unlock.
     sample_period_ms: the host's working-set sampling period (Mem.SamplePeriod): the agent
     samples at it (raised to its floor); None: the host sets none and the agent keeps its own.
     Changes later arrive in `settings`. reclaim: once a lock is OK, the agent hands the
