@@ -5,160 +5,59 @@ Bodies are msgpack maps whose keys are exactly the dataclass field names (unknow
 keys are refused). Field types are checked from the annotations by `protocol.codec`; bounds
 and cross-field rules are checked in `__post_init__`, so a message that exists is valid.
 
-Planes: "agent" kinds travel on hostd's agent ROUTER; "control" kinds on its control
-endpoint (used by balloonctl). A kind sent on the wrong plane gets UNEXPECTED_KIND.
+Planes: "agent" kinds travel on hostd's agent ROUTER (this module); "control" kinds on its
+control endpoint (used by balloonctl; protocol/control_messages.py). A kind sent on the wrong
+plane gets UNEXPECTED_KIND. The base and the field validators are in protocol/message_base.py;
+every name stays importable from here, and KINDS maps each wire name to its class.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
-from enum import IntEnum
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
+from protocol.control_messages import (
+    ControlOk,
+    GetStatus,
+    SetHostParams,
+    SetManualTarget,
+    SetVmParams,
+    StatusReply,
+)
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.limits import (
     MAX_INTERVAL_MS,
-    MAX_KEY_CHARS,
     MAX_MAP_ENTRIES,
     MAX_MEMSZ_BYTES,
-    MAX_PAGE_NUMBER,
     MAX_PAGES,
     MAX_PAGES_PER_MESSAGE,
-    MAX_SECRET_CHARS,
     MAX_SEQ,
-    MAX_SNAPSHOT_DEPTH,
-    MAX_SNAPSHOT_ITEMS,
-    MAX_TEXT_CHARS,
     MAX_VM_ID_CHARS,
     PAGE_SIZE_BYTES,
 )
-from protocol.pages import PageRanges
-
-Scalar = int | float | str | bool | None
-PlainData = Any  # nested maps/lists of scalars, validated by check_plain_data
-
-_VM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
-
-VM_PARAM_KEYS = frozenset({"shares", "reservation_bytes", "limit_bytes", "maxmemctl_bytes"})
-HOST_PARAM_KEYS = frozenset(
-    {
-        "idle_tax_ratio",
-        "sample_period_ms",
-        "balance_period_ms",
-        "host_memory_bytes",
-        "ctl_max_percent",
-    }
+from protocol.message_base import (
+    AGENT_STATES,
+    HOST_PARAM_KEYS,
+    SHARE_LEVELS,
+    VM_PARAM_KEYS,
+    WS_METHODS,
+    Message,
+    PlainData,
+    RangeResult,
+    RangeStatus,
+    Scalar,
+    StatValue,
+    WsMethod,
+    _check_range,
+    _invalid,
+    check_plain_data,
+    check_secret,
+    check_stats_keys,
+    check_vm_id,
+    stats_map,
+    stats_values,
 )
-SHARE_LEVELS = ("low", "normal", "high")
-AGENT_STATES = ("idle", "inflating", "deflating", "refusing", "pressure_deflate", "host_lost")
-WsMethod = Literal["referenced", "active_lru", "none"]
-WS_METHODS: tuple[WsMethod, ...] = ("referenced", "active_lru", "none")
-
-
-def _invalid(detail: str) -> ProtocolError:
-    return ProtocolError(ErrorCode.INVALID_FIELD, detail)
-
-
-def _check_range(name: str, value: int | float, low: int | float, high: int | float) -> None:
-    if not low <= value <= high:
-        raise _invalid(f"{name}={value} outside {low}..{high}")
-
-
-def check_vm_id(vm_id: str) -> None:
-    if not 1 <= len(vm_id) <= MAX_VM_ID_CHARS or not _VM_ID_PATTERN.fullmatch(vm_id):
-        raise _invalid(
-            f"vm_id {vm_id[:80]!r} must be 1..{MAX_VM_ID_CHARS} chars of letters, digits, '_', '.', '-'"
-        )
-
-
-def check_secret(name: str, value: str) -> None:
-    if not 16 <= len(value) <= MAX_SECRET_CHARS or not _SECRET_PATTERN.fullmatch(value):
-        raise _invalid(f"{name} must be 16..{MAX_SECRET_CHARS} chars of letters, digits, '_', '-'")
-
-
-def check_plain_data(value: Any, depth: int = 0, budget: list[int] | None = None) -> None:
-    """Nested maps (str keys) and lists of scalars, bounded in depth and total size."""
-    budget = [MAX_SNAPSHOT_ITEMS] if budget is None else budget
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, "snapshot has too many items")
-    if depth > MAX_SNAPSHOT_DEPTH:
-        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, "snapshot nested too deeply")
-    if value is None or isinstance(value, bool | int | str):
-        if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
-            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, "snapshot string too long")
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise _invalid("snapshot has a non-finite number")
-        return
-    if isinstance(value, list | tuple):
-        for item in value:
-            check_plain_data(item, depth + 1, budget)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
-                raise _invalid("snapshot keys must be short strings")
-            check_plain_data(item, depth + 1, budget)
-        return
-    raise _invalid(f"snapshot holds a {type(value).__name__}")
-
-
-StatValue = int | float | None
-
-
-def check_stats_keys(keys: tuple[str, ...]) -> None:
-    if len(keys) > MAX_MAP_ENTRIES:
-        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"stats_keys: more than {MAX_MAP_ENTRIES} names")
-    if any(not 1 <= len(key) <= MAX_KEY_CHARS for key in keys):
-        raise _invalid(f"stats_keys: names must be 1..{MAX_KEY_CHARS} chars")
-    if len(set(keys)) != len(keys):
-        raise _invalid("stats_keys: names must be unique")
-
-
-def stats_values(keys: tuple[str, ...], stats: dict[str, StatValue]) -> tuple[StatValue, ...]:
-    """A status's `stats` array for the hello's `stats_keys` (absent names are None = unknown)."""
-    return tuple(stats.get(key) for key in keys)
-
-
-def stats_map(keys: tuple[str, ...], values: tuple[StatValue, ...]) -> dict[str, StatValue]:
-    """The names back on a status's `stats` array."""
-    return dict(zip(keys, values, strict=True))
-
-
-class RangeStatus(IntEnum):
-    """Per-range answer to lock/unlock (vmw_balloon answers per entry)."""
-
-    OK = 0  # lock: now in the host's ledger; unlock: removed from it
-    DUPLICATE = 1  # lock: already in this vm's ledger (or another vm's)
-    INVALID = 2  # outside the page space the agent declared (e.g. beyond its memsz for PFNs)
-    REFUSED = 3  # host declines (balloon at target/max); agent keeps it ≤ 1 cycle then frees it
-    UNKNOWN = 4  # unlock: the page is not in this vm's ledger
-
-
-@dataclass(frozen=True, slots=True)
-class RangeResult:
-    """One (start, count) range of a lock/unlock batch and its status. Wire: [start, count, status]."""
-
-    start: int
-    count: int
-    status: RangeStatus
-
-    def __post_init__(self) -> None:
-        _check_range("start", self.start, 0, MAX_PAGE_NUMBER - 1)
-        _check_range("count", self.count, 1, MAX_PAGES_PER_MESSAGE)
-
-
-class Message:
-    """Base of all kinds. `kind` is the wire name, `plane` the endpoint it belongs to."""
-
-    __slots__ = ()
-    kind: ClassVar[str]
-    plane: ClassVar[Literal["agent", "control"]]
+from protocol.pages import PageRanges
 
 
 # ---------------------------------------------------------------------------------------
@@ -442,137 +341,6 @@ class Error(Message):
             _check_range("in_reply_to", self.in_reply_to, 0, MAX_SEQ)
 
 
-# ---------------------------------------------------------------------------------------
-# Control plane (balloonctl ↔ hostd)
-# ---------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GetStatus(Message):
-    """ctl → host: ask for the full status snapshot. Reply: status_reply."""
-
-    kind: ClassVar[str] = "get_status"
-    plane: ClassVar[Literal["agent", "control"]] = "control"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StatusReply(Message):
-    """host → ctl: `snapshot` is the document `balloonctl status --json` prints (fields in
-    the top-level README). Bounded nested plain data."""
-
-    kind: ClassVar[str] = "status_reply"
-    plane: ClassVar[Literal["agent", "control"]] = "control"
-    snapshot: dict[str, PlainData]
-
-    def __post_init__(self) -> None:
-        check_plain_data(self.snapshot)
-
-
-def _check_params(params: dict[str, Scalar], allowed: frozenset[str]) -> None:
-    if not params:
-        raise _invalid("no parameters given")
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise _invalid(f"unknown parameter(s) {unknown}; known: {sorted(allowed)}")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SetVmParams(Message):
-    """ctl → host: change a vm's shares (int ≥ 0 or "low"/"normal"/"high"), reservation_bytes,
-    limit_bytes, maxmemctl_bytes; None resets a key to its default. All-or-nothing: an invalid
-    value changes nothing. Needs authority (control_token, unless the connection is an
-    operator's: protocol/README.md). Reply: control_ok or error."""
-
-    kind: ClassVar[str] = "set_vm_params"
-    plane: ClassVar[Literal["agent", "control"]] = "control"
-    vm_id: str
-    params: dict[str, Scalar]
-    control_token: str | None = None
-
-    def __post_init__(self) -> None:
-        check_vm_id(self.vm_id)
-        if self.control_token is not None:
-            check_secret("control_token", self.control_token)
-        _check_params(self.params, VM_PARAM_KEYS)
-        for key, value in self.params.items():
-            if value is None:
-                continue
-            if key == "shares":
-                if isinstance(value, str):
-                    if value not in SHARE_LEVELS:
-                        raise _invalid(f"shares {value!r} not one of {SHARE_LEVELS} or an integer")
-                    continue
-                if not isinstance(value, int) or isinstance(value, bool):
-                    raise _invalid("shares must be an integer or low/normal/high")
-                _check_range("shares", value, 0, 1 << 40)
-            else:
-                if not isinstance(value, int) or isinstance(value, bool):
-                    raise _invalid(f"{key} must be an integer number of bytes")
-                _check_range(key, value, 0, MAX_MEMSZ_BYTES)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SetHostParams(Message):
-    """ctl → host (needs authority): change idle_tax_ratio (0 ≤ τ < 1), sample_period_ms, balance_period_ms,
-    host_memory_bytes, ctl_max_percent (0..99). None resets to default. Reply: control_ok."""
-
-    kind: ClassVar[str] = "set_host_params"
-    plane: ClassVar[Literal["agent", "control"]] = "control"
-    params: dict[str, Scalar]
-    control_token: str | None = None
-
-    def __post_init__(self) -> None:
-        _check_params(self.params, HOST_PARAM_KEYS)
-        if self.control_token is not None:
-            check_secret("control_token", self.control_token)
-        for key, value in self.params.items():
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise _invalid(f"{key} must be a number")
-            if key == "idle_tax_ratio":
-                if not 0.0 <= value < 1.0:
-                    raise _invalid(f"idle_tax_ratio={value} must satisfy 0 ≤ τ < 1")
-            elif not isinstance(value, int):
-                raise _invalid(f"{key} must be an integer")
-            elif key == "ctl_max_percent":
-                _check_range(key, value, 0, 99)
-            elif key.endswith("_ms"):
-                _check_range(key, value, 10, MAX_INTERVAL_MS)
-            else:
-                _check_range(key, value, PAGE_SIZE_BYTES, MAX_MEMSZ_BYTES)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SetManualTarget(Message):
-    """ctl → host (needs authority): pin vm's balloon target to `balloon_target_pages` (like `virsh setmem`
-    pins a guest's size), or None to return to automatic targets. Reply: control_ok."""
-
-    kind: ClassVar[str] = "set_manual_target"
-    plane: ClassVar[Literal["agent", "control"]] = "control"
-    vm_id: str
-    balloon_target_pages: int | None
-    control_token: str | None = None
-
-    def __post_init__(self) -> None:
-        check_vm_id(self.vm_id)
-        if self.control_token is not None:
-            check_secret("control_token", self.control_token)
-        if self.balloon_target_pages is not None:
-            _check_range("balloon_target_pages", self.balloon_target_pages, 0, MAX_PAGES)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ControlOk(Message):
-    """host → ctl: the request was applied. detail: what changed. data: the new values."""
-
-    kind: ClassVar[str] = "control_ok"
-    plane: ClassVar[Literal["agent", "control"]] = "control"
-    detail: str
-    data: dict[str, PlainData]
-
-    def __post_init__(self) -> None:
-        check_plain_data(self.data)
-
-
 KINDS: dict[str, type[Message]] = {
     cls.kind: cls
     for cls in (
@@ -596,3 +364,11 @@ KINDS: dict[str, type[Message]] = {
         ControlOk,
     )
 }
+
+__all__ = [  # the base's and the control plane's names stay importable from here
+    "AGENT_STATES", "HOST_PARAM_KEYS", "KINDS", "SHARE_LEVELS", "VM_PARAM_KEYS", "WS_METHODS", "Bye",
+    "ControlOk", "Error", "GetStatus", "Heartbeat", "Hello", "Lock", "LockResult", "Message", "PlainData",
+    "RangeResult", "RangeStatus", "Scalar", "SetHostParams", "SetManualTarget", "SetTarget", "SetVmParams",
+    "Settings", "StatValue", "Status", "StatusReply", "Unlock", "UnlockResult", "Welcome", "WsMethod",
+    "check_plain_data", "check_secret", "check_stats_keys", "check_vm_id", "stats_map", "stats_values",
+]
