@@ -12,6 +12,9 @@
     classify_target_seq(...)                a target's seq: new, stale, or an absurd jump to ignore
     subtract_pages(pages, held)             page numbers not held any more (unlocks to send again)
 
+(workload_stats, welcome_timings, classify_target_seq and subtract_pages live in
+guestagent.host_terms: what the agent accepts from its host. They are importable from here.)
+
 vmw_balloon allocates with __GFP_NORETRY so the balloon never triggers the guest's OOM killer;
 mlock in a cgroup has no such flag (it reclaims, then OOM-kills), so the agent must stop short
 itself: `givable_bytes` is that check, made before every batch.
