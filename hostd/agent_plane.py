@@ -80,7 +80,9 @@ class AgentPlane:
     def handle(self, identity: bytes, frame: bytes, now_ms: int, user_id: str | None = None) -> Outgoing:
         """`user_id`: the ZAP User-Id of the connection (the allowlisted key's name) under CURVE."""
         ctx = self.ctx
-        ctx.snapshot_cache = None  # what status shows changes with every agent frame
+        # What status shows changes with every agent frame: the host's figures, and the entry of
+        # the vm this connection speaks for (before the frame, and after a hello bound another).
+        ctx.vm_changed(self.registry.routes.get(identity))
         seq: int | None = None
         try:
             envelope = decode(frame)
@@ -123,7 +125,7 @@ class AgentPlane:
             return self._on_status(route, vm, link, message, now_ms)
         if isinstance(message, Bye):
             self.drop(vm, now_ms, "bye", printable(message.reason))  # peer text: escaped before any log
-            self.ctx.request_recompute(f"{vm.vm_id} left")
+            self.ctx.request_recompute(f"{vm.vm_id} left", urgent=False)
             return []
         if isinstance(message, Heartbeat):
             return []
@@ -232,7 +234,8 @@ class AgentPlane:
                       "reclaim": link.reclaim},
             vm_secret=link.vm_secret,
         )
-        ctx.request_recompute(f"{hello.vm_id} joined")
+        ctx.request_recompute(f"{hello.vm_id} joined", urgent=False)
+        ctx.vm_changed(hello.vm_id)
         return [(route, ctx.frame(welcome, seq))]
 
     def _check_batch(self, kind: str, page_count: int) -> None:
@@ -326,6 +329,7 @@ class AgentPlane:
         ctx = self.ctx
         popped = ctx.ledger.pop(vm.vm_id)
         ctx.counters["agents_lost" if kind == "lost" else "agents_left"] += 1
+        ctx.vm_status_cache.pop(vm.vm_id, None)  # listed as departed now (or rebuilt without its agent)
         if vm.vm_id in self.registry.host_targets and vm.host.cgroup_limit_pages is not None and ctx.config.vswap:
             # The guest is still there (its cgroup is): without an agent, host swap is all
             # that can reclaim from it. Its pinned pages went with the agent's process.

@@ -1,0 +1,101 @@
+"""A flood of one-shot identities (review S11) costs bounded work: joins and departures recompute
+at most every MEMBERSHIP_RECOMPUTE_MS once the table is large (hostd.core.recompute_due), the
+live count is kept (not counted per tick or status), and hostd's own status document is sent
+without being validated twice (the receiver's decode validates it). Simulated clock only."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hostd.config import HostConfig
+from hostd.core import COALESCE_FROM_VMS, MEMBERSHIP_RECOMPUTE_MS, HostCore, recompute_due, trusted_status_reply
+from protocol import GetStatus, Hello, SetTarget, StatusReply, decode, encode
+from protocol.limits import MAX_CONTROL_FRAME_BYTES
+from protocol.messages import check_plain_data
+
+MiB = 1 << 20
+BIG, SMALL = COALESCE_FROM_VMS, COALESCE_FROM_VMS - 1
+LONG_AGO, JUST_NOW = 10_000 - MEMBERSHIP_RECOMPUTE_MS, 10_000 - MEMBERSHIP_RECOMPUTE_MS + 1
+
+
+@pytest.mark.parametrize(("pending", "urgent", "alive", "last_ms", "due"), [
+    (False, False, SMALL, LONG_AGO, False),  # nothing asked for
+    (False, True, BIG, JUST_NOW, False),  # (urgent without a trigger cannot happen; still nothing to do)
+    (True, True, BIG, JUST_NOW, True),  # a state change or a setting: at once, however large the table
+    (True, False, SMALL, JUST_NOW, True),  # a small table: every join has its target at the next tick
+    (True, False, BIG, JUST_NOW, False),  # a large table and a recent recompute: joins wait
+    (True, False, BIG, LONG_AGO, True),  # ... until MEMBERSHIP_RECOMPUTE_MS have passed
+    (True, False, BIG, -math.inf, True),  # never recomputed yet
+    (True, True, SMALL, LONG_AGO, True),
+])
+def test_recompute_due(pending, urgent, alive, last_ms, due):
+    assert recompute_due(pending, urgent, alive, 10_000, last_ms) is due
+
+
+def hello(vm_id: str) -> Hello:
+    return Hello(vm_id=vm_id, memsz_bytes=64 * MiB, agent_version="t", page_kind="vpn", supports_2m=False,
+                 cgroup_version=2, max_batch_pages=512, held_pages=0, last_host_session_id=None,
+                 stats_keys=("usage_bytes",))
+
+
+def core_with(vms: int, **config) -> HostCore:
+    config.setdefault("host_memory_bytes", 64 << 30)
+    config.setdefault("max_joins_per_s", 100_000)
+    core = HostCore(HostConfig(**config), "sess", now_ms=0)
+    for index in range(vms):
+        core.handle_agent(f"c{index}".encode(), encode(hello(f"v{index}"), 1), 0)
+    return core
+
+
+def targets(out) -> set[str]:
+    return {route.decode() for route, frame in out if isinstance(decode(frame).message, SetTarget)}
+
+
+def test_joins_into_a_large_table_are_recomputed_together():
+    core = core_with(COALESCE_FROM_VMS)
+    assert len(targets(core.tick(0))) == COALESCE_FROM_VMS  # the first recompute: at once
+    core.handle_agent(b"late", encode(hello("late"), 1), 100)
+    assert targets(core.tick(100)) == set()  # one recompute for the joins of the next 500 ms
+    assert targets(core.tick(MEMBERSHIP_RECOMPUTE_MS - 1)) == set()
+    assert "late" in targets(core.tick(MEMBERSHIP_RECOMPUTE_MS))
+
+
+def test_joins_into_a_small_table_are_recomputed_at_the_next_tick():
+    core = core_with(2)
+    assert targets(core.tick(0)) == {"c0", "c1"}
+    core.handle_agent(b"late", encode(hello("late"), 1), 0)
+    assert targets(core.tick(0)) == {"late"}
+
+
+def test_an_urgent_trigger_is_not_held_back():
+    core = core_with(COALESCE_FROM_VMS)
+    core.tick(0)
+    core.handle_agent(b"late", encode(hello("late"), 1), 100)
+    core._ctx.request_recompute("state high → soft")  # what update_state asks for
+    assert "late" in targets(core.tick(100))
+
+
+def test_the_live_count_is_kept():
+    core = core_with(5, report_interval_ms=1000)
+    registry = core.registry
+    assert registry.alive_count == 5
+    core.handle_agent(b"c0", encode(hello("v0"), 2), 10)  # the same connection again: a re-registration
+    assert registry.alive_count == 5
+    core.tick(3_500)  # never reported: lost and forgotten
+    assert registry.alive_count == 0 == sum(vm.alive for vm in registry.vms.values())
+    core.handle_agent(b"n", encode(hello("n"), 1), 3_600)
+    assert registry.alive_count == 1 == sum(vm.alive for vm in registry.vms.values())
+
+
+def test_the_status_document_is_sent_as_validated_plain_data():
+    core = core_with(3)
+    core.tick(0)
+    document = core.snapshot(5)
+    check_plain_data(document)  # what the receiver's decode checks
+    frame = encode(trusted_status_reply(document), 1, MAX_CONTROL_FRAME_BYTES)
+    assert frame == encode(StatusReply(snapshot=dict(document)), 1, MAX_CONTROL_FRAME_BYTES)
+    reply, _ = core.handle_control(encode(GetStatus(), 7), 5)
+    message = decode(reply, MAX_CONTROL_FRAME_BYTES).message
+    assert isinstance(message, StatusReply) and message.snapshot["host"]["vms_alive"] == 3
