@@ -54,6 +54,11 @@ CONTROL_FRAMES_PER_PASS = 32
 CONTROL_CHECK_FRAMES = 32  # within an agent pass, a waiting control request is served every this many frames
 CONTROL_SNDHWM = 64  # replies queued for one control client; a client that never reads loses them
 KEYS_RELOAD_MS = 1_000  # allowlists re-read this often (a removed key stops working within it)
+# Pending TCP connections the agent port queues (libzmq's default is 100; the kernel caps it at
+# net.core.somaxconn). A burst of connections beyond the queue is dropped by the kernel and the
+# peer's SYN is retried after 1 s: 1,000 one-shot identities at once (review S11) overflowed it
+# ~29,000 times a run, and 2,000 agents reconnecting after a restart arrive the same way.
+AGENT_BACKLOG = 4096
 
 
 def now_ms() -> int:
@@ -135,7 +140,7 @@ class HostServer:
         self._sent_in_pass = 0
         self._read_errors: dict[str, str] = {}  # vm → the last reason its cgroup could not be read
         self.agent_socket = self._router(config.agent_endpoint, AGENT_DOMAIN if self.gate else None,
-                                         max_frame_bytes=MAX_FRAME_BYTES)
+                                         max_frame_bytes=MAX_FRAME_BYTES, backlog=AGENT_BACKLOG)
         self.control_socket = self._router(
             config.control_endpoint, CONTROL_DOMAIN if self.gate and config.control_allowlist else None,
             max_frame_bytes=MAX_CONTROL_REQUEST_BYTES, sndhwm=CONTROL_SNDHWM)
@@ -166,7 +171,7 @@ class HostServer:
             os.chown(path, -1, grp.getgrnam(self.config.control_socket_group).gr_gid)
 
     def _router(self, endpoint: str, curve_domain: str | None, max_frame_bytes: int,
-                sndhwm: int = 10_000) -> zmq.Socket[bytes]:
+                sndhwm: int = 10_000, backlog: int = 100) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
@@ -175,6 +180,7 @@ class HostServer:
         # refused by libzmq instead of taking the pipe over (hostd binds vms to connections,
         # and a handover silently cut the live agent off).
         sock.setsockopt(zmq.SNDHWM, sndhwm)
+        sock.setsockopt(zmq.BACKLOG, backlog)
         if curve_domain is not None and self.config.curve_secret_key is not None:
             from protocol.keys import load_keypair
 
