@@ -63,6 +63,15 @@ def recompute_due(pending: bool, urgent: bool, alive_vms: int, now_ms: int, last
     return urgent or alive_vms < COALESCE_FROM_VMS or now_ms - last_recompute_ms >= MEMBERSHIP_RECOMPUTE_MS
 
 
+def silent_limit_ms(base_ms: int, reported: bool, reading_behind_ms: int) -> int:
+    """How long a vm's agent may be silent before it is lost: `base_ms` (lost_after_reports
+    reports), and, for an agent that has reported, also the time hostd itself has been behind
+    reading the agent socket, up to another `base_ms`: its frames may be waiting there, behind
+    a flood of other connections' (ZeroMQ serves connections in turn). A vm that never reported
+    gets no grace: one-shot identities (review S11) must not stay twice as long."""
+    return base_ms + (min(max(0, reading_behind_ms), base_ms) if reported else 0)
+
+
 def trusted_status_reply(document: StatusDocument) -> StatusReply:
     """A status_reply around hostd's own document (status_doc.py's typed shape, non-finite
     figures already null) without validating it again: the receiver's decode does
@@ -279,7 +288,9 @@ class HostCore:
         log.log(logging.INFO if changed <= LOGGED_TARGETS_PER_RECOMPUTE else logging.DEBUG,
                 "vm %s balloon target %d → %d pages (%s; %s)", vm.vm_id, old_target, new_target, reason, trigger)
 
-    def tick(self, now_ms: int) -> Outgoing:
+    def tick(self, now_ms: int, reading_behind_ms: int = 0) -> Outgoing:
+        """`reading_behind_ms`: how long the server has had agent frames queued that it could
+        not read yet (0: it is keeping up)."""
         ctx, config, registry = self._ctx, self.config, self.registry
         ctx.host_changed()
         out: Outgoing = []
@@ -291,10 +302,12 @@ class HostCore:
                 link.adopted_awaiting_report = False
             if waiting:
                 ctx.request_recompute("startup settled: adopted balloons handed to the policy")
-        silent_limit = config.lost_after_reports * config.report_interval_ms
+        base_limit = config.lost_after_reports * config.report_interval_ms
+        limits = (silent_limit_ms(base_limit, False, reading_behind_ms), silent_limit_ms(base_limit, True,
+                                                                                         reading_behind_ms))
         # A frozen guest's agent is frozen too: its silence is ours, not a lost agent.
-        lost = [vm for vm in registry.vms.values() if vm.alive and vm.has_agent and vm.host.frozen_since_ms is None
-                and now_ms - vm.last_seen_ms > silent_limit]
+        lost = [vm for vm in registry.vms.values() if vm.alive and vm.agent is not None
+                and vm.host.frozen_since_ms is None and now_ms - vm.last_seen_ms > limits[vm.agent.status is not None]]
         for vm in lost:
             self.agents.drop(vm, now_ms, "lost", f"silent for {now_ms - vm.last_seen_ms} ms")
         if lost:

@@ -138,6 +138,7 @@ class HostServer:
         self.timeline = TimelineFile(config.timeline) if config.timeline is not None else None
         self.stop_requested = False
         self._sent_in_pass = 0
+        self._agent_behind_since: int | None = None  # agent frames queued unread since (None: caught up)
         self._read_errors: dict[str, str] = {}  # vm → the last reason its cgroup could not be read
         self.agent_socket = self._router(config.agent_endpoint, AGENT_DOMAIN if self.gate else None,
                                          max_frame_bytes=MAX_FRAME_BYTES, backlog=AGENT_BACKLOG)
@@ -233,6 +234,9 @@ class HostServer:
             body = parts[1] if len(parts) == 2 else b""
             self._send(self.core.handle_agent(parts[0], body, now_ms(), user_id))
         return True
+
+    def _reading_behind_ms(self) -> int:
+        return 0 if self._agent_behind_since is None else now_ms() - self._agent_behind_since
 
     def _control_waiting(self) -> bool:
         return bool(int(self.control_socket.get(zmq.EVENTS)) & zmq.POLLIN)
@@ -342,7 +346,12 @@ class HostServer:
                 self._sent_in_pass = 0
                 backlog = False  # a batch was cut short: poll again at once, no coalescing
                 if self.agent_socket in ready:
-                    backlog |= self._on_agent_readable()
+                    agent_backlog = self._on_agent_readable()
+                    backlog |= agent_backlog
+                    if not agent_backlog:
+                        self._agent_behind_since = None
+                    elif self._agent_behind_since is None:
+                        self._agent_behind_since = now_ms()
                 if self.control_socket in ready or (ready and self._control_waiting()):
                     backlog |= self._on_control_readable()
                     self._sent_in_pass += 1
@@ -350,7 +359,7 @@ class HostServer:
                     time.sleep(COALESCE_S)
                 if now_ms() >= next_tick:  # on its deadline, whatever the sockets bring
                     next_tick = now_ms() + TICK_MS
-                    self._periodic("tick", lambda: self._send(self.core.tick(now_ms())))
+                    self._periodic("tick", lambda: self._send(self.core.tick(now_ms(), self._reading_behind_ms())))
                     if now_ms() >= next_keys:
                         next_keys = now_ms() + KEYS_RELOAD_MS
                         self._periodic("keys", self._reload_keys)

@@ -10,8 +10,15 @@ import math
 import pytest
 
 from hostd.config import HostConfig
-from hostd.core import COALESCE_FROM_VMS, MEMBERSHIP_RECOMPUTE_MS, HostCore, recompute_due, trusted_status_reply
-from protocol import GetStatus, Hello, SetTarget, StatusReply, decode, encode
+from hostd.core import (
+    COALESCE_FROM_VMS,
+    MEMBERSHIP_RECOMPUTE_MS,
+    HostCore,
+    recompute_due,
+    silent_limit_ms,
+    trusted_status_reply,
+)
+from protocol import GetStatus, Hello, SetTarget, Status, StatusReply, decode, encode
 from protocol.limits import MAX_CONTROL_FRAME_BYTES
 from protocol.messages import check_plain_data
 
@@ -99,3 +106,26 @@ def test_the_status_document_is_sent_as_validated_plain_data():
     reply, _ = core.handle_control(encode(GetStatus(), 7), 5)
     message = decode(reply, MAX_CONTROL_FRAME_BYTES).message
     assert isinstance(message, StatusReply) and message.snapshot["host"]["vms_alive"] == 3
+
+
+@pytest.mark.parametrize(("reported", "behind_ms", "limit_ms"), [
+    (False, 0, 3000),
+    (False, 2000, 3000),  # a vm that never reported gets no grace (one-shot identities)
+    (True, 0, 3000),  # hostd keeps up: lost_after_reports reports
+    (True, 1200, 4200),  # its frames may be queued behind a flood: the time hostd is behind
+    (True, 9000, 6000),  # ... at most another lost_after_reports reports
+    (True, -5, 3000),
+])
+def test_silent_limit(reported, behind_ms, limit_ms):
+    assert silent_limit_ms(3000, reported, behind_ms) == limit_ms
+
+
+def test_an_agent_that_reported_is_not_lost_while_hostd_is_behind_reading():
+    core = core_with(2, report_interval_ms=1000)  # lost after 3 s of silence
+    status = Status(balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle", stats=(1 << 20,),
+                    ws_touched_ratio=None, ws_method="referenced", ws_period_ms=1000)
+    core.handle_agent(b"c0", encode(status, 2), 0)  # v0 reported, v1 never did
+    core.tick(3_500, reading_behind_ms=1_000)
+    assert core.vms["v0"].alive and "v1" not in core.vms
+    core.tick(4_001, reading_behind_ms=1_000)
+    assert not core.vms["v0"].alive
