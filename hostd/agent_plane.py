@@ -348,6 +348,21 @@ class AgentPlane:
             ctx.forget(vm)
         log.info("vm %s %s (%s); its ledger of %d pages dropped", vm.vm_id, kind, reason, popped)
 
+    def route_gone(self, route: bytes, now_ms: int) -> None:
+        """A frame to `route` could not be sent: its connection is closed. A vm it registered that
+        never reported, holds nothing and has no cgroup is dropped now (and so forgotten): a
+        one-shot identity whose welcome came too late (review S11) would otherwise stay in the
+        table, the policy and every status for lost_after_reports reports. Any other vm is kept
+        (lost only by silence): its agent comes back on a new connection with its secret."""
+        vm = self.registry.by_route(route)
+        if vm is None or not vm.alive or vm.agent is None or vm.status is not None \
+                or vm.agent.hello.last_host_session_id == self.ctx.session_id \
+                or vm.vm_id in self.registry.host_targets or self.ctx.ledger.held_pages(vm.vm_id):
+            return  # reported, re-registered within this session, a cgroup, or a ledger: kept
+        self.ctx.vm_changed(vm.vm_id)
+        self.drop(vm, now_ms, "lost", "its connection closed before it reported")
+        self.ctx.request_recompute(f"{vm.vm_id} left", urgent=False)
+
     def set_agent_keys(self, vm_ids_by_key: dict[str, frozenset[str]], now_ms: int) -> None:
         """CURVE's allowlist as it is now: vms whose key no longer binds them are dropped."""
         self.agent_vm_ids = vm_ids_by_key

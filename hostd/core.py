@@ -154,6 +154,14 @@ class HostCore:
         """`user_id`: the ZAP User-Id of the connection (the allowlisted key's name) under CURVE."""
         return self.agents.handle(identity, frame, now_ms, user_id)
 
+    def route_gone(self, route: bytes, now_ms: int) -> None:
+        """The server could not send to this agent connection (it is closed)."""
+        try:
+            self.agents.route_gone(route, now_ms)
+        except Exception:  # a bug: logged and counted, never the end of the daemon
+            self.protocol_errors["INTERNAL"] += 1
+            log.exception("internal error on a closed agent connection")
+
     def set_agent_keys(self, vm_ids_by_key: dict[str, frozenset[str]], now_ms: int) -> None:
         """CURVE's allowlist as it is now: vms whose key no longer binds them are dropped."""
         self.agents.set_agent_keys(vm_ids_by_key, now_ms)

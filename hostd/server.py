@@ -202,6 +202,8 @@ class HostServer:
                 self.agent_socket.send_multipart([identity, frame], flags=zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
                 self.core.counters[f"send_failed_{exc.errno}"] += 1
+                if exc.errno == zmq.EHOSTUNREACH:
+                    self.core.route_gone(identity, now_ms())
         events = self.core.drain_events()
         if events:
             self.events.write(events)

@@ -129,3 +129,21 @@ def test_an_agent_that_reported_is_not_lost_while_hostd_is_behind_reading():
     assert core.vms["v0"].alive and "v1" not in core.vms
     core.tick(4_001, reading_behind_ms=1_000)
     assert not core.vms["v0"].alive
+
+
+def test_a_vm_whose_connection_closed_before_it_reported_is_forgotten_at_once():
+    core = core_with(3, report_interval_ms=1000)
+    status = Status(balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle", stats=(1 << 20,),
+                    ws_touched_ratio=None, ws_method="referenced", ws_period_ms=1000)
+    core.handle_agent(b"c1", encode(status, 2), 10)  # v1 reported
+    core.route_gone(b"c0", 20)  # its welcome could not be sent
+    core.route_gone(b"c1", 20)
+    core.route_gone(b"nobody", 20)
+    assert "v0" not in core.vms and core.vms["v1"].alive and core.vms["v2"].alive
+    assert core.registry.alive_count == 2 and core.counters["vms_forgotten"] == 1
+    same_session = Hello(vm_id="v3", memsz_bytes=64 * MiB, agent_version="t", page_kind="vpn", supports_2m=False,
+                         cgroup_version=2, max_batch_pages=512, held_pages=0, last_host_session_id="sess",
+                         stats_keys=("usage_bytes",))
+    core.handle_agent(b"c3", encode(same_session, 1), 30)
+    core.route_gone(b"c3", 40)  # a same-session re-registration (its secret is not checked here): kept
+    assert core.vms["v3"].alive
