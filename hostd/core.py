@@ -65,10 +65,11 @@ def recompute_due(pending: bool, urgent: bool, alive_vms: int, now_ms: int, last
 
 def silent_limit_ms(base_ms: int, reported: bool, reading_behind_ms: int) -> int:
     """How long a vm's agent may be silent before it is lost: `base_ms` (lost_after_reports
-    reports), and, for an agent that has reported, also the time hostd itself has been behind
-    reading the agent socket, up to another `base_ms`: its frames may be waiting there, behind
-    a flood of other connections' (ZeroMQ serves connections in turn). A vm that never reported
-    gets no grace: one-shot identities (review S11) must not stay twice as long."""
+    reports), and, for an agent that has reported (or says it re-registers within this
+    session), also the time hostd itself has been behind reading the agent socket, up to
+    another `base_ms`: its frames may be waiting there, behind a flood of other connections'
+    (ZeroMQ serves connections in turn). A vm that never reported gets no grace: one-shot
+    identities (review S11) must not stay twice as long."""
     return base_ms + (min(max(0, reading_behind_ms), base_ms) if reported else 0)
 
 
@@ -314,8 +315,10 @@ class HostCore:
         limits = (silent_limit_ms(base_limit, False, reading_behind_ms), silent_limit_ms(base_limit, True,
                                                                                          reading_behind_ms))
         # A frozen guest's agent is frozen too: its silence is ours, not a lost agent.
+        session = self.session_id
         lost = [vm for vm in registry.vms.values() if vm.alive and vm.agent is not None
-                and vm.host.frozen_since_ms is None and now_ms - vm.last_seen_ms > limits[vm.agent.status is not None]]
+                and vm.host.frozen_since_ms is None and now_ms - vm.last_seen_ms > limits[
+                    vm.agent.status is not None or vm.agent.hello.last_host_session_id == session]]
         for vm in lost:
             self.agents.drop(vm, now_ms, "lost", f"silent for {now_ms - vm.last_seen_ms} ms")
         if lost:

@@ -129,6 +129,12 @@ def test_an_agent_that_reported_is_not_lost_while_hostd_is_behind_reading():
     assert core.vms["v0"].alive and "v1" not in core.vms
     core.tick(4_001, reading_behind_ms=1_000)
     assert not core.vms["v0"].alive
+    again = Hello(vm_id="v9", memsz_bytes=64 * MiB, agent_version="t", page_kind="vpn", supports_2m=False,
+                  cgroup_version=2, max_batch_pages=512, held_pages=0, last_host_session_id="sess",
+                  stats_keys=("usage_bytes",))
+    core.handle_agent(b"c9", encode(again, 1), 5_000)  # back within this session, not reported yet
+    core.tick(8_500, reading_behind_ms=1_000)
+    assert core.vms["v9"].alive
 
 
 def test_a_vm_whose_connection_closed_before_it_reported_is_forgotten_at_once():
