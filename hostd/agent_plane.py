@@ -349,7 +349,9 @@ class AgentPlane:
         log.info("vm %s %s (%s); its ledger of %d pages dropped", vm.vm_id, kind, reason, popped)
 
     def route_gone(self, route: bytes, now_ms: int) -> None:
-        """A frame to `route` could not be sent: its connection is closed. A vm it registered that
+        """A reply to `route` could not be sent: its connection closed before hostd answered (the
+        server calls this for replies only: a vm whose later set_target finds its connection
+        closed is lost by silence, as before, and listed until then). A vm it registered that
         never reported, holds nothing and has no cgroup is dropped now (and so forgotten): a
         one-shot identity whose welcome came too late (review S11) would otherwise stay in the
         table, the policy and every status for lost_after_reports reports. Any other vm is kept

@@ -195,14 +195,16 @@ class HostServer:
         sock.bind(endpoint)
         return sock
 
-    def _send(self, out: Outgoing) -> None:
+    def _send(self, out: Outgoing, replies: bool = False) -> None:
+        """`replies`: `out` answers agent frames (a welcome among them): one that cannot be sent
+        means its connection closed before hostd answered (HostCore.route_gone)."""
         self._sent_in_pass += len(out)
         for identity, frame in out:
             try:
                 self.agent_socket.send_multipart([identity, frame], flags=zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
                 self.core.counters[f"send_failed_{exc.errno}"] += 1
-                if exc.errno == zmq.EHOSTUNREACH:
+                if replies and exc.errno == zmq.EHOSTUNREACH:
                     self.core.route_gone(identity, now_ms())
         events = self.core.drain_events()
         if events:
@@ -234,7 +236,7 @@ class HostServer:
                 return False
             # A multipart frame is malformed: the core counts it once, from the empty body.
             body = parts[1] if len(parts) == 2 else b""
-            self._send(self.core.handle_agent(parts[0], body, now_ms(), user_id))
+            self._send(self.core.handle_agent(parts[0], body, now_ms(), user_id), replies=True)
         return True
 
     def _reading_behind_ms(self) -> int:
