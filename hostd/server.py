@@ -54,11 +54,12 @@ CONTROL_FRAMES_PER_PASS = 32
 CONTROL_CHECK_FRAMES = 32  # within an agent pass, a waiting control request is served every this many frames
 CONTROL_SNDHWM = 64  # replies queued for one control client; a client that never reads loses them
 KEYS_RELOAD_MS = 1_000  # allowlists re-read this often (a removed key stops working within it)
-# Pending TCP connections the agent port queues (libzmq's default is 100; the kernel caps it at
-# net.core.somaxconn). A burst of connections beyond the queue is dropped by the kernel and the
-# peer's SYN is retried after 1 s: 1,000 one-shot identities at once (review S11) overflowed it
-# ~29,000 times a run, and 2,000 agents reconnecting after a restart arrive the same way.
-AGENT_BACKLOG = 4096
+# Pending TCP connections the agent port queues: libzmq's default, on purpose. 4096 was tried
+# (review S11: 1,000 one-shot connections at once overflowed 100 ~29,000 times a run into 1 s SYN
+# retries), and it did answer more hellos in time, but hostd then held every connection at once:
+# RSS +225..+278 MiB instead of +58, status p99 676-800 ms instead of 360-408, and the honest
+# agent's frames queued behind them until it was lost (S11 test, load 2-5.5, 2 runs each).
+AGENT_BACKLOG = 100
 
 
 def now_ms() -> int:
