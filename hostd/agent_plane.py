@@ -81,7 +81,9 @@ class AgentPlane:
     def handle(self, identity: bytes, frame: bytes, now_ms: int, user_id: str | None = None) -> Outgoing:
         """`user_id`: the ZAP User-Id of the connection (the allowlisted key's name) under CURVE."""
         ctx = self.ctx
-        ctx.snapshot_cache = None  # what status shows changes with every agent frame
+        # What status shows changes with every agent frame: the host's figures, and the entry of
+        # the vm this connection speaks for (before the frame, and after a hello bound another).
+        ctx.vm_changed(self.registry.routes.get(identity))
         seq: int | None = None
         try:
             envelope = decode(frame)
@@ -124,7 +126,7 @@ class AgentPlane:
             return self._on_status(route, vm, link, message, now_ms)
         if isinstance(message, Bye):
             self.drop(vm, now_ms, "bye", printable(message.reason))  # peer text: escaped before any log
-            self.ctx.request_recompute(f"{vm.vm_id} left")
+            self.ctx.request_recompute(f"{vm.vm_id} left", urgent=False)
             return []
         if isinstance(message, Heartbeat):
             return []
@@ -228,7 +230,8 @@ class AgentPlane:
             batch_limit_pages=config.batch_limit_pages, sample_period_ms=ctx.settings.sample_period_ms,
             reclaim=link.reclaim, vm_secret=link.vm_secret,
         )
-        ctx.request_recompute(f"{hello.vm_id} joined")
+        ctx.request_recompute(f"{hello.vm_id} joined", urgent=False)
+        ctx.vm_changed(hello.vm_id)
         return [(route, ctx.frame(welcome, seq))]
 
     def _check_batch(self, kind: str, page_count: int) -> None:
@@ -322,6 +325,7 @@ class AgentPlane:
         ctx = self.ctx
         popped = ctx.ledger.pop(vm.vm_id)
         ctx.counters["agents_lost" if kind == "lost" else "agents_left"] += 1
+        ctx.vm_status_cache.pop(vm.vm_id, None)  # listed as departed now (or rebuilt without its agent)
         if vm.vm_id in self.registry.host_targets and vm.host.cgroup_limit_pages is not None and ctx.config.vswap:
             # The guest is still there (its cgroup is): without an agent, host swap is all
             # that can reclaim from it. Its pinned pages went with the agent's process.
@@ -339,6 +343,23 @@ class AgentPlane:
             # identities would otherwise fill the table for dead_vm_ttl_ms).
             ctx.forget(vm)
         log.info("vm %s %s (%s); its ledger of %d pages dropped", vm.vm_id, kind, reason, popped)
+
+    def route_gone(self, route: bytes, now_ms: int) -> None:
+        """A reply to `route` could not be sent: its connection closed before hostd answered (the
+        server calls this for replies only: a vm whose later set_target finds its connection
+        closed is lost by silence, as before, and listed until then). A vm it registered that
+        never reported, holds nothing and has no cgroup is dropped now (and so forgotten): a
+        one-shot identity whose welcome came too late (review S11) would otherwise stay in the
+        table, the policy and every status for lost_after_reports reports. Any other vm is kept
+        (lost only by silence): its agent comes back on a new connection with its secret."""
+        vm = self.registry.by_route(route)
+        if vm is None or not vm.alive or vm.agent is None or vm.status is not None \
+                or vm.agent.hello.last_host_session_id == self.ctx.session_id \
+                or vm.vm_id in self.registry.host_targets or self.ctx.ledger.held_pages(vm.vm_id):
+            return  # reported, re-registered within this session, a cgroup, or a ledger: kept
+        self.ctx.vm_changed(vm.vm_id)
+        self.drop(vm, now_ms, "lost", "its connection closed before it reported")
+        self.ctx.request_recompute(f"{vm.vm_id} left", urgent=False)
 
     def set_agent_keys(self, vm_ids_by_key: dict[str, frozenset[str]], now_ms: int) -> None:
         """CURVE's allowlist as it is now: vms whose key no longer binds them are dropped."""

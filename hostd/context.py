@@ -12,7 +12,7 @@ from hostd import policy
 from hostd.config import HostConfig, VmDefaults
 from hostd.ledger import Ledger
 from hostd.registry import Registry, VmRecord
-from hostd.status_doc import StatusDocument
+from hostd.status_doc import StatusDocument, VmStatus
 from protocol import PAGE_SIZE_BYTES, Error, ErrorCode, Message, encode
 from protocol.limits import MAX_FRAME_BYTES
 
@@ -65,7 +65,12 @@ class CoreContext:
         self.counters: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []
         self.pending_triggers: dict[str, None] = {}  # ordered set of reasons for the next recompute
-        self.snapshot_cache: tuple[int, StatusDocument] | None = None
+        self.recompute_urgent = False  # one of them cannot wait for MEMBERSHIP_RECOMPUTE_MS (core.py)
+        self._snapshot_cache: tuple[int, StatusDocument] | None = None
+        # Each live vm's entry of the status document, as of `status_generation` (hostd/snapshot.py):
+        # rebuilt only for a vm whose own frame (or a change of everything) came since.
+        self.vm_status_cache: dict[str, tuple[VmRecord, int, VmStatus]] = {}
+        self.status_generation = 0
         # balloonctl's changes, kept across restarts by the server (settings_file): host keys
         # changed from the config, and per-vm settings and manual targets.
         self.host_overrides: dict[str, Any] = {}
@@ -75,6 +80,31 @@ class CoreContext:
     @property
     def state(self) -> policy.State:
         return self.registry.state
+
+    # ---- the status document's caches ---------------------------------------------------------
+    @property
+    def snapshot_cache(self) -> tuple[int, StatusDocument] | None:
+        """The last status document (hostd/core.py's cached_snapshot). Dropping it (= None)
+        drops every vm's cached entry too: a change outside one agent's frames (the control
+        plane's settings, hostd's cgroup readings, a recompute) may show in any vm's entry."""
+        return self._snapshot_cache
+
+    @snapshot_cache.setter
+    def snapshot_cache(self, value: tuple[int, StatusDocument] | None) -> None:
+        if value is None:
+            self.status_generation += 1
+        self._snapshot_cache = value
+
+    def vm_changed(self, vm_id: str | None) -> None:
+        """An agent's frame changed what the document shows of its own vm (and of the host)."""
+        self._snapshot_cache = None
+        if vm_id is not None:
+            self.vm_status_cache.pop(vm_id, None)
+
+    def host_changed(self) -> None:
+        """The tick: host figures (state, free memory, lost and forgotten vms) may have changed,
+        no live vm's own entry (a recompute drops them all: `snapshot_cache = None`)."""
+        self._snapshot_cache = None
 
     # ---- frames and events -------------------------------------------------------------------
     def frame(self, message: Message, seq: int | None = None, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
@@ -89,10 +119,12 @@ class CoreContext:
     def event(self, now_ms: int, kind: str, **fields: Any) -> None:
         self.events.append({"t_ms": now_ms - self.started_ms, "event": kind, "state": self.state, **fields})
 
-    def request_recompute(self, trigger: str) -> None:
+    def request_recompute(self, trigger: str, urgent: bool = True) -> None:
         """Joins, leaves and state changes recompute at the next tick (≤ 100 ms), once for all
-        of them: 2,000 agents re-registering after a restart cost one recompute, not 2,000."""
+        of them: 2,000 agents re-registering after a restart cost one recompute, not 2,000.
+        Not `urgent` (joins, leaves, losses): see core.recompute_due."""
         self.pending_triggers[trigger] = None
+        self.recompute_urgent |= urgent
 
     # ---- derived figures ---------------------------------------------------------------------
     def thresholds(self) -> policy.Thresholds:
@@ -136,4 +168,5 @@ class CoreContext:
         """A dead vm leaves the table (its settings stay in the config and settings_file)."""
         self.ledger.pop(vm.vm_id)
         self.registry.forget(vm)
+        self.vm_status_cache.pop(vm.vm_id, None)
         self.counters["vms_forgotten"] += 1

@@ -193,6 +193,7 @@ class Registry:
         self.host_targets = host_targets  # vm → a cgroup path or "docker:NAME"; the one home
         self.state: policy.State = "high"
         self._granted = 0
+        self._alive_count = 0
         self._reserved_alive_pages: int | None = None  # Σ reservations of live vms (None: count again)
         self.result: policy.PolicyResult | None = None
         self._result_index: dict[str, int] = {}
@@ -206,13 +207,20 @@ class Registry:
     def free_pages(self, host_memory_pages: int) -> int:
         return host_memory_pages - self._granted
 
+    @property
+    def alive_count(self) -> int:
+        """Live vms (kept, not counted: the tick and every status read it)."""
+        return self._alive_count
+
     def put(self, vm: VmRecord) -> VmRecord | None:
         """Enter `vm`, replacing the record of the same id (returned)."""
         old = self.vms.get(vm.vm_id)
         if old is not None:
             self._granted -= old.granted_pages
+            self._alive_count -= old.alive
         self.vms[vm.vm_id] = vm
         self._granted += vm.granted_pages
+        self._alive_count += vm.alive
         self._reserved_alive_pages = None if vm.params.reservation_bytes or (
             old is not None and old.params.reservation_bytes) else self._reserved_alive_pages
         return old
@@ -228,6 +236,7 @@ class Registry:
     def leave(self, vm: VmRecord, now_ms: int, reason: str) -> None:
         """The vm is no longer scheduled (kept, listed as departed, until it is forgotten)."""
         self._granted -= vm.granted_pages
+        self._alive_count -= vm.alive
         vm._alive = False
         vm.left_ms, vm.left_reason = now_ms, reason[:200]
         if vm.params.reservation_bytes:
@@ -244,6 +253,7 @@ class Registry:
     def forget(self, vm: VmRecord) -> None:
         self.unbind_route(vm)
         self._granted -= vm.granted_pages
+        self._alive_count -= vm.alive
         del self.vms[vm.vm_id]
         self._result_index.pop(vm.vm_id, None)
 

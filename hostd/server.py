@@ -54,6 +54,12 @@ CONTROL_FRAMES_PER_PASS = 32
 CONTROL_CHECK_FRAMES = 32  # within an agent pass, a waiting control request is served every this many frames
 CONTROL_SNDHWM = 64  # replies queued for one control client; a client that never reads loses them
 KEYS_RELOAD_MS = 1_000  # allowlists re-read this often (a removed key stops working within it)
+# Pending TCP connections the agent port queues: libzmq's default, on purpose. 4096 was tried
+# (review S11: 1,000 one-shot connections at once overflowed 100 ~29,000 times a run into 1 s SYN
+# retries), and it did answer more hellos in time, but hostd then held every connection at once:
+# RSS +225..+278 MiB instead of +58, status p99 676-800 ms instead of 360-408, and the honest
+# agent's frames queued behind them until it was lost (S11 test, load 2-5.5, 2 runs each).
+AGENT_BACKLOG = 100
 
 
 def now_ms() -> int:
@@ -133,9 +139,10 @@ class HostServer:
         self.timeline = TimelineFile(config.timeline) if config.timeline is not None else None
         self.stop_requested = False
         self._sent_in_pass = 0
+        self._agent_behind_since: int | None = None  # agent frames queued unread since (None: caught up)
         self._read_errors: dict[str, str] = {}  # vm → the last reason its cgroup could not be read
         self.agent_socket = self._router(config.agent_endpoint, AGENT_DOMAIN if self.gate else None,
-                                         max_frame_bytes=MAX_FRAME_BYTES)
+                                         max_frame_bytes=MAX_FRAME_BYTES, backlog=AGENT_BACKLOG)
         self.control_socket = self._router(
             config.control_endpoint, CONTROL_DOMAIN if self.gate and config.control_allowlist else None,
             max_frame_bytes=MAX_CONTROL_REQUEST_BYTES, sndhwm=CONTROL_SNDHWM)
@@ -166,7 +173,7 @@ class HostServer:
             os.chown(path, -1, grp.getgrnam(self.config.control_socket_group).gr_gid)
 
     def _router(self, endpoint: str, curve_domain: str | None, max_frame_bytes: int,
-                sndhwm: int = 10_000) -> zmq.Socket[bytes]:
+                sndhwm: int = 10_000, backlog: int = 100) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
@@ -175,6 +182,7 @@ class HostServer:
         # refused by libzmq instead of taking the pipe over (hostd binds vms to connections,
         # and a handover silently cut the live agent off).
         sock.setsockopt(zmq.SNDHWM, sndhwm)
+        sock.setsockopt(zmq.BACKLOG, backlog)
         if curve_domain is not None and self.config.curve_secret_key is not None:
             from protocol.keys import load_keypair
 
@@ -188,13 +196,17 @@ class HostServer:
         sock.bind(endpoint)
         return sock
 
-    def _send(self, out: Outgoing) -> None:
+    def _send(self, out: Outgoing, replies: bool = False) -> None:
+        """`replies`: `out` answers agent frames (a welcome among them): one that cannot be sent
+        means its connection closed before hostd answered (HostCore.route_gone)."""
         self._sent_in_pass += len(out)
         for identity, frame in out:
             try:
                 self.agent_socket.send_multipart([identity, frame], flags=zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
                 self.core.counters[f"send_failed_{exc.errno}"] += 1
+                if replies and exc.errno == zmq.EHOSTUNREACH:
+                    self.core.route_gone(identity, now_ms())
         events = self.core.drain_events()
         if events:
             self.events.write(events)
@@ -225,8 +237,11 @@ class HostServer:
                 return False
             # A multipart frame is malformed: the core counts it once, from the empty body.
             body = parts[1] if len(parts) == 2 else b""
-            self._send(self.core.handle_agent(parts[0], body, now_ms(), user_id))
+            self._send(self.core.handle_agent(parts[0], body, now_ms(), user_id), replies=True)
         return True
+
+    def _reading_behind_ms(self) -> int:
+        return 0 if self._agent_behind_since is None else now_ms() - self._agent_behind_since
 
     def _control_waiting(self) -> bool:
         return bool(int(self.control_socket.get(zmq.EVENTS)) & zmq.POLLIN)
@@ -336,7 +351,12 @@ class HostServer:
                 self._sent_in_pass = 0
                 backlog = False  # a batch was cut short: poll again at once, no coalescing
                 if self.agent_socket in ready:
-                    backlog |= self._on_agent_readable()
+                    agent_backlog = self._on_agent_readable()
+                    backlog |= agent_backlog
+                    if not agent_backlog:
+                        self._agent_behind_since = None
+                    elif self._agent_behind_since is None:
+                        self._agent_behind_since = now_ms()
                 if self.control_socket in ready or (ready and self._control_waiting()):
                     backlog |= self._on_control_readable()
                     self._sent_in_pass += 1
@@ -344,7 +364,7 @@ class HostServer:
                     time.sleep(COALESCE_S)
                 if now_ms() >= next_tick:  # on its deadline, whatever the sockets bring
                     next_tick = now_ms() + TICK_MS
-                    self._periodic("tick", lambda: self._send(self.core.tick(now_ms())))
+                    self._periodic("tick", lambda: self._send(self.core.tick(now_ms(), self._reading_behind_ms())))
                     if now_ms() >= next_keys:
                         next_keys = now_ms() + KEYS_RELOAD_MS
                         self._periodic("keys", self._reload_keys)
