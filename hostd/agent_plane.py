@@ -253,7 +253,7 @@ class AgentPlane:
             if result.status == 0:
                 traffic.locked_pages += result.count
             else:
-                traffic.refused_pages += result.count
+                traffic.lock_refused_pages += result.count
         reply = LockResult(results=results, target_pages=targets.balloon_target_pages, target_seq=targets.target_seq)
         return [(identity, self.ctx.frame(reply, seq))]
 

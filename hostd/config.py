@@ -29,8 +29,9 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class VmDefaults:
-    """Per-vm settings known before the vm registers (the `[vms.NAME]` tables)."""
+class VmParams:
+    """Per-vm settings: known before the vm registers (the `[vms.NAME]` tables), then changed by
+    `balloonctl set` (the live `vm.params`)."""
 
     shares: int | str = "normal"
     reservation_bytes: int = 0
@@ -86,7 +87,7 @@ class HostConfig:
     cgroup_root: Path = Path("/sys/fs/cgroup")
     docker_label: str = ""  # e.g. "balloonlab.vm": containers labelled balloonlab.vm=VM are that vm's
     docker_label_filter: str = ""  # and, when set, also carry this "key=value" label (one lab of several)
-    vms: Mapping[str, VmDefaults] = field(default_factory=dict)
+    vms: Mapping[str, VmParams] = field(default_factory=dict)
     vm_cgroups: Mapping[str, str] = field(default_factory=dict)  # vm → cgroup path below the hierarchy
     vm_containers: Mapping[str, str] = field(default_factory=dict)  # vm → Docker container name or id
 
@@ -218,7 +219,7 @@ def _convert(name: str, value: Any, source: str | None = None) -> Any:
         raise ConfigError(f"{source or name}: {exc}") from None
 
 
-def _vm_defaults(name: str, table: Mapping[str, Any]) -> VmDefaults:
+def _vm_params(name: str, table: Mapping[str, Any]) -> VmParams:
     try:
         check_vm_id(name)
     except Exception:
@@ -241,7 +242,7 @@ def _vm_defaults(name: str, table: Mapping[str, Any]) -> VmDefaults:
         except ValueError as exc:
             raise ConfigError(f"[vms.{name}] {key}: {exc}") from None
 
-    return VmDefaults(shares=shares, reservation_bytes=size("reservation") or 0, limit_bytes=size("limit"),
+    return VmParams(shares=shares, reservation_bytes=size("reservation") or 0, limit_bytes=size("limit"),
                       maxmemctl_bytes=size("maxmemctl"))
 
 
@@ -314,7 +315,7 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = 
             raise ConfigError(f"config file {config_path}: unknown keys {sorted(unknown)}")
         values.update({name: _convert(name, value, f"config file {config_path}: {name}")
                        for name, value in document.items()})
-        values["vms"] = {name: _vm_defaults(name, table) for name, table in vm_tables.items()}
+        values["vms"] = {name: _vm_params(name, table) for name, table in vm_tables.items()}
         values["vm_cgroups"] = {name: str(table["cgroup"]) for name, table in vm_tables.items() if "cgroup" in table}
         values["vm_containers"] = {name: str(table["container"]) for name, table in vm_tables.items()
                                    if "container" in table}
@@ -329,4 +330,4 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = 
     return HostConfig(**values)
 
 
-__all__ = ["ConfigError", "HostConfig", "VmDefaults", "is_loopback_endpoint", "load_config"]
+__all__ = ["ConfigError", "HostConfig", "VmParams", "is_loopback_endpoint", "load_config"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hostd import policy
-from hostd.config import HostConfig, VmDefaults
+from hostd.config import HostConfig, VmParams
 from hostd.ledger import Ledger
 from hostd.registry import Registry, VmRecord
 from hostd.status_doc import StatusDocument, VmStatus
@@ -151,13 +151,13 @@ class CoreContext:
         limit = vm.host.cgroup_limit_pages
         return self.settings.host_memory_pages if limit is None else limit
 
-    def initial_params(self, vm_id: str) -> VmDefaults:
-        params = self.config.vms.get(vm_id, VmDefaults())
+    def initial_params(self, vm_id: str) -> VmParams:
+        params = self.config.vms.get(vm_id, VmParams())
         saved = self.vm_overrides.get(vm_id, {}).get("params")
         if saved:
             values = {"shares": params.shares, "reservation_bytes": params.reservation_bytes,
                       "limit_bytes": params.limit_bytes, "maxmemctl_bytes": params.maxmemctl_bytes, **saved}
-            params = VmDefaults(**values)
+            params = VmParams(**values)
         return params
 
     def initial_manual_target(self, vm_id: str) -> int | None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hostd import policy
-from hostd.config import VmDefaults
+from hostd.config import VmParams
 from hostd.context import CoreContext, HostSettings, Outgoing
 from hostd.registry import VmRecord
 from protocol import (
@@ -117,7 +117,7 @@ class ControlPlane:
             "shares": vm.params.shares, "reservation_bytes": vm.params.reservation_bytes,
             "limit_bytes": vm.params.limit_bytes, "maxmemctl_bytes": vm.params.maxmemctl_bytes,
         }
-        defaults = VmDefaults()
+        defaults = VmParams()
         for key, value in request.params.items():
             values[key] = getattr(defaults, key) if value is None else value
         reservation = values["reservation_bytes"]
@@ -136,7 +136,7 @@ class ControlPlane:
         if refusal:
             raise ProtocolError(ErrorCode.ADMISSION_REFUSED, refusal)
         old = vm.params
-        self.registry.set_params(vm, VmDefaults(**values))
+        self.registry.set_params(vm, VmParams(**values))
         saved = self._saved(vm.vm_id)
         saved["params"] = {**saved["params"], **request.params}
         changes = {k: (getattr(old, k), getattr(vm.params, k)) for k in request.params}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from hostd import policy, vswap
-from hostd.config import VmDefaults
+from hostd.config import VmParams
 from hostd.context import CoreContext
 from hostd.host_actions import HostAction
 from hostd.registry import Identity, Targets, VmRecord
@@ -38,7 +38,7 @@ class HostControlPlane:
                 ctx.counters["cgroup_without_limit"] += 1
                 return  # no memsz to schedule against; the event was logged by the server
             memsz_bytes = own_limit_bytes // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
-            params = vm.params if vm is not None else ctx.config.vms.get(vm_id, VmDefaults())
+            params = vm.params if vm is not None else ctx.config.vms.get(vm_id, VmParams())
             record = VmRecord(vm_id=vm_id, identity=Identity(claimed_memsz_bytes=memsz_bytes, registered_ms=now_ms),
                               params=params, last_seen_ms=now_ms, targets=Targets(reason="cgroup only (no agent)"))
             if vm is not None:

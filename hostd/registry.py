@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from hostd import policy
-from hostd.config import VmDefaults
+from hostd.config import VmParams
 from protocol import PAGE_SIZE_BYTES, Hello, Status, stats_map
 from protocol.limits import MAX_PAGES
 
@@ -38,7 +38,7 @@ class AgentTraffic:
     unlock_batches: int = 0
     locked_pages: int = 0
     unlocked_pages: int = 0
-    refused_pages: int = 0  # pages the host's ledger refused the agent
+    lock_refused_pages: int = 0  # pages the host's ledger refused the agent (not the guest's Status.refused_pages)
 
 
 @dataclass
@@ -105,7 +105,7 @@ class HostControl:
 class VmRecord:
     vm_id: str
     identity: Identity
-    params: VmDefaults  # its live settings (config, balloonctl set)
+    params: VmParams  # its live settings (config, balloonctl set)
     last_seen_ms: int
     agent: AgentLink | None = None  # None: known only by its cgroup (no agent, or its agent was lost)
     targets: Targets = field(default_factory=Targets)
@@ -287,7 +287,7 @@ class Registry:
         own = self.vms.get(except_vm)
         return self._reserved_alive_pages - (own.reservation_pages if own is not None and own.alive else 0)
 
-    def set_params(self, vm: VmRecord, params: VmDefaults) -> None:
+    def set_params(self, vm: VmRecord, params: VmParams) -> None:
         vm.params = params
         self._reserved_alive_pages = None
 

@@ -90,7 +90,7 @@ def vm_status(ctx: CoreContext, vm: VmRecord, now_ms: int) -> VmStatus:
         "maxmemctl_bytes": vm.params.maxmemctl_bytes,
         "rho": outcome.rho if math.isfinite(outcome.rho) else None,  # infinite when allocated nothing
         "reason": registry.reason(vm),
-        "refused_pages": traffic.refused_pages,
+        "refused_pages": traffic.lock_refused_pages,
         "inflated_pages": traffic.locked_pages,
         "deflated_pages": traffic.unlocked_pages,
         "lock_batches": traffic.lock_batches,

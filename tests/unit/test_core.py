@@ -2,7 +2,7 @@
 
 import pytest
 
-from hostd.config import HostConfig, VmDefaults
+from hostd.config import HostConfig, VmParams
 from hostd.core import HostCore
 from protocol import (
     ControlOk,
@@ -197,7 +197,7 @@ def test_manual_target_wins_and_auto_returns():
 
 
 def test_admission_refuses_unguaranteeable_reservation():
-    h = Harness(vms={"big": VmDefaults(reservation_bytes=390 * MiB)})
+    h = Harness(vms={"big": VmParams(reservation_bytes=390 * MiB)})
     [(_, reply)] = h.send("big", hello("big", memsz=512 * MiB))
     assert isinstance(reply, Error) and reply.code == ErrorCode.ADMISSION_REFUSED
     assert "guaranteed" in reply.detail

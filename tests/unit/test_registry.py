@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostd import policy
-from hostd.config import VmDefaults
+from hostd.config import VmParams
 from hostd.registry import AgentLink, Identity, Registry, VmRecord
 from protocol import Hello
 from tests.conftest import hypothesis_examples
@@ -25,7 +25,7 @@ def hello(vm_id: str) -> Hello:
 
 def record(vm_id: str, agent: bool, now_ms: int) -> VmRecord:
     link = AgentLink(hello=hello(vm_id), route=f"r-{vm_id}".encode()) if agent else None
-    return VmRecord(vm_id=vm_id, identity=Identity(claimed_memsz_bytes=512 << 20), params=VmDefaults(),
+    return VmRecord(vm_id=vm_id, identity=Identity(claimed_memsz_bytes=512 << 20), params=VmParams(),
                     last_seen_ms=now_ms, agent=link)
 
 
