@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 
@@ -29,10 +30,31 @@ def lab_unavailable_reason() -> str | None:
 
 
 def free_loopback_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now (hostd's endpoints, its HTTP port)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port on 127.0.0.1 nobody listens on right now (hostd's endpoints, its HTTP port).
+
+    Chosen at random below the kernel's ephemeral range (net.ipv4.ip_local_port_range), not by
+    binding port 0: a port the kernel hands out as "free" comes from that range, which is also
+    where every outgoing connection takes its source port, so between the probe and hostd's
+    bind a busy host (thousands of simulated agents connecting) took it ("Address already in
+    use", seen in a bench and a fault test)."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10_000, low) if low > 10_100 else 0
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
+    raise OSError("no free loopback port below the ephemeral range after 200 tries")
+
+
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    try:
+        with open(path) as text:
+            return int(text.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
 
 
 def die_with_parent() -> None:
