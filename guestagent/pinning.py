@@ -63,6 +63,12 @@ class Pinner(Protocol):
 
     def release_all(self) -> int: ...
 
+    def renumber(self, skip_offsets: frozenset[int] = frozenset()) -> list[tuple[Batch, Batch]]:
+        """Read the held batches' page numbers again (the kernel migrates mlocked pages, so a
+        PFN can change under a pinned page); batches whose numbers changed get the new ones.
+        Returns (old, new) of those. Batches at `skip_offsets` and dropped ones are not read."""
+        ...
+
 
 class SlotBook:
     """The books of a region: which offsets are pinned as which batches, the holes that
@@ -173,6 +179,24 @@ class SlotBook:
         for batch in list(self._batches.values()):
             self.release(batch)
         return released
+
+    def renumber(self, skip_offsets: frozenset[int] = frozenset()) -> list[tuple[Batch, Batch]]:
+        """Read the held batches' page numbers again (PFNs: compaction moves mlocked pages
+        to other frames, compact_unevictable_allowed=1 by default, and the frames left behind
+        are the next ones a pin gets); batches whose numbers changed are booked with the new
+        ones. Returns (old, new) of those. Batches at `skip_offsets` (a lock in flight) and
+        batches whose memory went back to the host are not read."""
+        moved = []
+        for offset in sorted(self._batches):
+            batch = self._batches[offset]
+            if offset in skip_offsets or offset in self._dropped:
+                continue
+            pages = self._page_numbers(offset, batch.page_count)
+            if pages != batch.pages:
+                new = Batch(offset_pages=offset, page_count=batch.page_count, pages=pages)
+                self._batches[offset] = new
+                moved.append((batch, new))
+        return moved
 
 
 class FakePinner(SlotBook):

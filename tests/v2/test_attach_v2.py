@@ -68,13 +68,27 @@ def _oom_kills(cgroup: Path) -> int:
     return int(dict(line.split() for line in (cgroup / "memory.events").read_text().splitlines())["oom_kill"])
 
 
-def _balloon_to(hostd: SlowHostd, vm_id: str, size_mib: int) -> float:
+def _migrations() -> dict[str, int]:
+    """The kernel's page migration counters: compaction moves mlocked pages too
+    (compact_unevictable_allowed), which changes the PFNs an attached agent reported."""
+    wanted = ("pgmigrate_success", "compact_migrate_scanned", "compact_stall")
+    pairs = (line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    return {key: int(value) for key, value in pairs if key in wanted}
+
+
+def _balloon_to(hostd: SlowHostd, vm_id: str, size_mib: int, figures: dict) -> float:
     """Seconds from the target to the balloon at size_mib (after the agent registered)."""
     hostd.wait_until(lambda s: any(v["vm_id"] == vm_id and v["alive"] for v in s["vms"]), 180, f"{vm_id} registered")
+    before = _migrations()
     hostd.client.target(vm_id, size_mib * PAGES_PER_MiB)
     started = time.monotonic()
-    hostd.wait_until(lambda s: vm(s, vm_id)["balloon_bytes"] >= size_mib * MiB, 300,
-                     f"{vm_id}'s balloon at {size_mib} MiB")
+    try:
+        hostd.wait_until(lambda s: vm(s, vm_id)["balloon_bytes"] >= size_mib * MiB, 300,
+                         f"{vm_id}'s balloon at {size_mib} MiB")
+    finally:
+        moved = {f"{key}_while_inflating": value - before.get(key, 0) for key, value in _migrations().items()}
+        print(f"page migration while inflating: {moved}")
+        figures.update(moved)
     return time.monotonic() - started
 
 
@@ -84,7 +98,7 @@ def _ballooned(hostd: SlowHostd, tmp_path: Path, cgroup: Path, vm_id: str, swap_
     started = time.monotonic()
     agent_pid = _state(tmp_path, vm_id)["agent_pid"]
     assert agent_pid in [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]  # it joined the guest
-    inflate_s = _balloon_to(hostd, vm_id, BALLOON_MiB)
+    inflate_s = _balloon_to(hostd, vm_id, BALLOON_MiB, figures)
     locked = vm_locked_bytes(agent_pid)
     unevictable = memory_stat(cgroup)["unevictable"]
     swapped = _swap(cgroup) - swap_before
