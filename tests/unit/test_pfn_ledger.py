@@ -144,3 +144,41 @@ def test_migrations_between_and_during_moves_always_converge(seed):
     lb.run(5_000)
     assert ledger_frames(lb) == held_frames(pinner)
     assert not [m for m in lb.to_host if isinstance(m, Unlock | Lock) and not m.pages.ranges]
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from guestagent import agent as agent_rules  # noqa: E402
+from guestagent.motion import Motion  # noqa: E402
+from guestagent.state import Counters, PressureMemory, Wire  # noqa: E402
+from hostd.ledger import Ledger  # noqa: E402
+
+
+@settings(max_examples=60)
+@given(pins=st.lists(st.integers(1, 700), min_size=1, max_size=8), releases=st.sets(st.integers(0, 7)),
+       moves=st.lists(st.integers(0, 900), max_size=4), seed=st.integers(0, 2**32 - 1))
+def test_renumbered_stale_and_fresh_frames_bring_the_ledger_back_to_the_frames_held(pins, releases, moves, seed):
+    rng = random.Random(seed)
+    pinner = FramePinner(8 * 700, spare_frames=2048)
+    motion = Motion(pinner, agent_rules.PacingConfig(batch_pages=256), Wire(), Counters(), PressureMemory(), 256)
+    ledger = Ledger()
+    ledger.register("a", "pfn")
+    for count in pins:  # pinned and locked, some released again (their frames reused by later pins)
+        for batch in pinner.pin_batches(count, 256):
+            assert {r.status for r in ledger.lock("a", batch.pages, 1 << 30, False)} == {RangeStatus.OK}
+        for index, batch in enumerate(pinner.batches):
+            if index in releases and rng.random() < 0.5:
+                pinner.release(batch)
+                ledger.unlock("a", batch.pages)
+    for count in moves:
+        pinner.migrate(count, rng)
+        stale, fresh = motion.renumber_pages()
+        assert not set(stale.iter_pages()) & held_frames(pinner)
+        assert set(fresh.iter_pages()) <= held_frames(pinner)
+        assert all(r.status == RangeStatus.OK for r in ledger.unlock("a", stale))
+        assert all(r.status == RangeStatus.OK for r in ledger.lock("a", fresh, 1 << 30, True))
+        ranges = ledger._vms["a"].ranges()
+        assert {p for s, c in ranges for p in range(s, s + c)} == held_frames(pinner)
+        assert set(motion.held_page_numbers().iter_pages()) == held_frames(pinner)
