@@ -59,6 +59,7 @@ class Motion:
         self.reclaim = False  # the host takes the balloon's memory (welcome's settings: "reclaim")
         self.lost_deflate_due_ms = 0
         self.renumbered_pages = 0  # PFN balloons: frames re-reported after the kernel moved pages
+        self.phantom_unlocked_pages = 0  # refused as DUPLICATE, not in the balloon: unlocked
         self.next_renumber_ms = RENUMBER_PERIOD_MS
 
     # ---- the window --------------------------------------------------------------------
@@ -168,6 +169,25 @@ class Motion:
         for chunk in fresh.split(self.batch_limit, MAX_RANGES_PER_MESSAGE):
             self.queue(Lock(pages=chunk, adopt=True), None)
 
+    def clear_phantoms(self, duplicate: PageRanges, now: int) -> None:
+        """A new lock refused as DUPLICATE: the host holds those pages already. The host
+        handles our frames in order and we only lock pages we hold, so pages of our own ledger
+        that the balloon does not hold now are phantoms — pages it left whose unlock the host
+        never got (a send refused while the connection was down, a reply lost before a
+        re-hello, PFNs the kernel moved). Each stays DUPLICATE for good, and the next pin gets
+        the same frames back (LIFO free lists): the balloon stalls. So: follow moved PFNs, then
+        unlock what was refused and is not held (another PFN vm's pages answer UNKNOWN and
+        stay its own)."""
+        self.follow_moved_pages(now)
+        phantoms = agent.subtract_pages(duplicate, self.held_page_numbers())
+        if phantoms:
+            self.phantom_unlocked_pages += phantoms.page_count
+            log.warning("%d pages refused as DUPLICATE are not in the balloon: unlocking them (the host kept "
+                        "pages the balloon had left)", phantoms.page_count)
+            for chunk in phantoms.split(self.batch_limit, MAX_RANGES_PER_MESSAGE):
+                self.queue(Unlock(pages=chunk), None)
+            self.send_outbox(now)
+
     def follow_moved_pages(self, now: int) -> None:
         """Registered: renumber and tell the host now (after a DUPLICATE, and periodically)."""
         self.next_renumber_ms = now + RENUMBER_PERIOD_MS
@@ -231,8 +251,10 @@ class Motion:
         if taken:
             self.queue(Unlock(pages=taken), None)
             self.send_outbox(now)
-        if not pending.adopt and any(r.status == RangeStatus.DUPLICATE for r in result.results):
-            self.follow_moved_pages(now)  # PFNs: the ledger may hold frames our pages left
+        duplicate = PageRanges.from_ranges((r.start, r.count) for r in result.results
+                                           if r.status == RangeStatus.DUPLICATE)
+        if duplicate and not pending.adopt:
+            self.clear_phantoms(duplicate, now)
 
     def on_unlock_result(self, seq: int, result: UnlockResult, now: int) -> None:
         self.on_target(result.target_pages, result.target_seq, now)

@@ -163,7 +163,10 @@ class SlotBook:
         return [self._batches[offset] for offset in sorted(self._batches, reverse=True)]
 
     def holds(self, batch: Batch) -> bool:
-        return self._batches.get(batch.offset_pages) == batch
+        """This very pin is still held: a batch pinned again at the same offset (first fit) is
+        another pin even where its page numbers are equal (freed frames come back first), and a
+        reply about the old one must not act on it."""
+        return self._batches.get(batch.offset_pages) is batch
 
     def release(self, batch: Batch) -> None:  # each pinner frees its memory its own way
         raise NotImplementedError

@@ -120,6 +120,29 @@ def test_dropped_lock_replies_then_rehello_with_frames_reused_does_not_stall():
     assert ledger_frames(lb) == held_frames(lb.agent.pinner)
 
 
+@pytest.mark.parametrize("page_kind", ["pfn", "vpn"])
+def test_phantom_pages_in_the_ledger_are_unlocked_when_a_pin_collides_with_them(page_kind):
+    """Whatever left them there (an unlock the host never got), pages the host holds for the
+    vm that the balloon does not hold make every pin of them DUPLICATE, and the next pin gets
+    them again: the agent unlocks them and goes on."""
+    lb = pfn_loopback() if page_kind == "pfn" else Loopback(Agent())
+    lb.run(50)
+    pinner = lb.agent.pinner
+    lb.set_target(2_000)
+    lb.run(3_000)
+    if isinstance(pinner, FramePinner):
+        phantom = PageRanges.from_pages(pinner.free[-700:])  # the next frames a pin gets
+    else:
+        phantom = PageRanges(((pinner.base_vpn + 2_100, 700),))  # the next slots first fit gives
+    assert {r.status for r in lb.core.ledger.lock("a", phantom, 1 << 30, True)} == {RangeStatus.OK}
+    lb.set_target(9_000)
+    lb.run(15_000)
+    assert pinner.held_pages == 9_000, f"stalled at {pinner.held_pages}; {duplicates(lb)} pages DUPLICATE"
+    assert lb.session.motion.phantom_unlocked_pages >= 700 - 100  # part may have been pinned again meanwhile
+    lb.run(4_000)
+    assert lb.host_ledger_pages() == 9_000 and lb.core.counters["resets"] == 0
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_migrations_between_and_during_moves_always_converge(seed):
     """A table of random schedules: targets up and down, pages migrating at any time, replies

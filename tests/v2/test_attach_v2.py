@@ -9,6 +9,7 @@ target stopping makes the attached agent leave."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from tests.integration import cgroups as test_cgroups
 from tests.integration.attach_helpers import HOLDER, attach_logs, left_with_bye, memory_stat, start_attach
 from tests.integration.cgroups import vm_locked_bytes
 from tests.integration.hostd_proc import vm
+from tests.v2.conftest import RESULTS
 from tests.v2.docker_v2 import BASE_IMAGE, docker
 from tests.v2.hostd_v2 import SlowHostd
 from tests.v2.v2 import ROOT, MiB, mib, require_v2, wait
@@ -58,6 +60,19 @@ def _state(tmp_path: Path, vm_id: str) -> dict:
     wait(path.exists, 180, f"the attach state {path}")
     wait(lambda: "agent_pid" in json.loads(path.read_text() or "{}"), 60, "the agent's pid in the state")
     return json.loads(path.read_text())
+
+
+def _keep_logs(hostd: SlowHostd, tmp_path: Path, name: str) -> None:
+    """A failed run's whole story, brought out of the guest: the agents' and hostd's logs
+    and hostd's event log (the tails printed in the report rarely reach the first refusal)."""
+    print(attach_logs(tmp_path))
+    if not RESULTS.is_dir():
+        return
+    kept = RESULTS / f"attach-{name}"
+    kept.mkdir(exist_ok=True)
+    for path in [*tmp_path.glob("attach-*.log"), hostd.log_path, hostd.event_log]:
+        if path.exists():
+            shutil.copy(path, kept / path.name)
 
 
 def _swap(cgroup: Path) -> int:
@@ -140,7 +155,7 @@ def test_attach_to_a_v2_cgroup_balloons_it_and_detach_leaves_nothing_pinned(host
         figures["oom_kills"] = _oom_kills(cgroup.path)
         assert figures["oom_kills"] == 0
     except BaseException:
-        print(attach_logs(tmp_path))
+        _keep_logs(hostd, tmp_path, "cgroup")
         raise
     finally:
         cgroup.destroy()
@@ -187,5 +202,5 @@ def test_attach_to_a_container_on_the_systemd_driver_balloons_its_scope(hostd, t
         wait(lambda: not scope.exists(), 60, f"{scope} removed")
         figures["agent_left_after_stop_s"] = round(time.monotonic() - stopped, 1)
     except BaseException:
-        print(attach_logs(tmp_path))
+        _keep_logs(hostd, tmp_path, "docker")
         raise
