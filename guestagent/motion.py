@@ -139,8 +139,9 @@ class Motion:
 
     def renumber_pages(self) -> tuple[PageRanges, PageRanges]:
         """PFN balloons: read the held batches' frame numbers again. The kernel migrates
-        mlocked pages (compaction; compact_unevictable_allowed=1 is the default), so the host's
-        ledger keeps frames the balloon left, and those are the next frames a pin gets: every
+        mlocked pages (compaction, compact_unevictable_allowed=1 by default; khugepaged collapsing
+        them into a THP), so the host's ledger keeps frames the balloon left, and those are the
+        next frames a pin gets: every
         lock of them is DUPLICATE, the batch is freed, pinned again on the same frames and
         refused again (the attach stall of issues 15/17). Returns (stale, fresh): frames the
         host holds for us that the balloon is not on any more, and frames it is on now that
