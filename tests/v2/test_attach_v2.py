@@ -42,7 +42,8 @@ def hostd(tmp_path: Path) -> Iterator[SlowHostd]:
     require_swap(1 << 30)
     # Reports every 2 s: an agent re-registers when a lock stays unanswered for two host timeouts
     # ((3 + 2) reports each), and hostd under TCG on a loaded host can take over the 5 s that a
-    # 500 ms interval allows; the re-adopted balloon then stalls on DUPLICATE refusals (seen).
+    # 500 ms interval allows: every re-hello costs a re-adoption (DUPLICATE refusals that stalled
+    # the balloon for good came with them; the agent now unlocks such phantoms, motion.py).
     process = SlowHostd(tmp_path, "--host-memory", "4GiB", "--report-interval", "2s",
                         "--vswap-state-file", str(tmp_path / "vswap.json"))
     yield process
