@@ -39,7 +39,7 @@ pytest: venv
 # e.g. make test-v2 V2_ARGS="-k '(attach)or(reclaim)'". V2_COMPOSE=1 adds the compose lab with
 # Compose v2 (not in CI's set: under TCG at host load 10-30 `compose up --build` alone took 555 s
 # and the scenario >= 15 min, while the lane without it already overran 1200 s; README).
-# V2_ATTACH=1 adds `balloonctl attach` on v2 (not in CI's set: it stalls on DUPLICATE refusals today).
+# V2_ATTACH=1 adds `balloonctl attach` on v2 (not in CI's set: the lane with it took 1753 s at host load ~10; README).
 V2_COMPOSE ?= 0
 V2_ATTACH ?= 0
 test-v2:

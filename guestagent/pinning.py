@@ -63,6 +63,12 @@ class Pinner(Protocol):
 
     def release_all(self) -> int: ...
 
+    def renumber(self, skip_offsets: frozenset[int] = frozenset()) -> list[tuple[Batch, Batch]]:
+        """Read the held batches' page numbers again (the kernel migrates mlocked pages, so a
+        PFN can change under a pinned page); batches whose numbers changed get the new ones.
+        Returns (old, new) of those. Batches at `skip_offsets` and dropped ones are not read."""
+        ...
+
 
 class SlotBook:
     """The books of a region: which offsets are pinned as which batches, the holes that
@@ -157,7 +163,10 @@ class SlotBook:
         return [self._batches[offset] for offset in sorted(self._batches, reverse=True)]
 
     def holds(self, batch: Batch) -> bool:
-        return self._batches.get(batch.offset_pages) == batch
+        """This very pin is still held: a batch pinned again at the same offset (first fit) is
+        another pin even where its page numbers are equal (freed frames come back first), and a
+        reply about the old one must not act on it."""
+        return self._batches.get(batch.offset_pages) is batch
 
     def release(self, batch: Batch) -> None:  # each pinner frees its memory its own way
         raise NotImplementedError
@@ -173,6 +182,24 @@ class SlotBook:
         for batch in list(self._batches.values()):
             self.release(batch)
         return released
+
+    def renumber(self, skip_offsets: frozenset[int] = frozenset()) -> list[tuple[Batch, Batch]]:
+        """Read the held batches' page numbers again (PFNs: compaction moves mlocked pages
+        to other frames, compact_unevictable_allowed=1 by default, and the frames left behind
+        are the next ones a pin gets); batches whose numbers changed are booked with the new
+        ones. Returns (old, new) of those. Batches at `skip_offsets` (a lock in flight) and
+        batches whose memory went back to the host are not read."""
+        moved = []
+        for offset in sorted(self._batches):
+            batch = self._batches[offset]
+            if offset in skip_offsets or offset in self._dropped:
+                continue
+            pages = self._page_numbers(offset, batch.page_count)
+            if pages != batch.pages:
+                new = Batch(offset_pages=offset, page_count=batch.page_count, pages=pages)
+                self._batches[offset] = new
+                moved.append((batch, new))
+        return moved
 
 
 class FakePinner(SlotBook):

@@ -165,7 +165,10 @@ class AgentSession:
             self.reg.next_hello_ms = 0
             self.reg.hello_backoff_ms = 100
         elif message.code in (ErrorCode.CONFLICT, ErrorCode.ADMISSION_REFUSED):
-            self.reg.registered = False  # retry hello with backoff: the host may change its mind
+            # Errors reach here only while registered: the answer to a hello repeated before
+            # its welcome came (a slow host), which changed nothing on the host. Unregistering
+            # here dropped the results of the locks in flight and left the ledger short.
+            pass
         self.motion.pending.pop(message.in_reply_to or -1, None)
 
     # ---- registration -----------------------------------------------------------------

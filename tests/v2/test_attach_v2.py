@@ -9,6 +9,7 @@ target stopping makes the attached agent leave."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from tests.integration import cgroups as test_cgroups
 from tests.integration.attach_helpers import HOLDER, attach_logs, left_with_bye, memory_stat, start_attach
 from tests.integration.cgroups import vm_locked_bytes
 from tests.integration.hostd_proc import vm
+from tests.v2.conftest import RESULTS
 from tests.v2.docker_v2 import BASE_IMAGE, docker
 from tests.v2.hostd_v2 import SlowHostd
 from tests.v2.v2 import ROOT, MiB, mib, require_v2, wait
@@ -40,7 +42,8 @@ def hostd(tmp_path: Path) -> Iterator[SlowHostd]:
     require_swap(1 << 30)
     # Reports every 2 s: an agent re-registers when a lock stays unanswered for two host timeouts
     # ((3 + 2) reports each), and hostd under TCG on a loaded host can take over the 5 s that a
-    # 500 ms interval allows; the re-adopted balloon then stalls on DUPLICATE refusals (seen).
+    # 500 ms interval allows: every re-hello costs a re-adoption (DUPLICATE refusals that stalled
+    # the balloon for good came with them; the agent now unlocks such phantoms, motion.py).
     process = SlowHostd(tmp_path, "--host-memory", "4GiB", "--report-interval", "2s",
                         "--vswap-state-file", str(tmp_path / "vswap.json"))
     yield process
@@ -60,6 +63,19 @@ def _state(tmp_path: Path, vm_id: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _keep_logs(hostd: SlowHostd, tmp_path: Path, name: str) -> None:
+    """A failed run's whole story, brought out of the guest: the agents' and hostd's logs
+    and hostd's event log (the tails printed in the report rarely reach the first refusal)."""
+    print(attach_logs(tmp_path))
+    if not RESULTS.is_dir():
+        return
+    kept = RESULTS / f"attach-{name}"
+    kept.mkdir(exist_ok=True)
+    for path in [*tmp_path.glob("attach-*.log"), hostd.log_path, hostd.event_log]:
+        if path.exists():
+            shutil.copy(path, kept / path.name)
+
+
 def _swap(cgroup: Path) -> int:
     return int((cgroup / "memory.swap.current").read_text())
 
@@ -68,13 +84,28 @@ def _oom_kills(cgroup: Path) -> int:
     return int(dict(line.split() for line in (cgroup / "memory.events").read_text().splitlines())["oom_kill"])
 
 
-def _balloon_to(hostd: SlowHostd, vm_id: str, size_mib: int) -> float:
+def _migrations() -> dict[str, int]:
+    """The kernel's counters of what moves mlocked pages to other frames: compaction
+    (compact_unevictable_allowed) and khugepaged collapsing 4 KiB pages into a THP (seen in the
+    v2 guest: 0 migrations, yet the agent found 8 × 512 pages on new frames)."""
+    wanted = ("pgmigrate_success", "compact_migrate_scanned", "compact_stall", "thp_collapse_alloc")
+    pairs = (line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    return {key: int(value) for key, value in pairs if key in wanted}
+
+
+def _balloon_to(hostd: SlowHostd, vm_id: str, size_mib: int, figures: dict) -> float:
     """Seconds from the target to the balloon at size_mib (after the agent registered)."""
     hostd.wait_until(lambda s: any(v["vm_id"] == vm_id and v["alive"] for v in s["vms"]), 180, f"{vm_id} registered")
+    before = _migrations()
     hostd.client.target(vm_id, size_mib * PAGES_PER_MiB)
     started = time.monotonic()
-    hostd.wait_until(lambda s: vm(s, vm_id)["balloon_bytes"] >= size_mib * MiB, 300,
-                     f"{vm_id}'s balloon at {size_mib} MiB")
+    try:
+        hostd.wait_until(lambda s: vm(s, vm_id)["balloon_bytes"] >= size_mib * MiB, 300,
+                         f"{vm_id}'s balloon at {size_mib} MiB")
+    finally:
+        moved = {f"{key}_while_inflating": value - before.get(key, 0) for key, value in _migrations().items()}
+        print(f"page migration while inflating: {moved}")
+        figures.update(moved)
     return time.monotonic() - started
 
 
@@ -84,12 +115,20 @@ def _ballooned(hostd: SlowHostd, tmp_path: Path, cgroup: Path, vm_id: str, swap_
     started = time.monotonic()
     agent_pid = _state(tmp_path, vm_id)["agent_pid"]
     assert agent_pid in [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]  # it joined the guest
-    inflate_s = _balloon_to(hostd, vm_id, BALLOON_MiB)
-    locked = vm_locked_bytes(agent_pid)
-    unevictable = memory_stat(cgroup)["unevictable"]
+    inflate_s = _balloon_to(hostd, vm_id, BALLOON_MiB, figures)
+    # The pins are the guest's: its memory.stat shows what the agent has locked. Read together,
+    # until they agree: memory.stat is flushed lazily on v2 (seen: 119 MiB unevictable right after
+    # the status said 120), and a pressure deflate may follow the full balloon at once under TCG
+    # (seen: PSI full avg10 10-15 %), so both are compared with each other, not with 120 MiB.
+    readings: dict[str, int] = {}
+
+    def charged() -> bool:
+        readings.update(locked=vm_locked_bytes(agent_pid), unevictable=memory_stat(cgroup)["unevictable"])
+        return readings["locked"] > 0 and readings["unevictable"] >= readings["locked"] - MiB
+
+    wait(charged, 30, "the agent's VmLck in the guest's memory.stat")
+    locked, unevictable = readings["locked"], readings["unevictable"]
     swapped = _swap(cgroup) - swap_before
-    assert locked >= BALLOON_MiB * MiB
-    assert unevictable >= BALLOON_MiB * MiB, f"only {unevictable >> 20} MiB unevictable in {cgroup}"
     assert swapped >= 32 * MiB, f"only {swapped >> 20} MiB of the guest went to its swap"
     figures.update(cgroup=str(cgroup.relative_to(ROOT)), attached_and_ballooned_s=round(time.monotonic() - started, 1),
                    inflate_s=round(inflate_s, 1), balloon_MiB=BALLOON_MiB, agent_vmlck_MiB=mib(locked),
@@ -126,7 +165,7 @@ def test_attach_to_a_v2_cgroup_balloons_it_and_detach_leaves_nothing_pinned(host
         figures["oom_kills"] = _oom_kills(cgroup.path)
         assert figures["oom_kills"] == 0
     except BaseException:
-        print(attach_logs(tmp_path))
+        _keep_logs(hostd, tmp_path, "cgroup")
         raise
     finally:
         cgroup.destroy()
@@ -173,5 +212,5 @@ def test_attach_to_a_container_on_the_systemd_driver_balloons_its_scope(hostd, t
         wait(lambda: not scope.exists(), 60, f"{scope} removed")
         figures["agent_left_after_stop_s"] = round(time.monotonic() - stopped, 1)
     except BaseException:
-        print(attach_logs(tmp_path))
+        _keep_logs(hostd, tmp_path, "docker")
         raise
