@@ -45,7 +45,8 @@ from guestagent.balloon import MlockPinner
 from guestagent.cgroup import CgroupReader
 from guestagent.config import AgentConfig
 from guestagent.errors import AgentError, CgroupError
-from guestagent.session import AGENT_VERSION, STATS_KEYS, AgentSession
+from guestagent.report import STATS_KEYS
+from guestagent.session import AGENT_VERSION, AgentSession
 from guestagent.state import Counters, Reconnect
 from guestagent.wss import WorkingSetSampler
 from protocol import PAGE_SIZE_BYTES, encode

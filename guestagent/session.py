@@ -26,10 +26,11 @@ import logging
 from collections.abc import Mapping
 
 from guestagent import agent
-from guestagent.cgroup import READING_STATS_KEYS, GuestReading
+from guestagent.cgroup import GuestReading
 from guestagent.config import AgentConfig
 from guestagent.motion import Motion
 from guestagent.pinning import Pinner
+from guestagent.report import STATS_KEYS, StatusInputs, build_status
 from guestagent.state import Action, AgentState, Counters, PressureMemory, Registration, Sampling, Wire
 from guestagent.wss import Sample
 from protocol import (
@@ -44,24 +45,15 @@ from protocol import (
     ProtocolError,
     SetTarget,
     Settings,
-    Status,
     UnlockResult,
     Welcome,
     decode,
-    stats_values,
 )
-from protocol.limits import MAX_MEMSZ_BYTES
 
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
 
-# The names of every status's informational stats array, declared once at hello. What the host
-# acts on travels in typed status fields instead (usage_bytes, ws_samples, ws_current_ratio...).
-TYPED_STATUS_FIELDS = frozenset({"usage_bytes"})
-STATS_KEYS: tuple[str, ...] = (*(key for key in READING_STATS_KEYS if key not in TYPED_STATUS_FIELDS),
-                               "givable_bytes", "balloon_returned_bytes", "pressure_deflates",
-                               "expired_requests", "absurd_target_seqs", *agent.WORKLOAD_REPORT_FIELDS.values())
 
 
 class AgentSession:
@@ -375,31 +367,14 @@ class AgentSession:
     def report(self, current: Sample | None, workload: Mapping[str, int | float] | None = None) -> None:
         """A status (unanswered): `current` is the running sampling period so far, `workload`
         the workload's own figures (agent.workload_stats) when it reports any."""
-        reading = self.pressure.last_reading
-        s, motion = self.sampling, self.motion
-        stats = reading.as_stats() if reading else {}
-        stats["givable_bytes"] = self.pressure.givable_bytes
-        stats["balloon_returned_bytes"] = self.pinner.dropped_pages * PAGE_SIZE_BYTES
-        stats["pressure_deflates"] = self.counters.pressure_deflates
-        stats["expired_requests"] = self.counters.expired_requests
-        stats["absurd_target_seqs"] = self.counters.absurd_target_seqs
-        s.ws_current = current
-        if workload:
-            stats.update(workload)
-        last = s.last_ws
-        method_source = last or current
-        usage = reading.usage_bytes if reading else None
-        self.wire.send(Status(
-            balloon_pages=self.pinner.held_pages, acked_target_seq=motion.target.seq,
-            refused_pages=max(0, min(motion.target.refused_pages, self.memsz_bytes // PAGE_SIZE_BYTES)),
-            agent_state=motion.state,
-            usage_bytes=None if usage is None else max(0, min(usage, MAX_MEMSZ_BYTES)),
-            ws_touched_ratio=last.ratio if last else None,
-            ws_samples=s.ws_samples,
-            ws_current_ratio=current.ratio if current else None,
-            ws_method=method_source.method if method_source else "none",
-            stats=stats_values(STATS_KEYS, {k: v for k, v in stats.items() if not isinstance(v, bool)}),
-        ))
+        self.sampling.ws_current = current
+        motion = self.motion
+        self.wire.send(build_status(StatusInputs(
+            reading=self.pressure.last_reading, givable_bytes=self.pressure.givable_bytes,
+            balloon_pages=self.pinner.held_pages, returned_pages=self.pinner.dropped_pages,
+            counters=self.counters, target_seq=motion.target.seq, refused_pages=motion.target.refused_pages,
+            agent_state=motion.state, memsz_bytes=self.memsz_bytes, last=self.sampling.last_ws, current=current,
+            ws_samples=self.sampling.ws_samples, workload=workload)))
 
     def shutdown(self) -> int:
         """Release everything and say bye (if registered). Returns the pages released."""

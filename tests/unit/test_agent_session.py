@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guestagent.pinning import FakePinner
-from guestagent.session import STATS_KEYS
+from guestagent.report import STATS_KEYS
 from guestagent.state import Reconnect, Send
 from guestagent.wss import Sample
 from protocol import (
