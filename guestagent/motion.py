@@ -15,6 +15,7 @@ from collections import deque
 
 from guestagent import agent
 from guestagent.errors import PinError
+from guestagent.pagefollow import RENUMBER_PERIOD_MS, PageFollowing
 from guestagent.pinning import Batch, Pinner
 from guestagent.state import AgentState, Counters, Pending, PressureMemory, Target, Wire
 from protocol import (
@@ -31,12 +32,9 @@ from protocol.limits import MAX_RANGES_PER_MESSAGE
 
 log = logging.getLogger(__name__)
 
-# PFN balloons read their frame numbers again at least this often (pages migrate silently; a
-# stale frame in the ledger refuses another PFN vm's pin of it) and after every DUPLICATE.
-RENUMBER_PERIOD_MS = 30_000
 
 
-class Motion:
+class Motion(PageFollowing):
     def __init__(self, pinner: Pinner, pacing: agent.PacingConfig, wire: Wire, counters: Counters,
                  pressure: PressureMemory, batch_pages: int) -> None:
         self.pinner = pinner
@@ -134,69 +132,6 @@ class Motion:
         self.send_outbox(now)
 
     # ---- PFNs that moved ---------------------------------------------------------------
-    def held_page_numbers(self) -> PageRanges:
-        return PageRanges.from_ranges(r for batch in self.pinner.batches for r in batch.pages.ranges)
-
-    def renumber_pages(self) -> tuple[PageRanges, PageRanges]:
-        """PFN balloons: read the held batches' frame numbers again. The kernel migrates
-        mlocked pages (compaction, compact_unevictable_allowed=1 by default; khugepaged collapsing
-        them into a THP), so the host's ledger keeps frames the balloon left, and those are the
-        next frames a pin gets: every
-        lock of them is DUPLICATE, the batch is freed, pinned again on the same frames and
-        refused again (the attach stall of issues 15/17). Returns (stale, fresh): frames the
-        host holds for us that the balloon is not on any more, and frames it is on now that
-        it never reported. Batches with a lock in flight are read after its answer."""
-        if self.pinner.page_kind != "pfn":
-            return PageRanges(()), PageRanges(())
-        in_flight = frozenset(p.batch.offset_pages for p in self.pending.values() if p.batch is not None)
-        reported = self.held_page_numbers()
-        moved = self.pinner.renumber(in_flight)
-        if not moved:
-            return PageRanges(()), PageRanges(())
-        now_on = self.held_page_numbers()
-        stale = agent.subtract_pages(PageRanges.from_ranges(r for old, _ in moved for r in old.pages.ranges), now_on)
-        fresh = agent.subtract_pages(PageRanges.from_ranges(r for _, new in moved for r in new.pages.ranges), reported)
-        self.renumbered_pages += fresh.page_count
-        log.info("%d balloon pages moved to other frames (page migration): unlocking %d stale frames, "
-                 "adopting %d new ones", sum(new.page_count for _, new in moved), stale.page_count, fresh.page_count)
-        return stale, fresh
-
-    def queue_moves(self, moves: tuple[PageRanges, PageRanges]) -> None:
-        """The ledger follows the frames: stale ones out first, then the new ones in (adopt:
-        pages the balloon already holds; their answers change nothing here)."""
-        stale, fresh = moves
-        for chunk in stale.split(self.batch_limit, MAX_RANGES_PER_MESSAGE):
-            self.queue(Unlock(pages=chunk), None)
-        for chunk in fresh.split(self.batch_limit, MAX_RANGES_PER_MESSAGE):
-            self.queue(Lock(pages=chunk, adopt=True), None)
-
-    def clear_phantoms(self, duplicate: PageRanges, now: int) -> None:
-        """A new lock refused as DUPLICATE: the host holds those pages already. The host
-        handles our frames in order and we only lock pages we hold, so pages of our own ledger
-        that the balloon does not hold now are phantoms — pages it left whose unlock the host
-        never got (a send refused while the connection was down, a reply lost before a
-        re-hello, PFNs the kernel moved). Each stays DUPLICATE for good, and the next pin gets
-        the same frames back (LIFO free lists): the balloon stalls. So: follow moved PFNs, then
-        unlock what was refused and is not held (another PFN vm's pages answer UNKNOWN and
-        stay its own)."""
-        self.follow_moved_pages(now)
-        phantoms = agent.subtract_pages(duplicate, self.held_page_numbers())
-        if phantoms:
-            self.phantom_unlocked_pages += phantoms.page_count
-            log.warning("%d pages refused as DUPLICATE are not in the balloon: unlocking them (the host kept "
-                        "pages the balloon had left)", phantoms.page_count)
-            for chunk in phantoms.split(self.batch_limit, MAX_RANGES_PER_MESSAGE):
-                self.queue(Unlock(pages=chunk), None)
-            self.send_outbox(now)
-
-    def follow_moved_pages(self, now: int) -> None:
-        """Registered: renumber and tell the host now (after a DUPLICATE, and periodically)."""
-        self.next_renumber_ms = now + RENUMBER_PERIOD_MS
-        moves = self.renumber_pages()
-        if moves[0] or moves[1]:
-            self.queue_moves(moves)
-            self.send_outbox(now)
-
     # ---- the host's answers ------------------------------------------------------------
     def on_target(self, target_pages: int, target_seq: int, now: int) -> None:
         # seq 0 = the host has not set a target for this session yet; older seqs are stale.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import json
 import logging
 import os
 import resource
@@ -30,9 +29,8 @@ from hostd.cgroupfs import BackendError, CgroupfsBackend
 from hostd.config import HostConfig, parse_http_address
 from hostd.core import HostCore, Outgoing
 from hostd.eventlog import EventLog, TimelineFile, printable
-from hostd.jsonout import dumps
 from hostd.reclaim import HostReclaimer
-from hostd.statefile import write_atomically
+from hostd.statefile import load_settings, write_private_json
 from hostd.timeline import event_record, sample_record
 from protocol.limits import MAX_CONTROL_REQUEST_BYTES, MAX_FRAME_BYTES
 
@@ -93,27 +91,6 @@ def host_max_pfn(zoneinfo: Path = Path("/proc/zoneinfo")) -> int | None:
     return highest or None
 
 
-def _load_settings(path: Path | None) -> dict[str, Any]:
-    if path is None or not path.exists():
-        return {}
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        log.error("settings file %s not used: %s", path, exc)
-        return {}
-    return document if isinstance(document, dict) else {}
-
-
-def write_private_json(path: Path, document: dict[str, Any]) -> None:
-    """Atomically and durably, mode 0600 (hostd/statefile.py, as the vswap record)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        write_atomically(directory, path.name, dumps(document, indent=1).encode())
-    finally:
-        os.close(directory)
-
-
 class HostServer:
     def __init__(self, config: HostConfig, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
         self.config = config
@@ -127,7 +104,7 @@ class HostServer:
                       "the ipc:// control socket" if self.control_is_ipc else
                       "an operator key (control_allowlist) or the ipc:// control socket")
         self.core = HostCore(config, self.session_id, now_ms(), control_token, max_pfn=host_max_pfn())
-        for line in self.core.restore_settings(_load_settings(config.settings_file), now_ms()):
+        for line in self.core.restore_settings(load_settings(config.settings_file), now_ms()):
             log.warning("saved setting skipped: %s", line)
         self.context = context or zmq.Context()
         # CURVE's ZAP handler before any bind: no handshake is ever accepted without it.
