@@ -131,7 +131,13 @@ class AgentSession:
         if isinstance(message, Welcome):
             self._on_welcome(message, now)
         elif not self.reg.registered:
-            return  # stale traffic from before a reconnect
+            if isinstance(message, Error):  # a refused hello (or stale traffic): said once per code
+                self.counters.protocol_errors += 1
+                if message.code != self.reg.last_refusal:
+                    self.reg.last_refusal = message.code
+                    log.warning("host refused us while unregistered: %s: %s (hello retried with backoff)",
+                                ErrorCode.label(message.code), message.detail)
+            return  # otherwise stale traffic from before a reconnect
         elif isinstance(message, SetTarget):
             self.motion.on_target(message.target_pages, message.target_seq, now)
         elif isinstance(message, Settings):
@@ -213,6 +219,7 @@ class AgentSession:
         new_session = welcome.host_session_id != reg.host_session
         reg.registered = True
         reg.host_lost_since_ms = None
+        reg.last_refusal = None  # a later refusal is news again
         reg.host_session = welcome.host_session_id
         reg.vm_secret = welcome.vm_secret
         timings = agent.welcome_timings(welcome.report_interval_ms, welcome.host_timeout_ms,

@@ -122,6 +122,7 @@ class Registration:
     host_lost_since_ms: int | None = None
     next_hello_ms: int = 0
     hello_backoff_ms: int = 100
+    last_refusal: int | None = None  # the error code the host last refused a hello with (logged once)
 
 
 @dataclass

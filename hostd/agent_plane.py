@@ -189,7 +189,7 @@ class AgentPlane:
         # The same agent keeps its secret across reconnects.
         secret = existing.agent.vm_secret if proven and existing is not None and existing.agent is not None \
             else secrets.token_urlsafe(24)
-        link = AgentLink(hello=hello, route=route, key_name=user_id, vm_secret=secret)
+        link = AgentLink(hello=hello, route=route, key_name=user_id, vm_secret=secret, proven=proven)
         vm = VmRecord(vm_id=hello.vm_id, params=params, last_seen_ms=now_ms, agent=link,
                       identity=Identity(claimed_memsz_bytes=hello.memsz_bytes, page_kind=hello.page_kind,
                                         cgroup_version=hello.cgroup_version, registered_ms=now_ms))
@@ -353,8 +353,7 @@ class AgentPlane:
         table, the policy and every status for lost_after_reports reports. Any other vm is kept
         (lost only by silence): its agent comes back on a new connection with its secret."""
         vm = self.registry.by_route(route)
-        if vm is None or not vm.alive or vm.agent is None or vm.status is not None \
-                or vm.agent.hello.last_host_session_id == self.ctx.session_id \
+        if vm is None or not vm.alive or vm.agent is None or vm.status is not None or vm.agent.proven \
                 or vm.vm_id in self.registry.host_targets or self.ctx.ledger.held_pages(vm.vm_id):
             return  # reported, re-registered within this session, a cgroup, or a ledger: kept
         self.ctx.vm_changed(vm.vm_id)

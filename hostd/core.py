@@ -316,10 +316,9 @@ class HostCore:
         limits = (silent_limit_ms(base_limit, False, reading_behind_ms), silent_limit_ms(base_limit, True,
                                                                                          reading_behind_ms))
         # A frozen guest's agent is frozen too: its silence is ours, not a lost agent.
-        session = self.session_id
         lost = [vm for vm in registry.vms.values() if vm.alive and vm.agent is not None
                 and vm.host.frozen_since_ms is None and now_ms - vm.last_seen_ms > limits[
-                    vm.agent.status is not None or vm.agent.hello.last_host_session_id == session]]
+                    vm.agent.status is not None or vm.agent.proven]]
         for vm in lost:
             self.agents.drop(vm, now_ms, "lost", f"silent for {now_ms - vm.last_seen_ms} ms")
         if lost:

@@ -67,6 +67,7 @@ class HostControlPlane:
     def set_host_target(self, vm_id: str, target: str) -> None:
         """A target found at run time (a container labelled for the vm)."""
         self.registry.host_targets[vm_id] = target
+        self.ctx.vm_changed(vm_id)  # its status entry shows the target
 
     def cgroup_gone(self, vm_id: str, now_ms: int, reason: str) -> None:
         vm = self.registry.vms.get(vm_id)
@@ -109,16 +110,21 @@ class HostControlPlane:
         # an agent built: its lock frames are hints too.
         floor = vm.reservation_pages + vswap.FLOOR_MARGIN_PAGES
         ceiling = max(host.cgroup_limit_pages - returned, min(floor, host.cgroup_limit_pages))
+        # The allocation in the limit's units, as the swap goal is (ceiling − SWTGT): the cgroup
+        # also holds the balloon's pinned pages, which the allocation target does not count.
+        balloon = 0 if reclaim else vm.balloon_pages
+        grant = ceiling - max(0, vm.memsz_pages - self.registry.outcome(vm).alloc_target_pages - balloon)
         limit_in = vswap.LimitInput(
             memsz_pages=ceiling, applied_limit_pages=host.vswap_limit_pages,
-            usage_pages=host.cgroup_usage_pages, balloon_pages=0 if reclaim else vm.balloon_pages,
+            usage_pages=host.cgroup_usage_pages, balloon_pages=balloon,
             reservation_pages=vm.reservation_pages,
             swap_target_pages=swap_target, swap_due=vswap.swap_due(ctx.state, agent_usable),
-            spare_pages=None if reclaim else spare[0], grant_pages=self.registry.outcome(vm).alloc_target_pages)
+            spare_pages=None if reclaim else spare[0], grant_pages=grant)
         decision = vswap.next_limit(limit_in, step)
-        if not limit_in.swap_due and host.vswap_limit_pages is not None:  # given back: less to spare for others
-            given = (ceiling if decision.limit_pages is None else decision.limit_pages) - host.vswap_limit_pages
-            spare[0] = max(0, spare[0] - max(0, given))
+        if not limit_in.swap_due and not reclaim and host.vswap_limit_pages is not None:
+            # What it got back above its own grant came out of the memory shared this step.
+            new = ceiling if decision.limit_pages is None else decision.limit_pages
+            spare[0] = max(0, spare[0] - max(0, new - max(host.vswap_limit_pages, grant)))
         if returned and decision.limit_pages is None:
             applied = host.vswap_limit_pages if host.vswap_limit_pages is not None else host.cgroup_limit_pages
             stepped = max(ceiling, applied - step)  # down by at most a step a second, as vswap does

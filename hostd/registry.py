@@ -59,6 +59,9 @@ class AgentLink:
     # the agent's own refusal count and state come and go between reports.
     refusing: bool = False
     reclaim: bool = False  # its agent hands the balloon's memory back; its limit goes down by the balloon
+    # It re-registered in this host session with its secret (or its bound CURVE key): an agent
+    # hostd already knew. The hello's last_host_session_id alone proves nothing (it is public).
+    proven: bool = False
     stat_index: dict[str, int] = field(default_factory=dict)  # stats name → position in status.stats
 
     def __post_init__(self) -> None:

@@ -531,3 +531,18 @@ def test_the_session_is_sans_io():
             " 'guestagent.alarm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_refused_hello_is_counted_and_said_once_per_code(caplog):
+    a = Agent()
+    a.turn()
+    [hello] = a.sent()
+    assert isinstance(hello, Hello) and not a.session.registered
+    with caplog.at_level("WARNING", logger="guestagent.session"):
+        for code in (ErrorCode.CONFLICT, ErrorCode.CONFLICT, ErrorCode.UNAUTHORIZED):
+            a.session.on_message(0, Error(code=code, detail="no", in_reply_to=None), a.now)
+    said = [r.getMessage() for r in caplog.records if "refused us" in r.getMessage()]
+    assert a.session.counters.protocol_errors == 3 and not a.session.registered
+    assert len(said) == 2 and "CONFLICT" in said[0] and "UNAUTHORIZED" in said[1]
+    a.session.on_message(0, welcome(), a.now)  # registered: a later refusal is news again
+    assert a.session.reg.last_refusal is None

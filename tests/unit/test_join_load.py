@@ -5,6 +5,7 @@ without being validated twice (the receiver's decode validates it). Simulated cl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -18,7 +19,7 @@ from hostd.core import (
     silent_limit_ms,
     trusted_status_reply,
 )
-from protocol import GetStatus, Hello, SetTarget, Status, StatusReply, decode, encode
+from protocol import GetStatus, Hello, SetTarget, Status, StatusReply, Welcome, decode, encode
 from protocol.limits import MAX_CONTROL_FRAME_BYTES
 from protocol.messages import check_plain_data
 
@@ -54,6 +55,11 @@ def core_with(vms: int, **config) -> HostCore:
     for index in range(vms):
         core.handle_agent(f"c{index}".encode(), encode(hello(f"v{index}"), 1), 0)
     return core
+
+
+def welcome_secret(out) -> str:
+    [secret] = [m.vm_secret for m in (decode(frame).message for _, frame in out) if isinstance(m, Welcome)]
+    return secret
 
 
 def targets(out) -> set[str]:
@@ -130,12 +136,20 @@ def test_an_agent_that_reported_is_not_lost_while_hostd_is_behind_reading():
     assert core.vms["v0"].alive and "v1" not in core.vms
     core.tick(4_001, reading_behind_ms=1_000)
     assert not core.vms["v0"].alive
-    again = Hello(vm_id="v9", memsz_bytes=64 * MiB, agent_version="t", page_kind="vpn", supports_2m=False,
+    # Naming this host session proves nothing (the id is public): no grace for the claim alone...
+    claim = Hello(vm_id="v9", memsz_bytes=64 * MiB, agent_version="t", page_kind="vpn", supports_2m=False,
                   cgroup_version=2, max_batch_pages=512, held_pages=0, last_host_session_id="sess",
                   stats_keys=("usage_bytes",))
-    core.handle_agent(b"c9", encode(again, 1), 5_000)  # back within this session, not reported yet
+    core.handle_agent(b"c9", encode(claim, 1), 5_000)
     core.tick(8_500, reading_behind_ms=1_000)
-    assert core.vms["v9"].alive
+    assert "v9" not in core.vms or not core.vms["v9"].alive
+    # ...but an agent that re-registers with its secret, not reported yet on the new connection, has it.
+    secret = welcome_secret(core.handle_agent(b"c8", encode(hello("v8"), 1), 9_000))
+    proven = dataclasses.replace(hello("v8"), last_host_session_id="sess", vm_secret=secret)
+    core.handle_agent(b"c8b", encode(proven, 1), 9_000)
+    assert core.vms["v8"].agent is not None and core.vms["v8"].agent.proven
+    core.tick(12_500, reading_behind_ms=1_000)
+    assert core.vms["v8"].alive
 
 
 def test_a_vm_whose_connection_closed_before_it_reported_is_forgotten_at_once():
@@ -149,9 +163,14 @@ def test_a_vm_whose_connection_closed_before_it_reported_is_forgotten_at_once():
     core.route_gone(b"nobody", 20)
     assert "v0" not in core.vms and core.vms["v1"].alive and core.vms["v2"].alive
     assert core.registry.alive_count == 2 and core.counters["vms_forgotten"] == 1
-    same_session = Hello(vm_id="v3", memsz_bytes=64 * MiB, agent_version="t", page_kind="vpn", supports_2m=False,
-                         cgroup_version=2, max_batch_pages=512, held_pages=0, last_host_session_id="sess",
-                         stats_keys=("usage_bytes",))
-    core.handle_agent(b"c3", encode(same_session, 1), 30)
-    core.route_gone(b"c3", 40)  # a same-session re-registration (its secret is not checked here): kept
-    assert core.vms["v3"].alive
+    claim = Hello(vm_id="v3", memsz_bytes=64 * MiB, agent_version="t", page_kind="vpn", supports_2m=False,
+                  cgroup_version=2, max_batch_pages=512, held_pages=0, last_host_session_id="sess",
+                  stats_keys=("usage_bytes",))
+    core.handle_agent(b"c3", encode(claim, 1), 30)
+    core.route_gone(b"c3", 40)  # naming the session is no proof (the id is public): dropped like any one-shot
+    assert "v3" not in core.vms
+    secret = welcome_secret(core.handle_agent(b"c4", encode(hello("v4"), 1), 50))
+    core.handle_agent(b"c4b", encode(dataclasses.replace(hello("v4"), last_host_session_id="sess",
+                                                         vm_secret=secret), 1), 60)
+    core.route_gone(b"c4b", 70)  # re-registered with its secret: an agent hostd knew, kept
+    assert core.vms["v4"].alive
