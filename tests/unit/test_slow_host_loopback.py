@@ -15,7 +15,8 @@ from tests.unit.test_pfn_ledger import FramePinner, held_frames, ledger_frames
 
 
 class SlowLoopback(Loopback):
-    """Host replies arrive `latency_ms` after the host sent them; the agent can stall."""
+    """Host replies arrive `latency_ms` after the host sent them; the agent can stall. Loopback's
+    pump carries the agent's frames; its replies go through this `deliver` (delayed)."""
 
     def __init__(self, agent: Agent, latency_ms: int, **host_config: object) -> None:
         super().__init__(agent, **host_config)
@@ -40,26 +41,12 @@ class SlowLoopback(Loopback):
         end = self.agent.now + ms
         while self.agent.now < end:
             self.agent.now += step_ms
-            Loopback.deliver(self, [])
             self.deliver(self.core.tick(self.agent.now))
             if stall and stall[0] <= self.agent.now < stall[1]:
                 continue  # the agent's loop is stuck (an mlock reclaiming under TCG)
             self.arrive()
             self.agent.turn()
             self.pump()
-
-    def pump(self) -> None:
-        for _ in range(10_000):
-            actions = self.agent.take()
-            if not actions:
-                return
-            for action in actions:
-                if hasattr(action, "message"):
-                    self.session.on_send(True, self.agent.now)
-                    self.to_host.append(action.message)
-                    self.deliver(self.core.handle_agent(self.identity, encode(action.message, action.seq),
-                                                        self.agent.now))
-        raise AssertionError("never quiet")
 
     def set_target(self, pages: int | None) -> None:
         from protocol import SetManualTarget
