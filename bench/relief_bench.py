@@ -157,9 +157,9 @@ def measure(runs: int, swap_modes: tuple[bool, ...]) -> dict[str, Any]:
 def run() -> dict[str, Any]:
     if os.geteuid() != 0:
         return {"skipped": "needs root (memory cgroups, mlock)"}
-    from tests.conftest import swap_total_bytes
+    from cgroups import host_swap_total_bytes
 
-    modes = (True, False) if swap_total_bytes() >= GUEST else (False,)
+    modes = (True, False) if host_swap_total_bytes() >= GUEST else (False,)
     return measure(int(os.environ.get("BENCH_RUNS", "10")), modes)
 
 

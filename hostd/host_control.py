@@ -101,7 +101,8 @@ class HostControlPlane:
         assert host.cgroup_limit_pages is not None
         link = vm.agent
         agent_usable = link is not None and not link.refusing
-        swap_target = self.registry.outcome(vm).swap_target_pages
+        outcome = self.registry.outcome(vm)
+        swap_target = outcome.swap_target_pages
         # Reclaim mode: the balloon's memory is the host's (the agent let it go once the
         # ledger had it), so the guest's ceiling is its own limit less the balloon, at once.
         returned = ctx.ledger.held_pages(vm.vm_id) if link is not None and link.reclaim else 0
@@ -113,7 +114,7 @@ class HostControlPlane:
         # The allocation in the limit's units, as the swap goal is (ceiling − SWTGT): the cgroup
         # also holds the balloon's pinned pages, which the allocation target does not count.
         balloon = 0 if reclaim else vm.balloon_pages
-        grant = ceiling - max(0, vm.memsz_pages - self.registry.outcome(vm).alloc_target_pages - balloon)
+        grant = ceiling - max(0, vm.memsz_pages - outcome.alloc_target_pages - balloon)
         limit_in = vswap.LimitInput(
             memsz_pages=ceiling, applied_limit_pages=host.vswap_limit_pages,
             usage_pages=host.cgroup_usage_pages, balloon_pages=balloon,

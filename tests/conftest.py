@@ -45,7 +45,6 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-swap_total_bytes = host_swap_total_bytes  # the tests' older name
 
 
 def require_root() -> None:
@@ -53,7 +52,7 @@ def require_root() -> None:
 
 
 def require_swap(min_bytes: int = 1 << 30) -> None:
-    require(swap_total_bytes() >= min_bytes, f"needs ≥ {min_bytes >> 20} MiB of swap enabled (swapon)")
+    require(host_swap_total_bytes() >= min_bytes, f"needs ≥ {min_bytes >> 20} MiB of swap enabled (swapon)")
 
 
 def require_docker() -> None:
