@@ -374,12 +374,11 @@ def test_a_hundred_thousand_malformed_frames(tmp_path):
     figures, _ = run_measured(tmp_path, "100,000 malformed frames", attack)
     assert_survived(figures)
     assert figures["frames"] == 100_000
-    # Refused and counted in bulk: the flood reached hostd. Not every frame is an error: 30 % are
-    # mutations of valid frames, and many stay valid (hellos that are welcomed, byes, statuses of
-    # the vms those hellos registered). Measured on a quiet host: 55-60 % before 2026-12-01, 48 %
-    # since a hello on the connection of a forgotten vm is a new registration, no longer an
-    # INTERNAL error (the HostCore split). Why exactly the rest is not counted is still open
-    # (scripts/attacks/README.md); 40 % leaves room for the mix and fails if the flood is lost.
-    assert figures["errors_counted"] >= 0.4 * figures["frames"], figures["errors_counted"]
+    # Refused and counted: the whole flood reached hostd. A few mutations of valid frames stay
+    # valid (a hello that is welcomed, a bye, a heartbeat); 99,989 of 100,000 were counted on
+    # 2026-12-01. Before the attackers held their connections open until hostd had answered
+    # (attackers._read_replies_until_quiet), 20-60 % were counted: libzmq drops what a ROUTER
+    # received from a peer but had not read yet when that peer disconnects.
+    assert figures["errors_counted"] >= 0.95 * figures["frames"], figures["errors_counted"]
     assert figures["errors_total_when_drained"] is not None
 
