@@ -261,7 +261,9 @@ class AgentLoop:
     def _shutdown(self) -> None:
         freed = self.session.shutdown()
         self._flush()
-        log.info("stopped: released %d pages, said bye", freed)
+        answered = self._await_bye_answer()
+        log.info("stopped: released %d pages, said bye (%s)", freed,
+                 "read by the host" if answered else f"no answer within {BYE_ANSWER_WAIT_MS} ms")
         self.pinner.close()
         if self.alarm is not None:
             self.alarm.close()
@@ -269,6 +271,22 @@ class AgentLoop:
             self.socket.close(linger=100)
 
 
+    def _await_bye_answer(self) -> bool:
+        """Keep the connection until the host has read the bye (it answers with a bye):
+        closing at once let libzmq discard the bye on the host's side if hostd had not read it
+        yet, and the vm stayed registered until its reports were missed. Bounded: a host that
+        is gone (or older) costs at most BYE_ANSWER_WAIT_MS."""
+        if self.session.bye_seq is None or self.socket is None:
+            return False
+        deadline = _now_ms() + BYE_ANSWER_WAIT_MS
+        while (left := deadline - _now_ms()) > 0 and self.socket.poll(left):
+            with contextlib.suppress(zmq.Again):
+                if self.session.bye_answered(self.socket.recv(zmq.NOBLOCK)):
+                    return True
+        return False
+
+
+BYE_ANSWER_WAIT_MS = 1000  # the longest a stopping agent waits for the host to read its bye
 WORKLOAD_REPORT_MAX_BYTES = 64 * 1024  # a real report is ~200 bytes
 
 

@@ -69,6 +69,7 @@ class AgentSession:
         self.pressure = PressureMemory(last_reading=first_reading)
         self.motion = Motion(pinner, self.pacing, self.wire, self.counters, self.pressure, cfg.batch_pages)
         self.reg = Registration()
+        self.bye_seq: int | None = None  # the seq of the bye sent at shutdown (None: none sent)
         self.sampling = Sampling(report_interval_ms=cfg.report_interval_ms,
                                  host_timeout_ms=5 * cfg.report_interval_ms, ws_period_ms=cfg.ws_period_ms)
 
@@ -389,5 +390,13 @@ class AgentSession:
         freed = self.pinner.release_all()
         self.counters.deflated_pages += freed
         if self.reg.registered:
-            self.wire.send(Bye(reason=f"agent stopping; released {held} pages"))
+            self.bye_seq = self.wire.send(Bye(reason=f"agent stopping; released {held} pages"))
         return freed
+
+    def bye_answered(self, frame: bytes) -> bool:
+        """After `shutdown`: is this frame the host's answer to our bye (it was read)?"""
+        try:
+            envelope = decode(frame)
+        except ProtocolError:
+            return False
+        return isinstance(envelope.message, Bye) and envelope.seq == self.bye_seq

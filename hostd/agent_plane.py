@@ -127,7 +127,7 @@ class AgentPlane:
         if isinstance(message, Bye):
             self.drop(vm, now_ms, "bye", printable(message.reason))  # peer text: escaped before any log
             self.ctx.request_recompute(f"{vm.vm_id} left", urgent=False)
-            return []
+            return [(route, self.ctx.frame(Bye(reason="dropped"), seq))]  # read: the agent may close now
         if isinstance(message, Heartbeat):
             return []
         raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not handled on the agent plane")

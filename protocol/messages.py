@@ -314,7 +314,11 @@ class Heartbeat(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Bye(Message):
-    """agent → host: leaving (after deflating). The host drops the vm at once. Reply: none."""
+    """agent → host: leaving (after deflating). The host drops the vm at once. Reply: a bye
+    (host → agent, reason "dropped"), which tells the agent its bye was read: libzmq discards what
+    the host had received but not yet read when the connection closes, so an agent that closed
+    right after sending could leave unseen and stay registered until its reports were missed.
+    """
 
     kind: ClassVar[str] = "bye"
     plane: ClassVar[Literal["agent", "control"]] = "agent"

@@ -299,6 +299,7 @@ class MiniHost:
             self.byes.append(message)
             self.ledger.pop(identity, None)
             self.forget(vm_id)
+            self._reply(route, Bye(reason="dropped"), seq)  # as hostd: the bye was read
 
     def pump(self, until: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition",
              poll_ms: int = 100) -> None:

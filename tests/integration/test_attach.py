@@ -129,6 +129,7 @@ def test_plain_cgroup_is_ballooned_then_detached_then_followed_by_pid(hostd, tmp
         assert holder.poll() is None, "detaching disturbed the guest"
         assert cgroup.oom_kills() == 0
         hostd.wait_until(lambda s: left_with_bye(s, vm_id), 10, "the agent's bye")
+        assert "said bye (read by the host)" in attach_logs(tmp_path), attach_logs(tmp_path)
 
         # Attached again, through the guest's process: its exit (a pidfd) makes the agent leave.
         supervisor = start_attach(hostd, tmp_path, f"pid:{holder.pid}", "--vm-id", vm_id)

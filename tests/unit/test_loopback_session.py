@@ -199,6 +199,28 @@ def test_bye_on_shutdown_releases_everything():
     assert "a" not in [v["vm_id"] for v in document["vms"]] and "a" in [d["vm_id"] for d in document["departed"]]
 
 
+def test_the_host_answers_the_bye_so_the_agent_knows_it_was_read():
+    lb = inflated(100)
+    lb.session.shutdown()
+    bye_seq = lb.session.bye_seq
+    captured: list[bytes] = []
+    lb.deliver = lambda out: captured.extend(frame for _identity, frame in out)  # type: ignore[method-assign]
+    lb.pump()
+    assert bye_seq is not None and [decode(frame).message.kind for frame in captured] == ["bye"]
+    assert lb.session.bye_answered(captured[0])
+    assert not lb.session.bye_answered(encode(Bye(reason="dropped"), bye_seq + 1))  # another seq: not ours
+    assert not lb.session.bye_answered(b"\xc1")  # not a frame
+
+
+def test_an_agent_that_never_registered_waits_for_no_answer():
+    lb = Loopback()
+    lb.host_down = True
+    lb.session.start(lb.agent.now)
+    lb.pump()
+    lb.session.shutdown()
+    assert lb.session.bye_seq is None
+
+
 def test_a_host_sample_period_change_reaches_the_live_session_and_changes_its_sampling():
     """balloonctl host sample_period=... → hostd's control plane → a `settings` frame → the
     running AgentSession samples at the new period, and the host averages the extra periods."""
