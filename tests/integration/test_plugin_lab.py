@@ -18,8 +18,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.root]
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = '''
-import sys, time
+import signal, sys, time
 from balloonlab import Lab
+# Ctrl-C as in a terminal: a test run started as a background job inherits SIGINT ignored (POSIX
+# shells ignore it for asynchronous commands), and Python then never raises KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 lab = Lab(host_memory="512MiB", workdir=sys.argv[1])
 with lab:
     guest = lab.guest("g", phases="grow to 64MiB at 256MiB/s, idle", memory="128MiB", swap="128MiB")
