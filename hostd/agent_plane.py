@@ -48,6 +48,28 @@ def checked_stat(value: int | float | None) -> int | float | None:
     return value if math.isfinite(value) and 0.0 <= value <= MAX_STAT_VALUE else None
 
 
+_PLAIN_STAT_TYPES = frozenset({int, float, type(None)})
+
+
+def checked_stats(values: tuple[int | float | None, ...]) -> tuple[int | float | None, ...]:
+    """`checked_stat` of each value. When every value is already what hostd keeps (None, or
+    a finite number within bounds: an honest agent's whole list), the list is taken as it
+    is after a few C-level passes; one value that is not sends the list through
+    `checked_stat` one by one. A sum of floats is finite only if every one is (NaN and ±inf
+    propagate, and ≤ 2^53 values cannot overflow), so min and max are never asked about a
+    NaN. The value-by-value check was half of hostd's time per status at 2,000 agents."""
+    kinds = set(map(type, values))
+    if kinds <= _PLAIN_STAT_TYPES:
+        present = [v for v in values if v is not None] if type(None) in kinds else values
+        try:
+            if not present or ((float not in kinds or math.isfinite(sum(present)))
+                               and min(present) >= 0 and max(present) <= MAX_STAT_VALUE):
+                return values
+        except OverflowError:  # an int too large for a float beside a float: one by one
+            pass
+    return tuple(checked_stat(value) for value in values)
+
+
 class JoinBucket:
     """New vm ids per second: a token bucket (burst = one second's worth)."""
 
@@ -276,7 +298,7 @@ class AgentPlane:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"status.stats has {len(status.stats)} values; the hello "
                                 f"named {len(link.hello.stats_keys)}")
         link.status = status
-        link.stat_values = tuple(checked_stat(value) for value in status.stats)
+        link.stat_values = checked_stats(status.stats)
         balloon = min(status.balloon_pages, vm.memsz_pages)
         if status.agent_state == "refusing" or status.refused_pages > 0:
             link.refusing = True

@@ -315,16 +315,19 @@ class HostCore:
         base_limit = config.lost_after_reports * config.report_interval_ms
         limits = (silent_limit_ms(base_limit, False, reading_behind_ms), silent_limit_ms(base_limit, True,
                                                                                          reading_behind_ms))
-        # A frozen guest's agent is frozen too: its silence is ours, not a lost agent.
-        lost = [vm for vm in registry.vms.values() if vm.alive and vm.agent is not None
-                and vm.host.frozen_since_ms is None and now_ms - vm.last_seen_ms > limits[
+        # A frozen guest's agent is frozen too: its silence is ours, not a lost agent. The
+        # plain attribute first: every vm heard from within the shorter limit is skipped by
+        # one comparison (this scan of every vm, ten times a second, was ~2 ms at 2,000 vms).
+        heard_after_ms = now_ms - min(limits)
+        lost = [vm for vm in registry.vms.values() if vm.last_seen_ms < heard_after_ms and vm.alive
+                and vm.agent is not None and vm.host.frozen_since_ms is None and now_ms - vm.last_seen_ms > limits[
                     vm.agent.status is not None or vm.agent.proven]]
         for vm in lost:
             self.agents.drop(vm, now_ms, "lost", f"silent for {now_ms - vm.last_seen_ms} ms")
         if lost:
             ctx.request_recompute(f"lost {', '.join(vm.vm_id for vm in lost[:3])}"
                                   + (f" +{len(lost) - 3} more" if len(lost) > 3 else ""), urgent=False)
-        expired = [vm for vm in registry.vms.values() if not vm.alive and vm.left_ms is not None
+        expired = [vm for vm in registry.vms.values() if vm.left_ms is not None and not vm.alive
                    and now_ms - vm.left_ms >= config.dead_vm_ttl_ms]
         for vm in expired:
             ctx.forget(vm)
