@@ -49,6 +49,9 @@ def checked_stat(value: int | float | None) -> int | float | None:
 
 
 _PLAIN_STAT_TYPES = frozenset({int, float, type(None)})
+# Kinds only a host sends (agent-plane kinds an agent must not): a tuple built once, not a
+# union built for every frame.
+_HOST_KINDS = (Welcome, Settings, SetTarget, LockResult, UnlockResult)
 
 
 def checked_stats(values: tuple[int | float | None, ...]) -> tuple[int | float | None, ...]:
@@ -120,7 +123,7 @@ class AgentPlane:
             return [(identity, ctx.error(ErrorCode.INTERNAL, "internal error; see hostd's log", seq))]
 
     def _dispatch(self, route: bytes, seq: int, message: Message, now_ms: int, user_id: str | None) -> Outgoing:
-        if message.plane != "agent" or isinstance(message, Welcome | Settings | SetTarget | LockResult | UnlockResult):
+        if message.plane != "agent" or isinstance(message, _HOST_KINDS):
             raise ProtocolError(ErrorCode.UNEXPECTED_KIND, f"{message.kind} is not sent by agents")
         if isinstance(message, Hello):
             if self.agent_vm_ids is not None and message.vm_id not in self.agent_vm_ids.get(user_id or "", ()):
@@ -299,7 +302,8 @@ class AgentPlane:
                                 f"named {len(link.hello.stats_keys)}")
         link.status = status
         link.stat_values = checked_stats(status.stats)
-        balloon = min(status.balloon_pages, vm.memsz_pages)
+        memsz_pages = vm.memsz_pages
+        balloon = min(status.balloon_pages, memsz_pages)
         if status.agent_state == "refusing" or status.refused_pages > 0:
             link.refusing = True
         elif balloon >= vm.targets.balloon_target_pages:
@@ -308,7 +312,7 @@ class AgentPlane:
         # else); `stats` is informational (status document, logs).
         usage = status.usage_bytes
         # Where hostd reads the vm's cgroup itself, that reading wins (observe_cgroup).
-        consumed = min(usage // PAGE_SIZE_BYTES, vm.memsz_pages) \
+        consumed = min(usage // PAGE_SIZE_BYTES, memsz_pages) \
             if vm.host.cgroup_read_ms is None and usage is not None else None
         self.registry.set_usage(vm, consumed_pages=consumed, balloon_pages=balloon)
         if status.ws_touched_ratio is not None and status.ws_samples > link.ws_samples_seen:

@@ -146,6 +146,8 @@ class WorkingSet:
         """Counts of the period still running, incrementally: a partial count can only show
         more activity than the fast average, never less (the period is not over)."""
         if self.samples == 0 or partial_ratio <= self.fast:
+            if self.fast_current == self.fast:
+                return self  # immutable: the same value, without a new object per status
             return WorkingSet(self.slow, self.fast, self.fast, self.samples)
         return WorkingSet(self.slow, self.fast, self.fast + gains.fast * (partial_ratio - self.fast), self.samples)
 
