@@ -9,6 +9,8 @@ import hmac
 import logging
 import math
 import secrets
+from collections.abc import Sequence
+from typing import cast
 
 from hostd import policy
 from hostd.context import CoreContext, Outgoing
@@ -63,7 +65,9 @@ def checked_stats(values: tuple[int | float | None, ...]) -> tuple[int | float |
     NaN. The value-by-value check was half of hostd's time per status at 2,000 agents."""
     kinds = set(map(type, values))
     if kinds <= _PLAIN_STAT_TYPES:
-        present = [v for v in values if v is not None] if type(None) in kinds else values
+        # Only numbers are left (None filtered out, or none there): typed for min/max/sum.
+        present = cast("Sequence[int | float]", [v for v in values if v is not None] if type(None) in kinds
+                       else values)
         try:
             if not present or ((float not in kinds or math.isfinite(sum(present)))
                                and min(present) >= 0 and max(present) <= MAX_STAT_VALUE):
