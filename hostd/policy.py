@@ -14,6 +14,7 @@ targets (MCTLTGT, SWTGT), and admission control (§6.2).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -145,6 +146,8 @@ class WorkingSet:
         """Counts of the period still running, incrementally: a partial count can only show
         more activity than the fast average, never less (the period is not over)."""
         if self.samples == 0 or partial_ratio <= self.fast:
+            if self.fast_current == self.fast:
+                return self  # immutable: the same value, without a new object per status
             return WorkingSet(self.slow, self.fast, self.fast, self.samples)
         return WorkingSet(self.slow, self.fast, self.fast + gains.fast * (partial_ratio - self.fast), self.samples)
 
@@ -162,6 +165,7 @@ class Thresholds:
     low: int
 
 
+@functools.lru_cache(maxsize=8)  # asked after every status (context.update_state); host memory rarely changes
 def thresholds(host_memory_pages: int, sliding_scale: bool = False) -> Thresholds:
     """Paper: 6/4/2/1 % of host memory. Sliding scale (vSphere 5+): minFree = 6 % of the first
     4 GiB + 4 % of the next 8 + 2 % of the next 16 + 1 % of the rest; soft/hard/low at

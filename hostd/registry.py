@@ -11,6 +11,7 @@ one home, `Registry.host_targets`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -201,6 +202,9 @@ class Registry:
         self.result: policy.PolicyResult | None = None
         self._result_index: dict[str, int] = {}
         self._reasons: dict[str, str] = {}  # vm → reason under the latest result (worked out lazily)
+        # No departed vm left before this: the tick's scan for vms to forget waits until the
+        # oldest one's dead_vm_ttl_ms has passed (lowered by every departure, found again by the scan).
+        self.oldest_left_ms: float = math.inf
 
     # ---- usage, Σgranted and the state: this class is their only writer --------------------
     @property
@@ -222,6 +226,8 @@ class Registry:
             self._granted -= old.granted_pages
             self._alive_count -= old.alive
         self.vms[vm.vm_id] = vm
+        if vm.left_ms is not None:
+            self.oldest_left_ms = min(self.oldest_left_ms, vm.left_ms)
         self._granted += vm.granted_pages
         self._alive_count += vm.alive
         self._reserved_alive_pages = None if vm.params.reservation_bytes or (
@@ -242,6 +248,7 @@ class Registry:
         self._alive_count -= vm.alive
         vm._alive = False
         vm.left_ms, vm.left_reason = now_ms, reason[:200]
+        self.oldest_left_ms = min(self.oldest_left_ms, now_ms)
         if vm.params.reservation_bytes:
             self._reserved_alive_pages = None
         self.unbind_route(vm)

@@ -33,6 +33,7 @@ except ImportError:  # optional: the reference decoder handles everything withou
 # any other key is refused by both. Frames shorter than that cannot carry such a map, so the fast
 # path takes only those (an agent's status is ~350 bytes).
 FAST_MAX_FRAME_BYTES = 7 * (MAX_MAP_ENTRIES + 1) - 1
+_INT_OR_NONE = frozenset({int, type(None)})
 _FIXMAP_4 = 0x84  # the envelope {v, kind, seq, body}: exactly four entries, so no repeated keys
 
 if msgspec is not None:
@@ -73,7 +74,9 @@ def decode_status(frame: bytes) -> tuple[int, Status] | None:
             or len(body.agent_state) > MAX_TEXT_CHARS or len(body.ws_method) > MAX_TEXT_CHARS
             or (body.ws_touched_ratio is not None and not math.isfinite(body.ws_touched_ratio))
             or (body.ws_current_ratio is not None and not math.isfinite(body.ws_current_ratio))
-            or not all(map(math.isfinite, cast("Iterator[float]", filter(float.__instancecheck__, stats))))):
+            # An agent's stats are mostly ints: with only ints and None there is no float to check.
+            or (not set(map(type, stats)) <= _INT_OR_NONE
+                and not all(map(math.isfinite, cast("Iterator[float]", filter(float.__instancecheck__, stats)))))):
         return None
     try:
         message = Status(balloon_pages=body.balloon_pages, acked_target_seq=body.acked_target_seq,
