@@ -31,8 +31,8 @@ from tests.v2.v2 import ROOT, MiB, mib, require_v2, wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.swap, pytest.mark.timeout(600)]
 PAGES_PER_MiB = MiB // 4096
-BALLOON_MiB = 120
-HELD_MiB = 180
+BALLOON_MiB = 64
+HELD_MiB = 200
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def _ballooned(hostd: SlowHostd, tmp_path: Path, cgroup: Path, vm_id: str, swap_
     wait(charged, 30, "the agent's VmLck in the guest's memory.stat")
     locked, unevictable = readings["locked"], readings["unevictable"]
     swapped = _swap(cgroup) - swap_before
-    assert swapped >= 32 * MiB, f"only {swapped >> 20} MiB of the guest went to its swap"
+    assert swapped >= BALLOON_MiB // 4 * MiB, f"only {swapped >> 20} MiB of the guest went to its swap"
     figures.update(cgroup=str(cgroup.relative_to(ROOT)), attached_and_ballooned_s=round(time.monotonic() - started, 1),
                    inflate_s=round(inflate_s, 1), balloon_MiB=BALLOON_MiB, agent_vmlck_MiB=mib(locked),
                    unevictable_MiB=mib(unevictable), guest_swap_rise_MiB=mib(swapped),
