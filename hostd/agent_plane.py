@@ -246,9 +246,6 @@ class AgentPlane:
         vm.targets.balloon_max_pages = policy.balloon_max_pages(vm.memsz_pages, ctx.settings.ctl_max_percent,
                                                                 vm.maxmemctl_pages)
         registry.put(vm)
-        # Heard from now: the tick's scan for lost agents must not wait past its limit.
-        ctx.no_loss_until_ms = min(ctx.no_loss_until_ms,
-                                   now_ms + ctx.config.lost_after_reports * ctx.config.report_interval_ms)
         registry.set_usage(vm, balloon_pages=held)
         ctx.event(now_ms, "join", vm=hello.vm_id, memsz_bytes=vm.memsz_pages * PAGE_SIZE_BYTES,
                   claimed_memsz_bytes=hello.memsz_bytes, page_kind=hello.page_kind,

@@ -4,7 +4,6 @@ counters, the event buffer and the frame helpers. No I/O: time is passed in."""
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -77,9 +76,6 @@ class CoreContext:
         self.host_overrides: dict[str, Any] = {}
         self.vm_overrides: dict[str, dict[str, Any]] = {}
         self._seq = 0
-        # No vm's agent can be lost before this (hostd/core.py's tick skips its scan until then);
-        # a hello lowers it to its own time + the shortest silence allowed.
-        self.no_loss_until_ms = -math.inf
 
     @property
     def state(self) -> policy.State:

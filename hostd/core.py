@@ -103,6 +103,7 @@ class HostCore:
         self.last_recompute_ms: float = -math.inf  # never
         self._target_seq = 0
         self._settled = False
+        self._no_loss_until_ms: float = -math.inf  # no agent can be lost before this (_scan_for_lost)
 
     # ---- shared state, as the server and the tests read it -------------------------------------
     @property
@@ -302,7 +303,9 @@ class HostCore:
         """Agents silent past their limit; and, in the same pass, when the next one could be:
         a vm is lost only once now - last_seen exceeds its limit (≥ limits[0], the shortest),
         and last_seen only grows, so until the oldest last_seen kept + limits[0] no scan can
-        find one (a vm that registers later lowers that in _on_hello). The scan of every vm
+        find one. A vm that registers later is seen later than that oldest one (or than now,
+        with none kept), so it cannot be due sooner, and limits[0] (no grace) does not change
+        with how far behind hostd reads. The scan of every vm
         ten times a second was 8 % of hostd's samples at 2,000 agents (py-spy); it now runs
         about once per (limit − report interval)."""
         lost: list[VmRecord] = []
@@ -315,7 +318,7 @@ class HostCore:
                 lost.append(vm)
             elif vm.last_seen_ms < oldest_seen_ms:
                 oldest_seen_ms = vm.last_seen_ms
-        self._ctx.no_loss_until_ms = oldest_seen_ms + limits[0]
+        self._no_loss_until_ms = oldest_seen_ms + limits[0]
         return lost
 
     def _scan_for_expired(self, now_ms: int) -> list[VmRecord]:
@@ -354,7 +357,7 @@ class HostCore:
                                                                                          reading_behind_ms))
         # A frozen guest's agent is frozen too: its silence is ours, not a lost agent.
         lost: list[VmRecord] = []
-        if now_ms > ctx.no_loss_until_ms:
+        if now_ms > self._no_loss_until_ms:
             lost = self._scan_for_lost(now_ms, limits)
         for vm in lost:
             self.agents.drop(vm, now_ms, "lost", f"silent for {now_ms - vm.last_seen_ms} ms")

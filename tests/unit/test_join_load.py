@@ -126,6 +126,31 @@ def test_silent_limit(reported, behind_ms, limit_ms):
     assert silent_limit_ms(3000, reported, behind_ms) == limit_ms
 
 
+def test_the_tick_finds_every_lost_agent_at_the_tick_a_full_scan_would():
+    """The tick skips its scan until an agent can be due (HostCore._scan_for_lost): vms that
+    join between scans, report or fall silent at staggered times are each lost at the first
+    tick past their own limit, no later, against a reference that checks every vm each tick."""
+    core = core_with(0, report_interval_ms=1000)  # lost after 3 s of silence (no report: no grace)
+    status = Status(balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle", usage_bytes=1 << 20,
+                    ws_touched_ratio=None, ws_samples=0, ws_current_ratio=None, ws_method="referenced",
+                    stats=(None,))
+    joins = {f"v{i}": 137 * i for i in range(12)}  # a join every 137 ms
+    last_report = {f"v{i}": 137 * i + 911 * (i % 3) for i in range(12)}  # some report once, later
+    reported: set[str] = set()
+    for now in range(0, 9_000, 100):
+        for vm_id, at in joins.items():
+            if now - 100 < at <= now:
+                core.handle_agent(vm_id.encode(), encode(hello(vm_id), 1), at)
+        for vm_id, at in last_report.items():
+            if at != joins[vm_id] and now - 100 < at <= now and core.vms[vm_id].alive:
+                core.handle_agent(vm_id.encode(), encode(status, 2), at)
+                reported.add(vm_id)
+        alive_before = {v for v, vm in core.vms.items() if vm.alive}
+        core.tick(now)
+        due = {v for v in alive_before if now - (last_report[v] if v in reported else joins[v]) > 3_000}
+        assert {v for v in alive_before if not (v in core.vms and core.vms[v].alive)} == due, now
+
+
 def test_an_agent_that_reported_is_not_lost_while_hostd_is_behind_reading():
     core = core_with(2, report_interval_ms=1000)  # lost after 3 s of silence
     status = Status(balloon_pages=0, acked_target_seq=0, refused_pages=0, agent_state="idle", usage_bytes=1 << 20,
