@@ -280,7 +280,6 @@ class AgentLoop:
         if self.socket is not None:
             self.socket.close(linger=100)
 
-
     def _await_bye_answer(self) -> bool:
         """Keep the connection until the host has read the bye (it answers with a bye):
         closing at once let libzmq discard the bye on the host's side if hostd had not read it

@@ -45,8 +45,6 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-
-
 def require_root() -> None:
     require(os.geteuid() == 0, "needs root (memory cgroups, mlock, swap)")
 
