@@ -132,10 +132,26 @@ class SimAgent:
     def held_pages(self) -> int:
         return sum(count for _start, count in self.held)
 
-    def send(self, message: Message) -> int:
+    def send(self, message: Message, wait_ms: int = REQUEST_TIMEOUT_MS) -> int | None:
+        """Queue one frame; None when no connection took it within `wait_ms`.
+
+        A DEALER has nowhere to queue a frame while it has no pipe: after hostd refused the
+        CURVE handshake libzmq drops the pipe until the next reconnect, and on a loaded machine
+        that can happen between connect() and the first send. That is the same outcome as an
+        unanswered request, so it is reported as one rather than raised.
+        """
         self._seq += 1
-        self._sock.send(encode(message, self._seq), flags=zmq.NOBLOCK)
-        return self._seq
+        frame = encode(message, self._seq)
+        deadline = now_ms() + wait_ms
+        while True:
+            try:
+                self._sock.send(frame, flags=zmq.NOBLOCK)
+                return self._seq
+            except zmq.Again:
+                left = deadline - now_ms()
+                if left <= 0:
+                    return None
+                self._sock.poll(min(50, max(1, int(left))), zmq.POLLOUT)
 
     def send_raw(self, frame: bytes | list[bytes]) -> None:
         if isinstance(frame, list):
@@ -161,8 +177,10 @@ class SimAgent:
 
     def request(self, message: Message, timeout_ms: int = REQUEST_TIMEOUT_MS) -> Message | None:
         """Send and wait for the answer to this seq (None after `timeout_ms`)."""
-        seq = self.send(message)
         deadline = now_ms() + timeout_ms
+        seq = self.send(message, timeout_ms)
+        if seq is None:
+            return None
         while (left := deadline - now_ms()) > 0:
             if not self._sock.poll(max(1, int(left))):
                 break

