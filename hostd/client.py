@@ -111,11 +111,19 @@ def request(endpoint: str, message: Message, timeout_ms: int = 3000,
                 raise CtlError(f"{credentials.key_file} holds no secret key (give the .key_secret file)")
             sock.curve_publickey, sock.curve_secretkey = own.public_key, own.secret_key
             sock.curve_serverkey = server.public_key
+        # Bounded like the answer: after hostd refuses a CURVE handshake libzmq drops the pipe,
+        # and a blocking send would then wait for a connection that never comes.
+        sock.setsockopt(zmq.SNDTIMEO, timeout_ms)
         sock.connect(endpoint)
-        sock.send(encode(message, 1))
+        hint = ("is balloon-hostd running? --endpoint or BALLOONLAB_CONTROL_ENDPOINT"
+                + ("; is this key in hostd's operator allowlist?" if credentials.key_file is not None else ""))
+        try:
+            sock.send(encode(message, 1))
+        except zmq.Again:
+            raise CtlError(f"no answer from hostd at {endpoint} within {timeout_ms} ms: no connection "
+                           f"took the request ({hint})") from None
         if not sock.poll(timeout_ms):
-            raise CtlError(f"no answer from hostd at {endpoint} within {timeout_ms} ms (is balloon-hostd running? "
-                           "--endpoint or BALLOONLAB_CONTROL_ENDPOINT)")
+            raise CtlError(f"no answer from hostd at {endpoint} within {timeout_ms} ms ({hint})")
         try:
             return decode(sock.recv(), MAX_CONTROL_FRAME_BYTES).message
         except ProtocolError as exc:
