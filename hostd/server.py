@@ -29,6 +29,7 @@ from hostd.cgroupfs import BackendError, CgroupfsBackend
 from hostd.config import HostConfig, parse_http_address
 from hostd.core import HostCore, Outgoing
 from hostd.eventlog import EventLog, TimelineFile, printable
+from hostd.heap_trim import HeapTrimSchedule, connection_churn, trim_heap
 from hostd.reclaim import HostReclaimer
 from hostd.statefile import load_settings, write_private_json
 from hostd.timeline import event_record, sample_record
@@ -118,6 +119,7 @@ class HostServer:
         self._sent_in_pass = 0
         self._agent_behind_since: int | None = None  # agent frames queued unread since (None: caught up)
         self._read_errors: dict[str, str] = {}  # vm → the last reason its cgroup could not be read
+        self.heap_trim = HeapTrimSchedule()
         self.agent_socket = self._router(config.agent_endpoint, AGENT_DOMAIN if self.gate else None,
                                          max_frame_bytes=MAX_FRAME_BYTES, backlog=AGENT_BACKLOG)
         self.control_socket = self._router(
@@ -263,6 +265,11 @@ class HostServer:
                 self._read_errors[f"*{name}*"] = repr(exc)
                 log.exception("%s failed; hostd goes on", name)
 
+    def _trim_heap(self, churn: int) -> None:
+        trim_heap()
+        self.heap_trim.trimmed(now_ms(), churn)
+        self.core.counters["heap_trims"] += 1
+
     def _discover(self) -> None:
         """Containers labelled for a vm join the host targets (the config's own entries win)."""
         assert self.reclaimer is not None
@@ -342,6 +349,9 @@ class HostServer:
                 if now_ms() >= next_tick:  # on its deadline, whatever the sockets bring
                     next_tick = now_ms() + TICK_MS
                     self._periodic("tick", lambda: self._send(self.core.tick(now_ms(), self._reading_behind_ms())))
+                    churn = connection_churn(self.core.protocol_errors, self.core.counters)
+                    if self.heap_trim.due(now_ms(), churn):
+                        self._periodic("heap_trim", lambda churn=churn: self._trim_heap(churn))
                     if now_ms() >= next_keys:
                         next_keys = now_ms() + KEYS_RELOAD_MS
                         self._periodic("keys", self._reload_keys)

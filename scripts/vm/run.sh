@@ -69,9 +69,10 @@ truncate -s 64M "$RUN/results.img"
 SERIAL="$OUT/serial.log"
 echo "vm: booting ($(accelerator), $CPUS vCPUs, $MEMORY MiB, ${SWAP_MIB} MiB swap disk), bounded at ${TIMEOUT} s; serial: $SERIAL"
 qemu_rc=0
+BOOTED=$(date +%s)
 boot_guest "$IMAGE" "file=$IMAGE/rootfs.ext4,if=virtio,format=raw,snapshot=on" "$RUN/src.tar" "$RUN/swap.img" \
     "$RUN/results.img" "$SERIAL" "$TIMEOUT" || qemu_rc=$?
-WALL=$(( $(date +%s) - T0 ))
+WALL=$(( $(date +%s) - T0 )) GUEST_WALL=$(( $(date +%s) - BOOTED ))
 tar -xf "$RUN/results.img" -C "$OUT" 2>/dev/null || true
 if [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
     echo "vm: FAILED: the guest did not finish within ${TIMEOUT} s (qemu killed)" >&2
@@ -83,5 +84,6 @@ if [ ! -s "$OUT/rc" ]; then
 fi
 rc="$(cat "$OUT/rc")"
 summary="$(grep -aE '^=+ .*(passed|failed|error|skipped).* =+$' "$OUT/pytest.log" | tail -1 || true)"
-echo "vm: suite rc $rc in ${WALL} s wall (boot, suite and shutdown): ${summary:-no pytest summary}; results in $OUT"
+echo "vm: suite rc $rc in ${GUEST_WALL} s of guest (boot, suite and shutdown; ${WALL} s with the image):" \
+     "${summary:-no pytest summary}; results in $OUT"
 [ "$rc" = 0 ] || { echo "vm: FAILED: the v2 suite failed (pytest rc $rc)" >&2; exit 1; }

@@ -51,9 +51,10 @@ def now_ms() -> float:
 
 
 def python_module(module: str, *args: str, stdout: Any = subprocess.PIPE,
-                  stderr: Any = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdout=stdout, stderr=stderr,
-                            text=True)
+                  stderr: Any = None, niceness: int = 0) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.Popen(["nice", "-n", str(niceness), *command] if niceness else command, cwd=REPO,
+                            stdout=stdout, stderr=stderr, text=True)
 
 
 def stop_process(process: subprocess.Popen[str], timeout_s: float = 10) -> None:
@@ -256,9 +257,10 @@ def run_attacker(*args: str, timeout_s: float = 60) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def run_attackers(commands: list[list[str]], timeout_s: float = 60) -> list[dict[str, Any]]:
+def run_attackers(commands: list[list[str]], timeout_s: float = 60, niceness: int = 0) -> list[dict[str, Any]]:
     """Several attacker processes at once (each in its own process), their summaries in order."""
-    processes = [python_module("tests.integration.attackers", *args, stderr=subprocess.PIPE) for args in commands]
+    processes = [python_module("tests.integration.attackers", *args, stderr=subprocess.PIPE, niceness=niceness)
+                 for args in commands]
     summaries = []
     try:
         deadline = time.monotonic() + timeout_s
