@@ -67,17 +67,22 @@ class ComposeLab:
                                  f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result
 
-    def up(self) -> None:
+    def up(self, *services: str) -> None:
+        """The whole lab, or only `services` (and what they depend on)."""
         print(f"compose lab up with {' '.join(self.command)} ({compose_version(self.command)})")
-        self.run("up", "-d", "--build", timeout_s=900)
+        self.run("up", "-d", "--build", *services, timeout_s=900)
 
     def down(self) -> None:
         """Containers, network and the project's image; the base image stays for the next run."""
         self.run("down", "--volumes", "--timeout", "20", "--rmi", "local", timeout_s=300, check=False)
         subprocess.run(["docker", "image", "rm", "-f", f"balloonlab:{self.project}"], capture_output=True)
 
-    def logs(self, tail_lines: int = 60) -> str:
-        result = self.run("logs", "--no-color", "--tail", str(tail_lines), timeout_s=60, check=False)
+    def logs(self, tail_lines: int = 60, timeout_s: float = 60) -> str:
+        """The services' last lines, for a report (never raises: a teardown goes on without them)."""
+        try:
+            result = self.run("logs", "--no-color", "--tail", str(tail_lines), timeout_s=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            return f"(docker compose logs did not finish within {timeout_s} s)"
         return result.stdout + result.stderr
 
     def balloonctl(self, *args: str) -> subprocess.CompletedProcess[str]:
