@@ -305,9 +305,9 @@ class HostCore:
         and last_seen only grows, so until the oldest last_seen kept + limits[0] no scan can
         find one. A vm that registers later is seen later than that oldest one (or than now,
         with none kept), so it cannot be due sooner, and limits[0] (no grace) does not change
-        with how far behind hostd reads. The scan of every vm
-        ten times a second was 8 % of hostd's samples at 2,000 agents (py-spy); it now runs
-        about once per (limit − report interval)."""
+        with how far behind hostd reads. The scan of every vm ten times a second was 8 % of
+        hostd's samples at 2,000 agents (py-spy); it now runs about once per (limit − report
+        interval). A frozen guest's agent is frozen too: its silence is ours, not a lost agent."""
         lost: list[VmRecord] = []
         oldest_seen_ms = now_ms
         for vm in self.registry.vms.values():
@@ -355,7 +355,6 @@ class HostCore:
         base_limit = config.lost_after_reports * config.report_interval_ms
         limits = (silent_limit_ms(base_limit, False, reading_behind_ms), silent_limit_ms(base_limit, True,
                                                                                          reading_behind_ms))
-        # A frozen guest's agent is frozen too: its silence is ours, not a lost agent.
         lost: list[VmRecord] = []
         if now_ms > self._no_loss_until_ms:
             lost = self._scan_for_lost(now_ms, limits)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def connection_churn(protocol_errors: Mapping[str, int], counters: Mapping[str, int]) -> int:
@@ -50,10 +50,11 @@ class HeapTrimSchedule:
     burst_churn: int = 100
     min_interval_ms: int = 2_000
     settle_ms: int = 5_000
-    _trimmed_churn: int = 0
-    _trimmed_ms: int | None = None
-    _seen_churn: int = 0
-    _changed_ms: int = 0
+    # what the schedule has seen: not settings
+    _trimmed_churn: int = field(default=0, init=False)
+    _trimmed_ms: int | None = field(default=None, init=False)
+    _seen_churn: int = field(default=0, init=False)
+    _changed_ms: int = field(default=0, init=False)
 
     def due(self, now_ms: int, churn: int) -> bool:
         if churn != self._seen_churn:
